@@ -1,0 +1,272 @@
+//! The publishing and consuming contracts (contracts §A and §B).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Position};
+use crate::event::{Event, EventId};
+
+/// An event the service has confirmed: Kafka delivery report with `acks=all`, RabbitMQ publisher
+/// confirm, SQL commit, file write (and fsync per policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Delivered {
+    /// The event's id.
+    pub id: EventId,
+    /// Where it landed, when the backend knows (file offset, partition/offset, row id).
+    pub position: Option<Position>,
+}
+
+impl Delivered {
+    /// A confirmation for `id` at `position`.
+    pub fn new(id: EventId, position: Option<Position>) -> Delivered {
+        Delivered { id, position }
+    }
+}
+
+/// The outcome of one published event.
+pub type Outcome = Result<Delivered, Error>;
+
+/// The promise of one event's outcome, returned by [`EventBroker::publish`].
+///
+/// Awaiting it is optional: dropping it does not cancel the delivery, and [`EventBroker::flush`]
+/// waits for every outstanding event either way.
+#[derive(Debug)]
+#[must_use = "a receipt tells whether the event was delivered; drop it explicitly if you do not care"]
+pub struct Receipt {
+    id: EventId,
+    rx: ReceiptInner,
+}
+
+#[derive(Debug)]
+enum ReceiptInner {
+    Pending(oneshot::Receiver<Outcome>),
+    Ready(Option<Outcome>),
+}
+
+impl Receipt {
+    /// A receipt and the sender that settles it.
+    pub fn channel(id: EventId) -> (Receipt, Settle) {
+        let (tx, rx) = oneshot::channel();
+        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, tx })
+    }
+
+    /// A receipt that is already settled.
+    pub fn ready(id: EventId, outcome: Outcome) -> Receipt {
+        Receipt { id, rx: ReceiptInner::Ready(Some(outcome)) }
+    }
+
+    /// The id of the event this receipt is for.
+    pub fn id(&self) -> EventId {
+        self.id
+    }
+}
+
+impl Future for Receipt {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = self.get_mut();
+        match &mut this.rx {
+            ReceiptInner::Ready(o) => Poll::Ready(o.take().unwrap_or(Err(Error::Closed))),
+            ReceiptInner::Pending(rx) => Pin::new(rx).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| {
+                    Err(Error::Io {
+                        backend: "broker",
+                        operation: "delivering".into(),
+                        reason: "the backend stopped before reporting this event's outcome".into(),
+                        cause: None,
+                    })
+                })
+            }),
+        }
+    }
+}
+
+/// The sending half of a [`Receipt`], held by the backend until the outcome is known.
+#[derive(Debug)]
+pub struct Settle {
+    id: EventId,
+    tx: oneshot::Sender<Outcome>,
+}
+
+impl Settle {
+    /// The event's id.
+    pub fn id(&self) -> EventId {
+        self.id
+    }
+
+    /// Reports the outcome. A dropped receipt is fine: nobody was waiting.
+    pub fn settle(self, outcome: Outcome) {
+        let _ = self.tx.send(outcome);
+    }
+
+    /// Reports success at `position`.
+    pub fn delivered(self, position: Option<Position>) {
+        let id = self.id;
+        self.settle(Ok(Delivered { id, position }));
+    }
+}
+
+/// What `close` could not deliver, so nothing is lost silently (contracts §A.6).
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct CloseReport {
+    /// Events not delivered before the deadline or that failed during close, in publish order.
+    pub undelivered: Vec<Event>,
+}
+
+impl CloseReport {
+    /// A report listing `undelivered`.
+    pub fn new(undelivered: Vec<Event>) -> CloseReport {
+        CloseReport { undelivered }
+    }
+
+    /// Whether everything was delivered.
+    pub fn is_clean(&self) -> bool {
+        self.undelivered.is_empty()
+    }
+}
+
+/// Publishes events to one destination.
+///
+/// The contract every implementation keeps:
+/// - **Outcome per event.** Each accepted event's [`Receipt`] resolves exactly once: delivered
+///   (confirmed by the service) or failed with a reason. Nothing is dropped and merely logged.
+/// - **No round trip per event.** `publish` returns once the event is accepted into a bounded
+///   buffer; batching happens behind it. Awaiting the receipt is the caller's choice.
+/// - **Order.** Events of one `sender_id` are delivered in publish order, also across retries.
+/// - **Bounded memory.** A full buffer blocks `publish` (back-pressure) or fails it with
+///   [`Error::BufferFull`], as configured. Never a silent drop.
+/// - **Close.** `close` flushes within the configured deadline and returns what it could not
+///   deliver; `publish` after `close` fails with [`Error::Closed`]; a second `close` is a no-op.
+/// - **Poison events** fail alone ([`Error::Rejected`]); the events around them go on.
+/// - **Cancellation.** Dropping a `publish` future before it returns means the event may or may
+///   not have been accepted; once it returned a receipt, the event will be delivered or reported.
+#[async_trait]
+pub trait EventBroker: Send + Sync {
+    /// The backend's type name (`"file"`, `"kafka"`, ...).
+    fn backend(&self) -> &'static str;
+
+    /// Accepts `event` for delivery. Errors here mean the event was not accepted
+    /// ([`Error::Closed`], [`Error::BufferFull`]); delivery failures come through the receipt.
+    async fn publish(&self, event: Event) -> Result<Receipt, Error>;
+
+    /// Waits until every event accepted before this call has its outcome.
+    async fn flush(&self) -> Result<(), Error>;
+
+    /// Whether the broker can deliver now (connected, not closed). Tells the truth during outages.
+    async fn is_ready(&self) -> bool;
+
+    /// Flushes with the configured deadline, then releases the connection.
+    async fn close(&self) -> Result<CloseReport, Error>;
+}
+
+/// Conveniences on top of [`EventBroker`].
+#[async_trait]
+pub trait EventBrokerExt: EventBroker {
+    /// Publishes and waits for this one event's outcome (a round trip: use only when needed).
+    async fn publish_confirmed(&self, event: Event) -> Result<Delivered, Error> {
+        self.publish(event).await?.await
+    }
+}
+
+impl<T: EventBroker + ?Sized> EventBrokerExt for T {}
+
+/// Where a consumer starts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// The backend's natural resume point: a Kafka group's committed offset, the end of a file or
+    /// table, the head of a RabbitMQ queue.
+    #[default]
+    Resume,
+    /// The oldest event still stored.
+    Beginning,
+    /// A backend-specific position: a byte offset (file), a row id (SQL).
+    Offset(u64),
+}
+
+/// How to consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SourceOptions {
+    /// Where to start.
+    pub start: StartFrom,
+    /// Keep waiting for new events at the end (true), or end the stream there (false).
+    pub follow: bool,
+    /// Kafka consumer group.
+    pub group: Option<String>,
+    /// How many unacknowledged events may be outstanding (RabbitMQ prefetch).
+    pub prefetch: u16,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions { start: StartFrom::Resume, follow: true, group: None, prefetch: 256 }
+    }
+}
+
+impl SourceOptions {
+    /// Options starting at `start`, following growth.
+    pub fn from(start: StartFrom) -> SourceOptions {
+        SourceOptions { start, ..SourceOptions::default() }
+    }
+
+    /// Sets whether to follow growth.
+    pub fn follow(mut self, follow: bool) -> SourceOptions {
+        self.follow = follow;
+        self
+    }
+
+    /// Sets the consumer group.
+    pub fn group(mut self, group: impl Into<String>) -> SourceOptions {
+        self.group = Some(group.into());
+        self
+    }
+}
+
+/// One consumed event.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Received {
+    /// The event.
+    pub event: Event,
+    /// The bytes exactly as stored (Rasa's encoding when we or Rasa wrote them).
+    pub raw: Vec<u8>,
+    /// Where it was read.
+    pub position: Position,
+    /// Where the next event starts (a byte offset for files), for resuming.
+    pub next_offset: Option<u64>,
+}
+
+impl Received {
+    /// A consumed event.
+    pub fn new(event: Event, raw: Vec<u8>, position: Position, next_offset: Option<u64>) -> Received {
+        Received { event, raw, position, next_offset }
+    }
+}
+
+/// Reads events back from a backend (contracts §B).
+///
+/// A malformed message yields `Err(Error::Malformed { position, .. })` for that message only; the
+/// next call goes on after it, so a bad message never stops a consumer silently.
+#[async_trait]
+pub trait EventSource: Send {
+    /// The backend's type name.
+    fn backend(&self) -> &'static str;
+
+    /// The next event, waiting for one when following. `Ok(None)`: the stream ended (not
+    /// following and at the end, or closed).
+    async fn next(&mut self) -> Result<Option<Received>, Error>;
+
+    /// Acknowledges an event handed over by `next` (RabbitMQ ack, Kafka commit). Backends whose
+    /// position is the caller's to keep (file, SQL) do nothing.
+    async fn ack(&mut self, _received: &Received) -> Result<(), Error> {
+        Ok(())
+    }
+}

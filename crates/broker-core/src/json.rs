@@ -1,0 +1,902 @@
+//! A JSON value model that round-trips Rasa's bytes exactly.
+//!
+//! Rasa writes events with Python's `json.dumps` defaults. To give those bytes back unchanged we
+//! need what `serde_json::Value` does not keep: the order of keys, integers of any size
+//! (`18446744073709551616` stays an integer), the bare `NaN`/`Infinity` tokens, and strings that
+//! hold unpaired UTF-16 surrogates (Python strings can). [`parse`] reads what Python's `json.loads`
+//! reads; [`Value::write_rasa`] writes what `json.dumps(obj)` writes (`ensure_ascii`, separators
+//! `", "` and `": "`, floats in `repr` form).
+
+use std::fmt;
+
+/// A JSON value as Python's `json` module sees it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Value {
+    /// `null` (`None`).
+    #[default]
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer or a float.
+    Number(Number),
+    /// A string of Unicode scalar values.
+    String(String),
+    /// A string holding at least one unpaired UTF-16 surrogate, kept as UTF-16 code units so it is
+    /// written back exactly as Python would (`"\ud800"`). Rare; only produced by the parser.
+    Utf16(Vec<u16>),
+    /// An array.
+    Array(Vec<Value>),
+    /// An object, keys in insertion order.
+    Object(Map),
+}
+
+/// A JSON number with Python's distinction between `int` and `float`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Number {
+    /// An integer that fits in 64 bits.
+    Int(i64),
+    /// A float, written in Python `repr` form (`1.0`, `1e+16`, `NaN`, `-Infinity`).
+    Float(f64),
+    /// An integer outside the `i64` range, kept as its canonical decimal text (optional `-`,
+    /// digits, no leading zeros), e.g. `18446744073709551616`.
+    Big(Box<str>),
+}
+
+/// An ordered JSON object. Lookups are linear: event objects are small, and insertion order is
+/// what Rasa's encoding is made of.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Map {
+    entries: Vec<(String, Value)>,
+}
+
+impl Map {
+    /// An empty object.
+    pub fn new() -> Map {
+        Map { entries: Vec::new() }
+    }
+
+    /// An empty object with room for `n` keys.
+    pub fn with_capacity(n: usize) -> Map {
+        Map { entries: Vec::with_capacity(n) }
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The value of `key`, mutable.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Value> {
+        self.entries.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// Sets `key`. An existing key keeps its position and gets the new value (as a Python `dict`
+    /// does); a new key goes last. Returns the previous value.
+    pub fn insert(&mut self, key: impl Into<String>, value: Value) -> Option<Value> {
+        let key = key.into();
+        if let Some(slot) = self.get_mut(&key) {
+            return Some(std::mem::replace(slot, value));
+        }
+        self.entries.push((key, value));
+        None
+    }
+
+    /// Appends without checking for an existing key. Only for builders that know the key is new.
+    pub(crate) fn push_unique(&mut self, key: &str, value: Value) {
+        self.entries.push((key.to_owned(), value));
+    }
+
+    /// Removes `key`, keeping the order of the others.
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        let i = self.entries.iter().position(|(k, _)| k == key)?;
+        Some(self.entries.remove(i).1)
+    }
+
+    /// Renames `old` to `new` in place, keeping its position.
+    pub(crate) fn rename(&mut self, old: &str, new: &str) {
+        if let Some(entry) = self.entries.iter_mut().find(|(k, _)| k == old) {
+            entry.0 = new.to_owned();
+        }
+    }
+
+    /// Whether the object has no keys.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Keys and values in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Whether `key` is present.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+}
+
+impl FromIterator<(String, Value)> for Map {
+    fn from_iter<T: IntoIterator<Item = (String, Value)>>(iter: T) -> Self {
+        let mut map = Map::new();
+        for (k, v) in iter {
+            map.insert(k, v);
+        }
+        map
+    }
+}
+
+impl Value {
+    /// The string, if this is a string of Unicode scalar values.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The object, if this is one.
+    pub fn as_object(&self) -> Option<&Map> {
+        match self {
+            Value::Object(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The boolean, if this is one.
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// The number as `f64` (integers converted; big integers approximated).
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Number(Number::Int(i)) => Some(*i as f64),
+            Value::Number(Number::Float(f)) => Some(*f),
+            Value::Number(Number::Big(b)) => b.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// Whether this is `null`.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// Appends Rasa's encoding (Python `json.dumps` defaults) of this value to `out`.
+    pub fn write_rasa(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Bool(true) => out.extend_from_slice(b"true"),
+            Value::Bool(false) => out.extend_from_slice(b"false"),
+            Value::Number(n) => n.write_python(out),
+            Value::String(s) => write_str(s, out),
+            Value::Utf16(units) => write_utf16(units, out),
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.extend_from_slice(b", ");
+                    }
+                    item.write_rasa(out);
+                }
+                out.push(b']');
+            }
+            Value::Object(map) => map.write_rasa(out),
+        }
+    }
+
+    /// Rasa's encoding as a `String` (it is always ASCII).
+    pub fn to_rasa_string(&self) -> String {
+        let mut out = Vec::new();
+        self.write_rasa(&mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Map {
+    /// Appends Rasa's encoding of this object to `out`.
+    pub fn write_rasa(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (k, v)) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            write_str(k, out);
+            out.extend_from_slice(b": ");
+            v.write_rasa(out);
+        }
+        out.push(b'}');
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::String(s.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::String(s)
+    }
+}
+impl From<bool> for Value {
+    fn from(b: bool) -> Self {
+        Value::Bool(b)
+    }
+}
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        Value::Number(Number::Int(i))
+    }
+}
+impl From<f64> for Value {
+    fn from(f: f64) -> Self {
+        Value::Number(Number::Float(f))
+    }
+}
+impl From<Map> for Value {
+    fn from(m: Map) -> Self {
+        Value::Object(m)
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(o: Option<T>) -> Self {
+        o.map_or(Value::Null, Into::into)
+    }
+}
+impl From<Vec<Value>> for Value {
+    fn from(v: Vec<Value>) -> Self {
+        Value::Array(v)
+    }
+}
+
+impl Number {
+    /// Appends the number as Python's `json.dumps` writes it.
+    pub fn write_python(&self, out: &mut Vec<u8>) {
+        match self {
+            Number::Int(i) => {
+                let mut buf = [0u8; 20];
+                out.extend_from_slice(format_i64(*i, &mut buf));
+            }
+            Number::Big(b) => out.extend_from_slice(b.as_bytes()),
+            Number::Float(f) => write_float(*f, out),
+        }
+    }
+}
+
+fn format_i64(value: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut n = value.unsigned_abs();
+    let mut pos = buf.len();
+    loop {
+        pos -= 1;
+        buf[pos] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        // i64::MIN has 19 digits, so there is always room for the sign.
+        pos -= 1;
+        buf[pos] = b'-';
+    }
+    &buf[pos..]
+}
+
+/// A fixed stack buffer for `core::fmt` output, so float formatting does not allocate.
+struct StackBuf {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl fmt::Write for StackBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Writes `f` as Python's `float.__repr__` does: the shortest digits that round-trip, positional
+/// notation for decimal exponents in `-4..16`, scientific (`1e+16`, `1e-05`) outside it.
+pub fn write_float(f: f64, out: &mut Vec<u8>) {
+    use std::fmt::Write as _;
+    if f.is_nan() {
+        out.extend_from_slice(b"NaN");
+        return;
+    }
+    if f.is_infinite() {
+        out.extend_from_slice(if f > 0.0 { b"Infinity" } else { b"-Infinity" });
+        return;
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits as `d.ddde<exp>`, the same digits as
+    // Python's repr; only the layout differs.
+    let mut sb = StackBuf { buf: [0; 64], len: 0 };
+    if write!(sb, "{f:e}").is_err() {
+        return;
+    }
+    let text = &sb.buf[..sb.len];
+    let (negative, text) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    let e_pos = text.iter().position(|&c| c == b'e').unwrap_or(text.len());
+    let mantissa = &text[..e_pos];
+    let exp: i32 = std::str::from_utf8(&text[(e_pos + 1).min(text.len())..])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut digits = [0u8; 20];
+    let mut nd = 0;
+    for &c in mantissa {
+        if c != b'.' && nd < digits.len() {
+            digits[nd] = c;
+            nd += 1;
+        }
+    }
+    let digits = &digits[..nd];
+    if negative {
+        out.push(b'-');
+    }
+    if !(-4..16).contains(&exp) {
+        out.push(digits[0]);
+        if digits.len() > 1 {
+            out.push(b'.');
+            out.extend_from_slice(&digits[1..]);
+        }
+        out.push(b'e');
+        out.push(if exp < 0 { b'-' } else { b'+' });
+        let abs = exp.unsigned_abs();
+        if abs < 10 {
+            out.push(b'0');
+        }
+        let mut buf = [0u8; 20];
+        out.extend_from_slice(format_i64(abs as i64, &mut buf));
+    } else if exp < 0 {
+        out.extend_from_slice(b"0.");
+        for _ in 0..(-exp - 1) {
+            out.push(b'0');
+        }
+        out.extend_from_slice(digits);
+    } else {
+        let int_len = exp as usize + 1;
+        if digits.len() <= int_len {
+            out.extend_from_slice(digits);
+            for _ in digits.len()..int_len {
+                out.push(b'0');
+            }
+            out.extend_from_slice(b".0");
+        } else {
+            out.extend_from_slice(&digits[..int_len]);
+            out.push(b'.');
+            out.extend_from_slice(&digits[int_len..]);
+        }
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn push_u_escape(unit: u16, out: &mut Vec<u8>) {
+    out.extend_from_slice(&[
+        b'\\',
+        b'u',
+        HEX[(unit >> 12) as usize & 0xf],
+        HEX[(unit >> 8) as usize & 0xf],
+        HEX[(unit >> 4) as usize & 0xf],
+        HEX[unit as usize & 0xf],
+    ]);
+}
+
+/// Whether an ASCII byte is copied unchanged by `ensure_ascii` (printable, not `"` or `\`).
+#[inline]
+fn is_plain(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'
+}
+
+fn push_escaped_ascii(b: u8, out: &mut Vec<u8>) {
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        0x0c => out.extend_from_slice(b"\\f"),
+        _ => push_u_escape(b as u16, out),
+    }
+}
+
+/// Writes `s` as a JSON string with Python's `ensure_ascii=True` escaping.
+pub fn write_str(s: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if is_plain(b) {
+            i += 1;
+            continue;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        if b < 0x80 {
+            push_escaped_ascii(b, out);
+            i += 1;
+        } else {
+            // A multi-byte UTF-8 sequence: `s` is valid UTF-8, so decoding cannot fail.
+            let ch = s[i..].chars().next().unwrap_or('\u{fffd}');
+            let mut units = [0u16; 2];
+            for unit in ch.encode_utf16(&mut units) {
+                push_u_escape(*unit, out);
+            }
+            i += ch.len_utf8();
+        }
+        start = i;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+fn write_utf16(units: &[u16], out: &mut Vec<u8>) {
+    out.push(b'"');
+    for &u in units {
+        if u < 0x80 {
+            let b = u as u8;
+            if is_plain(b) {
+                out.push(b);
+            } else {
+                push_escaped_ascii(b, out);
+            }
+        } else {
+            push_u_escape(u, out);
+        }
+    }
+    out.push(b'"');
+}
+
+/// Why a text is not JSON that Python's `json.loads` would accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} at byte {offset}")]
+#[non_exhaustive]
+pub struct ParseError {
+    /// What is wrong.
+    pub message: &'static str,
+    /// Byte offset in the input where it was found.
+    pub offset: usize,
+}
+
+/// Parses one JSON document as Python's `json.loads` does (also `NaN`, `Infinity`, `-Infinity`).
+/// Leading and trailing whitespace is allowed; anything else after the value is an error.
+pub fn parse(input: &[u8]) -> Result<Value, ParseError> {
+    let mut p = Parser { s: input, i: 0, depth: 0 };
+    p.skip_ws();
+    let v = p.value()?;
+    p.skip_ws();
+    if p.i != p.s.len() {
+        return Err(p.err("extra data after the JSON value"));
+    }
+    Ok(v)
+}
+
+/// Python's default recursion guard is about 1000 frames; we stop nesting at the same depth so a
+/// hostile line cannot exhaust the stack.
+const MAX_DEPTH: usize = 1000;
+
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+    depth: usize,
+}
+
+impl Parser<'_> {
+    fn err(&self, message: &'static str) -> ParseError {
+        ParseError { message, offset: self.i }
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(&b) = self.s.get(self.i) {
+            if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+                self.i += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn eat(&mut self, lit: &[u8]) -> bool {
+        if self.s[self.i..].starts_with(lit) {
+            self.i += lit.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn value(&mut self) -> Result<Value, ParseError> {
+        match self.s.get(self.i) {
+            None => Err(self.err("expected a value, found the end")),
+            Some(b'{') => self.object(),
+            Some(b'[') => self.array(),
+            Some(b'"') => self.string(),
+            Some(b't') if self.eat(b"true") => Ok(Value::Bool(true)),
+            Some(b'f') if self.eat(b"false") => Ok(Value::Bool(false)),
+            Some(b'n') if self.eat(b"null") => Ok(Value::Null),
+            Some(b'N') if self.eat(b"NaN") => Ok(Value::Number(Number::Float(f64::NAN))),
+            Some(b'I') if self.eat(b"Infinity") => Ok(Value::Number(Number::Float(f64::INFINITY))),
+            Some(b'-') if self.s[self.i..].starts_with(b"-Infinity") => {
+                self.i += 9;
+                Ok(Value::Number(Number::Float(f64::NEG_INFINITY)))
+            }
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(_) => Err(self.err("expected a value")),
+        }
+    }
+
+    fn enter(&mut self) -> Result<(), ParseError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        Ok(())
+    }
+
+    fn object(&mut self) -> Result<Value, ParseError> {
+        self.enter()?;
+        self.i += 1;
+        let mut map = Map::new();
+        self.skip_ws();
+        if self.s.get(self.i) == Some(&b'}') {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(Value::Object(map));
+        }
+        loop {
+            self.skip_ws();
+            if self.s.get(self.i) != Some(&b'"') {
+                return Err(self.err("expected a string key"));
+            }
+            let key = match self.string()? {
+                Value::String(s) => s,
+                // A key with a lone surrogate: Python accepts it; we keep it lossy, as a key
+                // cannot hold UTF-16 here. Such keys do not occur in Rasa's events.
+                Value::Utf16(u) => String::from_utf16_lossy(&u),
+                _ => String::new(),
+            };
+            self.skip_ws();
+            if self.s.get(self.i) != Some(&b':') {
+                return Err(self.err("expected ':' after a key"));
+            }
+            self.i += 1;
+            self.skip_ws();
+            let value = self.value()?;
+            map.insert(key, value);
+            self.skip_ws();
+            match self.s.get(self.i) {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Ok(Value::Object(map));
+                }
+                _ => return Err(self.err("expected ',' or '}' in an object")),
+            }
+        }
+    }
+
+    fn array(&mut self) -> Result<Value, ParseError> {
+        self.enter()?;
+        self.i += 1;
+        let mut items = Vec::new();
+        self.skip_ws();
+        if self.s.get(self.i) == Some(&b']') {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(Value::Array(items));
+        }
+        loop {
+            self.skip_ws();
+            items.push(self.value()?);
+            self.skip_ws();
+            match self.s.get(self.i) {
+                Some(b',') => self.i += 1,
+                Some(b']') => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Ok(Value::Array(items));
+                }
+                _ => return Err(self.err("expected ',' or ']' in an array")),
+            }
+        }
+    }
+
+    fn number(&mut self) -> Result<Value, ParseError> {
+        let start = self.i;
+        if self.s.get(self.i) == Some(&b'-') {
+            self.i += 1;
+        }
+        match self.s.get(self.i) {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => {
+                while matches!(self.s.get(self.i), Some(b'0'..=b'9')) {
+                    self.i += 1;
+                }
+            }
+            _ => return Err(self.err("expected a digit")),
+        }
+        let mut is_float = false;
+        if self.s.get(self.i) == Some(&b'.') && matches!(self.s.get(self.i + 1), Some(b'0'..=b'9')) {
+            is_float = true;
+            self.i += 1;
+            while matches!(self.s.get(self.i), Some(b'0'..=b'9')) {
+                self.i += 1;
+            }
+        }
+        if matches!(self.s.get(self.i), Some(b'e' | b'E')) {
+            let mut j = self.i + 1;
+            if matches!(self.s.get(j), Some(b'+' | b'-')) {
+                j += 1;
+            }
+            if matches!(self.s.get(j), Some(b'0'..=b'9')) {
+                is_float = true;
+                while matches!(self.s.get(j), Some(b'0'..=b'9')) {
+                    j += 1;
+                }
+                self.i = j;
+            }
+        }
+        // The slice holds only ASCII digits and signs, so it is valid UTF-8.
+        let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|_| self.err("bad number"))?;
+        if is_float {
+            let f: f64 = text.parse().map_err(|_| self.err("bad number"))?;
+            return Ok(Value::Number(Number::Float(f)));
+        }
+        if let Ok(i) = text.parse::<i64>() {
+            return Ok(Value::Number(Number::Int(i)));
+        }
+        // Python prints ints of up to 4300 digits; so do we.
+        if text.len() > 4300 {
+            return Err(ParseError { message: "integer longer than 4300 digits", offset: start });
+        }
+        Ok(Value::Number(Number::Big(text.into())))
+    }
+
+    fn hex4(&mut self) -> Result<u16, ParseError> {
+        let digits = self.s.get(self.i..self.i + 4).ok_or_else(|| self.err("truncated \\u escape"))?;
+        let mut v: u16 = 0;
+        for &d in digits {
+            let n = match d {
+                b'0'..=b'9' => d - b'0',
+                b'a'..=b'f' => d - b'a' + 10,
+                b'A'..=b'F' => d - b'A' + 10,
+                _ => return Err(self.err("invalid \\u escape")),
+            };
+            v = (v << 4) | n as u16;
+        }
+        self.i += 4;
+        Ok(v)
+    }
+
+    fn string(&mut self) -> Result<Value, ParseError> {
+        self.i += 1;
+        let mut out = String::new();
+        let mut start = self.i;
+        loop {
+            let Some(&b) = self.s.get(self.i) else {
+                return Err(self.err("unterminated string"));
+            };
+            match b {
+                b'"' => {
+                    let chunk = std::str::from_utf8(&self.s[start..self.i])
+                        .map_err(|_| ParseError { message: "invalid UTF-8 in a string", offset: start })?;
+                    out.push_str(chunk);
+                    self.i += 1;
+                    return Ok(Value::String(out));
+                }
+                b'\\' => {
+                    let chunk = std::str::from_utf8(&self.s[start..self.i])
+                        .map_err(|_| ParseError { message: "invalid UTF-8 in a string", offset: start })?;
+                    out.push_str(chunk);
+                    self.i += 1;
+                    let Some(&esc) = self.s.get(self.i) else {
+                        return Err(self.err("unterminated string"));
+                    };
+                    self.i += 1;
+                    match esc {
+                        b'"' => out.push('"'),
+                        b'\\' => out.push('\\'),
+                        b'/' => out.push('/'),
+                        b'b' => out.push('\u{8}'),
+                        b'f' => out.push('\u{c}'),
+                        b'n' => out.push('\n'),
+                        b'r' => out.push('\r'),
+                        b't' => out.push('\t'),
+                        b'u' => {
+                            let u = self.hex4()?;
+                            match u {
+                                0xD800..=0xDBFF => {
+                                    let save = self.i;
+                                    if self.eat(b"\\u") {
+                                        let lo = self.hex4()?;
+                                        if (0xDC00..=0xDFFF).contains(&lo) {
+                                            let c = 0x10000 + (((u as u32) - 0xD800) << 10) + (lo as u32 - 0xDC00);
+                                            out.push(char::from_u32(c).unwrap_or('\u{fffd}'));
+                                        } else {
+                                            self.i = save;
+                                            return self.string_utf16(out, u);
+                                        }
+                                    } else {
+                                        return self.string_utf16(out, u);
+                                    }
+                                }
+                                0xDC00..=0xDFFF => return self.string_utf16(out, u),
+                                _ => out.push(char::from_u32(u as u32).unwrap_or('\u{fffd}')),
+                            }
+                        }
+                        _ => {
+                            self.i -= 1;
+                            return Err(self.err("invalid escape"));
+                        }
+                    }
+                    start = self.i;
+                }
+                0x00..=0x1f => return Err(self.err("control character in a string")),
+                _ => self.i += 1,
+            }
+        }
+    }
+
+    /// Continues a string that turned out to hold an unpaired surrogate, as UTF-16 code units.
+    fn string_utf16(&mut self, prefix: String, lone: u16) -> Result<Value, ParseError> {
+        let mut units: Vec<u16> = prefix.encode_utf16().collect();
+        units.push(lone);
+        loop {
+            let Some(&b) = self.s.get(self.i) else {
+                return Err(self.err("unterminated string"));
+            };
+            match b {
+                b'"' => {
+                    self.i += 1;
+                    return Ok(Value::Utf16(units));
+                }
+                b'\\' => {
+                    self.i += 1;
+                    let Some(&esc) = self.s.get(self.i) else {
+                        return Err(self.err("unterminated string"));
+                    };
+                    self.i += 1;
+                    let unit = match esc {
+                        b'"' => b'"' as u16,
+                        b'\\' => b'\\' as u16,
+                        b'/' => b'/' as u16,
+                        b'b' => 8,
+                        b'f' => 12,
+                        b'n' => 10,
+                        b'r' => 13,
+                        b't' => 9,
+                        b'u' => self.hex4()?,
+                        _ => {
+                            self.i -= 1;
+                            return Err(self.err("invalid escape"));
+                        }
+                    };
+                    units.push(unit);
+                }
+                0x00..=0x1f => return Err(self.err("control character in a string")),
+                _ => {
+                    let rest = &self.s[self.i..];
+                    let len = utf8_len(b);
+                    let ch = rest
+                        .get(..len)
+                        .and_then(|c| std::str::from_utf8(c).ok())
+                        .and_then(|c| c.chars().next())
+                        .ok_or_else(|| self.err("invalid UTF-8 in a string"))?;
+                    let mut buf = [0u16; 2];
+                    units.extend_from_slice(ch.encode_utf16(&mut buf));
+                    self.i += len;
+                }
+            }
+        }
+    }
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0x00..=0x7f => 1,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        _ => 4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn float(f: f64) -> String {
+        let mut out = Vec::new();
+        write_float(f, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn floats_follow_python_repr() {
+        let cases = [
+            (1.0, "1.0"),
+            (0.5, "0.5"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (123456789012345680.0, "1.2345678901234568e+17"),
+            (1e-7, "1e-07"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.5e300, "1.5e+300"),
+            (5e-324, "5e-324"),
+            (-0.0, "-0.0"),
+            (0.0, "0.0"),
+            (1528402837.6, "1528402837.6"),
+            (253402300799.999, "253402300799.999"),
+            (1.7976931348623157e308, "1.7976931348623157e+308"),
+            (f64::NAN, "NaN"),
+            (f64::NEG_INFINITY, "-Infinity"),
+            (1e22, "1e+22"),
+            (9999999999999998.0, "9999999999999998.0"),
+        ];
+        for (f, want) in cases {
+            assert_eq!(float(f), want, "{f:e}");
+        }
+    }
+
+    #[test]
+    fn strings_use_ensure_ascii() {
+        let v = Value::String("a\"b\\c/\n\r\t\u{8}\u{c}\u{0}\u{7f}ü😀".into());
+        assert_eq!(v.to_rasa_string(), r#""a\"b\\c/\n\r\t\b\f\u0000\u007f\u00fc\ud83d\ude00""#);
+    }
+
+    #[test]
+    fn lone_surrogates_survive() {
+        let text = r#"["a\ud800b", "\udc00", "x\ud83d"]"#;
+        let v = parse(text.as_bytes()).unwrap();
+        assert_eq!(v.to_rasa_string(), text);
+    }
+
+    #[test]
+    fn duplicate_keys_keep_first_position_last_value() {
+        let v = parse(br#"{"a": 1, "b": 2, "a": 3}"#).unwrap();
+        assert_eq!(v.to_rasa_string(), r#"{"a": 3, "b": 2}"#);
+    }
+
+    #[test]
+    fn numbers_keep_python_types() {
+        let text = r#"[1, -0, 1.0, 1E5, 18446744073709551616, -9223372036854775808, NaN, Infinity, -Infinity, 1e400]"#;
+        let v = parse(text.as_bytes()).unwrap();
+        assert_eq!(
+            v.to_rasa_string(),
+            "[1, 0, 1.0, 100000.0, 18446744073709551616, -9223372036854775808, NaN, Infinity, -Infinity, Infinity]"
+        );
+    }
+
+    #[test]
+    fn rejects_what_python_rejects() {
+        for bad in ["{", "[1,]", "{\"a\" 1}", "01", "\"\t\"", "1 2", "'a'", "{\"a\":1,}", "tru"] {
+            assert!(parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = "[".repeat(100_000);
+        assert!(parse(deep.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,52 @@
+//! The core of the tracker-event brokers: the event model, Rasa's exact JSON encoding, and the
+//! contracts every backend keeps.
+//!
+//! - [`Event`]: one tracker event, kept as its ordered JSON body so it is written back byte for
+//!   byte as Rasa wrote it; [`TypedEvent`] for typed access.
+//! - [`EventBroker`] / [`EventSource`]: publishing with an outcome per event, and consuming.
+//! - [`Error`]: the one error type, telling temporary failures from permanent ones.
+//! - [`Registry`]: backend factories by `type` name, open to third-party backends.
+//! - [`pipeline`]: the bounded queue between `publish` and a backend's writer.
+//! - [`memory`]: an in-memory reference backend.
+//!
+//! No backend-specific code lives here.
+//!
+//! ```
+//! use broker_core::{Event, EventBroker, memory::MemoryBackend, Backend};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), broker_core::Error> {
+//! let line = br#"{"sender_id": "default", "event": "bot", "timestamp": 1528402837.6, "text": "hi", "data": {}, "metadata": {}}"#;
+//! let event = Event::from_json(line).expect("a valid event");
+//! assert_eq!(event.to_json(), line); // byte-identical round trip
+//!
+//! let backend = MemoryBackend::new();
+//! let broker = backend.connect().await?;
+//! let receipt = broker.publish(event).await?; // accepted; delivery happens behind it
+//! receipt.await?;                              // delivered (optional to wait)
+//! broker.close().await?;
+//! assert_eq!(backend.lines(), vec![line.to_vec()]);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod json;
+pub mod memory;
+pub mod pipeline;
+pub mod registry;
+
+pub use broker::{
+    CloseReport, Delivered, EventBroker, EventBrokerExt, EventSource, Outcome, Receipt, Received, Settle, SourceOptions,
+    StartFrom,
+};
+pub use config::{ConfigError, ConfigValue, DeliveryOptions, Location, Options, Secret, Spanned, Warning, WhenFull};
+pub use error::{Error, Position};
+pub use event::{Event, EventError, EventId, TypedEvent};
+pub use registry::{Backend, BackendFactory, Configured, Registry};
+
+/// Re-exported so backends and their users name the same `async_trait`.
+pub use async_trait::async_trait;

@@ -1,0 +1,183 @@
+//! The bounded hand-over between `publish` and a backend's writer, written once for all backends.
+//!
+//! [`Outbox`] is the caller's side: it implements the buffer bound and the `when_full` policy, the
+//! closed state, flush markers and the close deadline. [`Inbox`] is the writer's side: it hands out
+//! [`Command`]s in publish order, in batches, so a writer does one write/commit/produce round per
+//! batch while every event keeps its own outcome.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::{CloseReport, Receipt, Settle};
+use crate::config::{DeliveryOptions, WhenFull};
+use crate::error::Error;
+use crate::event::Event;
+
+/// An accepted event waiting for its writer.
+#[derive(Debug)]
+pub struct Pending {
+    /// The event.
+    pub event: Event,
+    /// Settles its receipt.
+    pub settle: Settle,
+}
+
+/// What the writer receives, in publish order.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Command {
+    /// Deliver this event.
+    Publish(Pending),
+    /// Reply once every earlier event has its outcome.
+    Flush(oneshot::Sender<()>),
+    /// Deliver what is queued until `deadline`, report the rest, then stop.
+    Close {
+        /// When to give up.
+        deadline: Instant,
+        /// Where the report goes.
+        reply: oneshot::Sender<CloseReport>,
+    },
+}
+
+/// The publishing side of a backend's queue.
+#[derive(Debug)]
+pub struct Outbox {
+    backend: &'static str,
+    tx: mpsc::Sender<Command>,
+    options: DeliveryOptions,
+    closed: AtomicBool,
+}
+
+/// The writer's side of a backend's queue.
+#[derive(Debug)]
+pub struct Inbox {
+    rx: mpsc::Receiver<Command>,
+}
+
+/// A queue for `backend` with the bound and policy of `options`.
+pub fn channel(backend: &'static str, options: DeliveryOptions) -> (Outbox, Inbox) {
+    let (tx, rx) = mpsc::channel(options.buffer_size.max(1));
+    (Outbox { backend, tx, options, closed: AtomicBool::new(false) }, Inbox { rx })
+}
+
+impl Outbox {
+    /// The delivery options in force.
+    pub fn options(&self) -> &DeliveryOptions {
+        &self.options
+    }
+
+    /// Whether `close` was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.tx.is_closed()
+    }
+
+    /// Hands `event` to the writer, applying the buffer policy.
+    pub async fn publish(&self, event: Event) -> Result<Receipt, Error> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let (receipt, settle) = Receipt::channel(event.id());
+        let cmd = Command::Publish(Pending { event, settle });
+        match self.options.when_full {
+            WhenFull::Block => self.tx.send(cmd).await.map_err(|_| Error::Closed)?,
+            WhenFull::Error => self.tx.try_send(cmd).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Error::BufferFull { capacity: self.options.buffer_size },
+                mpsc::error::TrySendError::Closed(_) => Error::Closed,
+            })?,
+        }
+        Ok(receipt)
+    }
+
+    /// Waits until every event accepted before the call has its outcome.
+    pub async fn flush(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Flush(tx)).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    /// Closes once: later publishes fail, queued events are delivered until the configured
+    /// deadline, and what was not delivered is returned. A second call returns an empty report.
+    pub async fn close(&self) -> Result<CloseReport, Error> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(CloseReport::default());
+        }
+        let timeout = self.options.close_timeout;
+        let deadline = Instant::now() + timeout;
+        let (reply, rx) = oneshot::channel();
+        let send = self.tx.send(Command::Close { deadline, reply });
+        match tokio::time::timeout(timeout + Duration::from_millis(100), send).await {
+            Ok(Ok(())) => {}
+            // The writer is gone: nothing is queued anywhere we could reach.
+            Ok(Err(_)) => return Ok(CloseReport::default()),
+            Err(_) => return Err(Error::Timeout(timeout)),
+        }
+        // The writer owns the deadline; the extra second covers a writer stuck in a system call.
+        match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {
+            Ok(Ok(report)) => Ok(report),
+            Ok(Err(_)) => Ok(CloseReport::default()),
+            Err(_) => Err(Error::Timeout(timeout)),
+        }
+    }
+
+    /// The backend this queue belongs to.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+}
+
+impl Inbox {
+    /// Waits for commands and appends up to `max` of them to `batch`. Returns 0 when every
+    /// [`Outbox`] is gone.
+    pub async fn recv_batch(&mut self, batch: &mut Vec<Command>, max: usize) -> usize {
+        self.rx.recv_many(batch, max.max(1)).await
+    }
+
+    /// The blocking form of [`Inbox::recv_batch`], for writers on their own thread.
+    pub fn blocking_recv_batch(&mut self, batch: &mut Vec<Command>, max: usize) -> usize {
+        let Some(first) = self.rx.blocking_recv() else { return 0 };
+        batch.push(first);
+        let mut n = 1;
+        while n < max {
+            match self.rx.try_recv() {
+                Ok(cmd) => {
+                    batch.push(cmd);
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        n
+    }
+
+    /// Takes what is queued right now without waiting (used while closing).
+    pub fn try_recv(&mut self) -> Option<Command> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Refuses further commands; queued ones can still be taken.
+    pub fn close(&mut self) {
+        self.rx.close();
+    }
+}
+
+/// Fails every queued event with `reason`-less [`Error::Timeout`] and collects them, for a writer
+/// whose close deadline passed. Flush markers are answered; other close requests get empty reports.
+pub fn drain_undelivered(inbox: &mut Inbox, after: Duration, into: &mut Vec<Event>) {
+    inbox.close();
+    while let Some(cmd) = inbox.try_recv() {
+        match cmd {
+            Command::Publish(p) => {
+                into.push(p.event.clone());
+                p.settle.settle(Err(Error::Timeout(after)));
+            }
+            Command::Flush(tx) => {
+                let _ = tx.send(());
+            }
+            Command::Close { reply, .. } => {
+                let _ = reply.send(CloseReport::default());
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The Rasa encoding, checked against lines Rasa wrote and against Python's own `json.dumps`.
+
+use broker_core::Event;
+use broker_core::json::{self, Map, Number, Value};
+use proptest::prelude::*;
+
+const SAMPLE: &str = include_str!("../../broker-testkit/data/rasa-events-sample.jsonl");
+
+#[test]
+fn every_sample_line_round_trips_byte_for_byte() {
+    let mut n = 0;
+    for (i, line) in SAMPLE.lines().enumerate() {
+        let event = Event::from_json(line.as_bytes()).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
+        assert_eq!(String::from_utf8(event.to_json()).unwrap(), line, "line {}", i + 1);
+        // Every known type also reads as its typed form.
+        event.typed().unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
+        n += 1;
+    }
+    assert_eq!(n, 106);
+}
+
+fn arb_string() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z _]{0,12}",
+        any::<String>(),
+        proptest::collection::vec(prop_oneof![Just('"'), Just('\\'), Just('\n'), Just('\u{7f}'), Just('\u{1F600}'), Just('é'), Just('\u{0}')], 0..6)
+            .prop_map(|v| v.into_iter().collect()),
+    ]
+}
+
+fn arb_number() -> impl Strategy<Value = Number> {
+    prop_oneof![
+        any::<i64>().prop_map(Number::Int),
+        any::<f64>().prop_map(Number::Float),
+        (-1e6f64..1e6).prop_map(Number::Float),
+        prop_oneof![Just(1e16), Just(1e-5), Just(0.0001), Just(-0.0), Just(5e-324), Just(1e22)].prop_map(Number::Float),
+        "-?[1-9][0-9]{19,40}".prop_map(|s| Number::Big(s.into())),
+    ]
+}
+
+fn arb_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        arb_number().prop_map(|n| match n {
+            // A big integer that fits i64 is an Int once parsed; keep the model canonical.
+            Number::Big(b) => match b.parse::<i64>() {
+                Ok(i) => Value::Number(Number::Int(i)),
+                Err(_) => Value::Number(Number::Big(b)),
+            },
+            n => Value::Number(n),
+        }),
+        arb_string().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            proptest::collection::vec((arb_string(), inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map>())),
+        ]
+    })
+}
+
+fn same(a: &Value, b: &Value) -> bool {
+    // NaN != NaN; compare encodings instead, which is what matters here.
+    a.to_rasa_string() == b.to_rasa_string()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn write_then_parse_is_identity(v in arb_value()) {
+        let text = v.to_rasa_string();
+        let back = json::parse(text.as_bytes()).unwrap();
+        prop_assert!(same(&v, &back), "{text}");
+        prop_assert_eq!(back.to_rasa_string(), text);
+    }
+
+    #[test]
+    fn output_is_ascii_and_one_line(v in arb_value()) {
+        let text = v.to_rasa_string();
+        prop_assert!(text.bytes().all(|b| (0x20..0x7f).contains(&b)), "{text}");
+    }
+
+    #[test]
+    fn events_round_trip(sender in arb_string(), ts in arb_number(), extra in proptest::collection::vec((arb_string(), arb_value()), 0..4)) {
+        let mut body = Map::new();
+        body.insert("sender_id", Value::String(sender));
+        body.insert("event", Value::String("slot".into()));
+        body.insert("timestamp", Value::Number(ts));
+        for (k, v) in extra { body.insert(k, v); }
+        let text = Value::Object(body).to_rasa_string();
+        if let Ok(event) = Event::from_json(text.as_bytes()) {
+            prop_assert_eq!(String::from_utf8(event.to_json()).unwrap(), text);
+        }
+    }
+}
+
+/// Our writer against Python's: Python parses each line we wrote and writes it again with
+/// `json.dumps`; the bytes must be the same. Skipped only when python3 is absent and not in CI.
+#[test]
+fn python_json_dumps_agrees() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    if Command::new("python3").arg("-c").arg("pass").status().is_err() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "python3 is required in CI");
+        eprintln!("SKIPPED python_json_dumps_agrees: python3 not found");
+        return;
+    }
+    let mut runner = TestRunner::deterministic();
+    let strategy = arb_value();
+    let mut lines: Vec<String> = SAMPLE.lines().map(str::to_owned).collect();
+    for _ in 0..3000 {
+        lines.push(strategy.new_tree(&mut runner).unwrap().current().to_rasa_string());
+    }
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg("import sys, json\nfor line in sys.stdin:\n    sys.stdout.write(json.dumps(json.loads(line)) + '\\n')\n")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = lines.join("\n") + "\n";
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success());
+    let python = String::from_utf8(out.stdout).unwrap();
+    let mut checked = 0;
+    for (ours, theirs) in lines.iter().zip(python.lines()) {
+        assert_eq!(ours, theirs);
+        checked += 1;
+    }
+    assert_eq!(checked, lines.len());
+}
