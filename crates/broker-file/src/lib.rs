@@ -1,0 +1,568 @@
+//! The file event broker (`type: file`): one event per line, appended to a file, exactly as
+//! Rasa's `FileEventBroker` writes it, with group writes and a delivery outcome per event.
+//!
+//! - **Format** (rasa-compat §6): each event's Rasa encoding followed by `\n`; an existing file is
+//!   appended to, never truncated; the default path is `rasa_event.log` in the working directory.
+//! - **Delivery** (contracts §A): a writer thread takes every queued event at once (up to
+//!   `max_batch_events`), writes them with one `write`, applies the fsync policy, then settles each
+//!   event's receipt. A failed write is rolled back (the file is cut back to its last whole line)
+//!   so a reader never sees half an event from us.
+//! - **Consuming** (contracts §B): [`FileBackend::source`] tails from a byte offset, follows growth,
+//!   skips blank lines and reports a malformed line (e.g. half-written by a crash) with its
+//!   position without stopping.
+//!
+//! Options: `path`, `fsync` (`never` (default, like Rasa: written to the OS after each batch),
+//! `batch` (fdatasync before confirming each batch), `interval` (fdatasync at most every
+//! `fsync_interval` seconds, and on flush and close)), `fsync_interval` (default 1),
+//! `max_batch_events` (default 4096), `max_event_bytes` (none by default), and the delivery options
+//! `buffer_size`, `when_full`, `close_timeout`.
+//!
+//! ```
+//! use broker_core::{Backend, Event, EventBroker};
+//! use broker_file::{FileBackend, FileConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), broker_core::Error> {
+//! let dir = tempfile::tempdir().expect("temp dir");
+//! let path = dir.path().join("rasa_event.log");
+//! let backend = FileBackend::new(FileConfig::new(&path));
+//! let broker = backend.connect().await?;
+//! let line = br#"{"sender_id": "a", "event": "restart", "timestamp": 1.5}"#;
+//! broker.publish(Event::from_json(line).expect("valid")).await?.await?;
+//! broker.close().await?;
+//! assert_eq!(std::fs::read(&path).expect("written"), [&line[..], b"\n"].concat());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use broker_core::pipeline::{self, Command, Inbox, Outbox};
+use broker_core::{
+    Backend, BackendFactory, CloseReport, ConfigError, Configured, DeliveryOptions, Error, Event, EventBroker,
+    EventSource, Options, Position, Receipt, Received, Settle, SourceOptions, StartFrom, async_trait,
+};
+
+const NAME: &str = "file";
+
+/// The default path, as in Rasa.
+pub const DEFAULT_PATH: &str = "rasa_event.log";
+
+/// When the writer calls `fdatasync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fsync {
+    /// Never: each batch is handed to the OS (Rasa's behaviour: `flush()` per event).
+    #[default]
+    Never,
+    /// Before confirming each batch: a delivered event survives a power cut.
+    Batch,
+    /// At most once per interval while writing, and on flush and close.
+    Interval(Duration),
+}
+
+/// Settings of the file backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileConfig {
+    /// The file to append to.
+    pub path: PathBuf,
+    /// The fsync policy.
+    pub fsync: Fsync,
+    /// Most events written with one `write`.
+    pub max_batch_events: usize,
+    /// Events whose encoding is longer are rejected alone.
+    pub max_event_bytes: Option<usize>,
+    /// Buffer bound and policy, close deadline.
+    pub delivery: DeliveryOptions,
+}
+
+impl FileConfig {
+    /// Defaults for `path`.
+    pub fn new(path: impl Into<PathBuf>) -> FileConfig {
+        FileConfig {
+            path: path.into(),
+            fsync: Fsync::Never,
+            max_batch_events: 4096,
+            max_event_bytes: None,
+            delivery: DeliveryOptions::default(),
+        }
+    }
+
+    /// Sets the fsync policy.
+    pub fn fsync(mut self, fsync: Fsync) -> FileConfig {
+        self.fsync = fsync;
+        self
+    }
+
+    /// Sets the size limit per event.
+    pub fn max_event_bytes(mut self, bytes: usize) -> FileConfig {
+        self.max_event_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets the delivery options.
+    pub fn delivery(mut self, delivery: DeliveryOptions) -> FileConfig {
+        self.delivery = delivery;
+        self
+    }
+
+    /// The option keys `type: file` accepts.
+    pub const KEYS: &'static [&'static str] =
+        &["path", "fsync", "fsync_interval", "max_batch_events", "max_event_bytes", "buffer_size", "when_full", "close_timeout"];
+
+    /// Reads the options of an `event_broker:` section.
+    pub fn from_options(mut options: Options) -> Result<(FileConfig, Vec<broker_core::Warning>), ConfigError> {
+        let path = options.take_str("path")?.unwrap_or_else(|| DEFAULT_PATH.to_owned());
+        if path.is_empty() {
+            return Err(ConfigError::new(options.location("path"), Some("path"), "the path is empty"));
+        }
+        let mut config = FileConfig::new(path);
+        let interval = options.take_seconds("fsync_interval")?;
+        config.fsync = match options.take_choice("fsync", &["never", "batch", "interval"])? {
+            None | Some("never") => Fsync::Never,
+            Some("batch") => Fsync::Batch,
+            _ => Fsync::Interval(interval.unwrap_or(Duration::from_secs(1))),
+        };
+        if interval.is_some() && !matches!(config.fsync, Fsync::Interval(_)) {
+            options.warn("fsync_interval", "`fsync_interval` only applies with `fsync: interval`");
+        }
+        if let Some(n) = options.take_u64("max_batch_events")? {
+            if n == 0 {
+                return Err(ConfigError::new(options.location("max_batch_events"), Some("max_batch_events"), "must be at least 1"));
+            }
+            config.max_batch_events = n as usize;
+        }
+        config.max_event_bytes = options.take_u64("max_event_bytes")?.map(|n| n as usize);
+        config.delivery = DeliveryOptions::take(&mut options)?;
+        let warnings = options.finish(NAME, FileConfig::KEYS)?;
+        Ok((config, warnings))
+    }
+}
+
+/// A configured file backend.
+#[derive(Debug, Clone)]
+pub struct FileBackend {
+    config: FileConfig,
+}
+
+impl FileBackend {
+    /// A backend writing to `config.path`.
+    pub fn new(config: FileConfig) -> FileBackend {
+        FileBackend { config }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &FileConfig {
+        &self.config
+    }
+}
+
+/// Factory for `type: file`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FileFactory;
+
+impl BackendFactory for FileFactory {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn configure(&self, options: Options) -> Result<Configured, ConfigError> {
+        let (config, warnings) = FileConfig::from_options(options)?;
+        Ok(Configured::new(Box::new(FileBackend::new(config)), warnings))
+    }
+}
+
+fn open_error(path: &Path, err: io::Error) -> Error {
+    Error::Unavailable {
+        backend: NAME,
+        reason: format!("cannot open {} for appending: {err}", path.display()),
+        cause: Some(Arc::new(err)),
+    }
+}
+
+#[async_trait]
+impl Backend for FileBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn describe(&self) -> String {
+        format!("file {}", self.config.path.display())
+    }
+
+    async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
+        let path = self.config.path.clone();
+        let mut file = OpenOptions::new().append(true).create(true).read(true).open(&path).map_err(|e| open_error(&path, e))?;
+        end_with_newline(&mut file).map_err(|e| open_error(&path, e))?;
+        let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer = Writer {
+            file,
+            path: path.display().to_string(),
+            config: self.config.clone(),
+            healthy: healthy.clone(),
+            buf: Vec::with_capacity(1 << 20),
+            settles: Vec::new(),
+            dirty: false,
+            last_sync: Instant::now(),
+        };
+        std::thread::Builder::new()
+            .name("broker-file-writer".into())
+            .spawn(move || writer.run(inbox))
+            .map_err(|e| Error::io(NAME, "starting the writer thread", e))?;
+        Ok(Box::new(FileBroker { outbox, healthy }))
+    }
+
+    async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
+        FileSource::open(&self.config.path, options).map(|s| Box::new(s) as Box<dyn EventSource>)
+    }
+}
+
+/// A crash can leave half a line at the end. Starting our first event on a fresh line keeps it
+/// readable; the broken fragment stays as its own (malformed) line for readers to report.
+fn end_with_newline(file: &mut File) -> io::Result<()> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::Start(len - 1))?;
+    file.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        tracing::warn!("the last line of the event file was incomplete (a crash while writing?); starting on a new line");
+        file.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+struct FileBroker {
+    outbox: Outbox,
+    healthy: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl EventBroker for FileBroker {
+    fn backend(&self) -> &'static str {
+        NAME
+    }
+    async fn publish(&self, event: Event) -> Result<Receipt, Error> {
+        self.outbox.publish(event).await
+    }
+    async fn flush(&self) -> Result<(), Error> {
+        self.outbox.flush().await
+    }
+    async fn is_ready(&self) -> bool {
+        !self.outbox.is_closed() && self.healthy.load(Ordering::Acquire)
+    }
+    async fn close(&self) -> Result<CloseReport, Error> {
+        self.outbox.close().await
+    }
+}
+
+struct Writer {
+    file: File,
+    path: String,
+    config: FileConfig,
+    healthy: Arc<AtomicBool>,
+    buf: Vec<u8>,
+    /// Receipts of the events in `buf`, with each line's start within `buf`.
+    settles: Vec<(Settle, usize)>,
+    dirty: bool,
+    last_sync: Instant,
+}
+
+impl Writer {
+    fn run(mut self, mut inbox: Inbox) {
+        let mut batch = Vec::with_capacity(self.config.max_batch_events.min(65_536));
+        loop {
+            batch.clear();
+            if inbox.blocking_recv_batch(&mut batch, self.config.max_batch_events) == 0 {
+                // Every handle is gone without a close: write what we took, then stop.
+                self.write_out();
+                self.sync_if_dirty();
+                return;
+            }
+            let mut close = None;
+            for cmd in batch.drain(..) {
+                match cmd {
+                    Command::Publish(p) => self.add(p.event, p.settle),
+                    Command::Flush(tx) => {
+                        self.write_out();
+                        self.sync_if_dirty();
+                        let _ = tx.send(());
+                    }
+                    Command::Close { deadline, reply } => close = Some((deadline, reply)),
+                    _ => {}
+                }
+            }
+            self.write_out();
+            if let Some((deadline, reply)) = close {
+                let report = self.finish(&mut inbox, deadline);
+                let _ = reply.send(report);
+                return;
+            }
+        }
+    }
+
+    /// Encodes one event into the batch buffer, or rejects it alone.
+    fn add(&mut self, event: Event, settle: Settle) {
+        let start = self.buf.len();
+        event.write_json(&mut self.buf);
+        let len = self.buf.len() - start;
+        if let Some(max) = self.config.max_event_bytes.filter(|m| len > *m) {
+            self.buf.truncate(start);
+            let reason = format!("{len} bytes is over max_event_bytes {max}");
+            settle.settle(Err(Error::Rejected { backend: NAME, event_id: event.id().to_string(), reason }));
+            return;
+        }
+        self.buf.push(b'\n');
+        self.settles.push((settle, start));
+    }
+
+    /// Writes the batch with one call, applies the fsync policy, and settles every receipt.
+    fn write_out(&mut self) {
+        if self.settles.is_empty() {
+            self.buf.clear();
+            return;
+        }
+        let result = self.write_batch();
+        match result {
+            Ok(batch_start) => {
+                self.healthy.store(true, Ordering::Release);
+                for (settle, start) in self.settles.drain(..) {
+                    settle.delivered(Some(Position::Offset(batch_start + start as u64)));
+                }
+            }
+            Err(err) => {
+                self.healthy.store(false, Ordering::Release);
+                tracing::error!("writing {}: {err}", self.path);
+                let error = Error::io(NAME, format!("writing {}", self.path), err);
+                for (settle, _) in self.settles.drain(..) {
+                    settle.settle(Err(error.clone()));
+                }
+            }
+        }
+        self.buf.clear();
+    }
+
+    /// Returns the file offset where the batch starts.
+    fn write_batch(&mut self) -> io::Result<u64> {
+        let before = self.file.seek(SeekFrom::End(0))?;
+        if let Err(err) = self.file.write_all(&self.buf) {
+            // Cut a partial write back so the file keeps ending on a whole line.
+            let _ = self.file.set_len(before);
+            return Err(err);
+        }
+        self.dirty = true;
+        match self.config.fsync {
+            Fsync::Never => {}
+            Fsync::Batch => self.sync()?,
+            Fsync::Interval(every) => {
+                if self.last_sync.elapsed() >= every {
+                    self.sync()?;
+                }
+            }
+        }
+        // With O_APPEND other writers may have appended too; our batch ends where we are now.
+        let end = self.file.stream_position()?;
+        Ok(end - self.buf.len() as u64)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    fn sync_if_dirty(&mut self) {
+        if self.dirty && self.config.fsync != Fsync::Never {
+            if let Err(err) = self.sync() {
+                tracing::error!("fsync {}: {err}", self.path);
+                self.healthy.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// Writes what is still queued until `deadline`, reports the rest, and syncs.
+    fn finish(&mut self, inbox: &mut Inbox, deadline: Instant) -> CloseReport {
+        inbox.close();
+        let mut undelivered = Vec::new();
+        loop {
+            if Instant::now() >= deadline {
+                pipeline::drain_undelivered(inbox, self.config.delivery.close_timeout, &mut undelivered);
+                break;
+            }
+            let Some(cmd) = inbox.try_recv() else { break };
+            match cmd {
+                Command::Publish(p) => {
+                    self.add(p.event, p.settle);
+                    if self.settles.len() >= self.config.max_batch_events {
+                        self.write_out();
+                    }
+                }
+                Command::Flush(tx) => {
+                    self.write_out();
+                    let _ = tx.send(());
+                }
+                Command::Close { reply, .. } => {
+                    let _ = reply.send(CloseReport::default());
+                }
+                _ => {}
+            }
+        }
+        self.write_out();
+        self.sync_if_dirty();
+        CloseReport::new(undelivered)
+    }
+}
+
+/// How often a following reader looks for growth.
+const POLL: Duration = Duration::from_millis(25);
+
+/// Reads events from a file, following it as it grows.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    file: Option<File>,
+    /// Offset of `buf[0]` in the file.
+    offset: u64,
+    buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline.
+    scanned: usize,
+    /// The line number of `buf[0]`, when reading from the start.
+    line: Option<u64>,
+    follow: bool,
+    start: StartFrom,
+}
+
+impl FileSource {
+    /// Opens `path` at `options.start`: the beginning, a byte offset, or the current end.
+    pub fn open(path: &Path, options: &SourceOptions) -> Result<FileSource, Error> {
+        let mut source = FileSource {
+            path: path.to_owned(),
+            file: None,
+            offset: 0,
+            buf: Vec::with_capacity(1 << 16),
+            scanned: 0,
+            line: None,
+            follow: options.follow,
+            start: options.start.clone(),
+        };
+        if !source.try_open()? && !options.follow {
+            return Err(Error::Unavailable {
+                backend: NAME,
+                reason: format!("{} does not exist", path.display()),
+                cause: None,
+            });
+        }
+        Ok(source)
+    }
+
+    /// Opens the file if it exists; false when it does not (yet).
+    fn try_open(&mut self) -> Result<bool, Error> {
+        let mut file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(NAME, format!("opening {}", self.path.display()), e)),
+        };
+        let len = file.metadata().map_err(|e| Error::io(NAME, "reading file size", e))?.len();
+        let (offset, line) = match self.start {
+            StartFrom::Beginning => (0, Some(1)),
+            StartFrom::Offset(o) => (o.min(len), None),
+            // Following from "now": only what is appended from here on.
+            _ => (len, None),
+        };
+        file.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(NAME, "seeking", e))?;
+        self.offset = offset;
+        self.line = line;
+        self.file = Some(file);
+        Ok(true)
+    }
+
+    /// Reads more bytes; Ok(0) at the current end.
+    fn fill(&mut self) -> Result<usize, Error> {
+        let Some(file) = self.file.as_mut() else { return Ok(0) };
+        let old = self.buf.len();
+        self.buf.resize(old + (1 << 16), 0);
+        let n = file.read(&mut self.buf[old..]);
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                self.buf.truncate(old);
+                return Err(Error::io(NAME, format!("reading {}", self.path.display()), e));
+            }
+        };
+        self.buf.truncate(old + n);
+        Ok(n)
+    }
+
+    /// A file shorter than our position was truncated or replaced: start over from its beginning.
+    fn check_truncated(&mut self) -> Result<(), Error> {
+        let Ok(meta) = std::fs::metadata(&self.path) else { return Ok(()) };
+        if meta.len() < self.offset + self.buf.len() as u64 {
+            tracing::warn!("{} was truncated; reading it again from the start", self.path.display());
+            self.start = StartFrom::Beginning;
+            self.buf.clear();
+            self.scanned = 0;
+            self.try_open()?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventSource for FileSource {
+    fn backend(&self) -> &'static str {
+        NAME
+    }
+
+    async fn next(&mut self) -> Result<Option<Received>, Error> {
+        loop {
+            if let Some(nl) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let end = self.scanned + nl;
+                let raw: Vec<u8> = self.buf[..end].to_vec();
+                let line_offset = self.offset;
+                let line_no = self.line;
+                self.buf.drain(..=end);
+                self.scanned = 0;
+                self.offset += end as u64 + 1;
+                self.line = self.line.map(|l| l + 1);
+                let position = match line_no {
+                    Some(line) => Position::Line { line, offset: line_offset },
+                    None => Position::Offset(line_offset),
+                };
+                if raw.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                return match Event::from_json(&raw) {
+                    Ok(event) => Ok(Some(Received::new(event, raw, position, Some(self.offset)))),
+                    Err(e) => Err(Error::Malformed { position, reason: e.to_string() }),
+                };
+            }
+            self.scanned = self.buf.len();
+            if self.file.is_none() && !self.try_open()? {
+                if !self.follow {
+                    return Ok(None);
+                }
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            if self.fill()? > 0 {
+                continue;
+            }
+            // At the end. An unterminated last line is still being written (or was cut by a
+            // crash); it is not an event until its newline arrives.
+            if !self.follow {
+                return Ok(None);
+            }
+            self.check_truncated()?;
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
