@@ -181,3 +181,47 @@ pub fn drain_undelivered(inbox: &mut Inbox, after: Duration, into: &mut Vec<Even
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    fn event() -> Event {
+        Event::from_json(br#"{"sender_id": "a", "event": "restart", "timestamp": 1.0}"#).unwrap()
+    }
+
+    fn options(buffer_size: usize, when_full: WhenFull) -> DeliveryOptions {
+        DeliveryOptions { buffer_size, when_full, close_timeout: Duration::from_millis(200) }
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_fails_at_once_with_the_error_policy() {
+        let (outbox, _inbox) = channel("test", options(2, WhenFull::Error));
+        let _a = outbox.publish(event()).await.unwrap();
+        let _b = outbox.publish(event()).await.unwrap();
+        match outbox.publish(event()).await {
+            Err(Error::BufferFull { capacity: 2 }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_blocks_with_the_block_policy() {
+        let (outbox, mut inbox) = channel("test", options(1, WhenFull::Block));
+        let _a = outbox.publish(event()).await.unwrap();
+        let blocked = tokio::time::timeout(Duration::from_millis(50), outbox.publish(event())).await;
+        assert!(blocked.is_err(), "the second publish waits for room");
+        let mut batch = Vec::new();
+        assert_eq!(inbox.recv_batch(&mut batch, 10).await, 1);
+        assert!(tokio::time::timeout(Duration::from_millis(500), outbox.publish(event())).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn close_without_a_writer_times_out_and_publish_after_close_fails() {
+        let (outbox, _inbox) = channel("test", options(4, WhenFull::Block));
+        assert!(matches!(outbox.close().await, Err(Error::Timeout(_))));
+        assert!(matches!(outbox.publish(event()).await, Err(Error::Closed)));
+        assert!(outbox.close().await.unwrap().is_clean(), "a second close is a no-op");
+    }
+}

@@ -1,0 +1,159 @@
+//! The file backend's own promises, checked on real files.
+
+use std::time::Duration;
+
+use broker_core::{
+    Backend, BackendFactory, ConfigValue, Error, EventBroker, Options, Position, SourceOptions, StartFrom,
+};
+use broker_file::{FileBackend, FileConfig, FileFactory, Fsync};
+use broker_testkit::{rasa_sample_events, user_event, RASA_SAMPLE};
+
+async fn publish_all(broker: &dyn EventBroker, events: Vec<broker_core::Event>) {
+    let mut receipts = Vec::new();
+    for e in events {
+        receipts.push(broker.publish(e).await.unwrap());
+    }
+    for r in receipts {
+        r.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn output_for_the_rasa_sample_is_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rasa_event.log");
+    for fsync in [Fsync::Never, Fsync::Batch, Fsync::Interval(Duration::from_millis(5))] {
+        let _ = std::fs::remove_file(&path);
+        let broker = FileBackend::new(FileConfig::new(&path).fsync(fsync)).connect().await.unwrap();
+        publish_all(broker.as_ref(), rasa_sample_events()).await;
+        assert!(broker.close().await.unwrap().is_clean());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), RASA_SAMPLE, "{fsync:?}");
+    }
+}
+
+#[tokio::test]
+async fn appends_and_never_truncates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.log");
+    std::fs::write(&path, "{\"sender_id\": \"old\", \"event\": \"restart\", \"timestamp\": 1.0}\n").unwrap();
+    let broker = FileBackend::new(FileConfig::new(&path)).connect().await.unwrap();
+    publish_all(broker.as_ref(), vec![user_event("new", 0)]).await;
+    broker.close().await.unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].contains("\"old\""));
+    assert_eq!(lines[1].as_bytes(), user_event("new", 0).to_json());
+}
+
+#[tokio::test]
+async fn a_missing_directory_fails_at_start_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-dir").join("events.log");
+    let err = FileBackend::new(FileConfig::new(&path)).connect().await.err().expect("must fail");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(err.to_string().contains("no-such-dir"), "{err}");
+}
+
+#[tokio::test]
+async fn a_half_written_last_line_is_reported_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.log");
+    // A crash left half an event at the end.
+    std::fs::write(&path, "{\"sender_id\": \"a\", \"event\": \"restart\", \"timestamp\": 1.0}\n{\"sender_id\": \"a\", \"ev").unwrap();
+    let broker = FileBackend::new(FileConfig::new(&path)).connect().await.unwrap();
+    publish_all(broker.as_ref(), vec![user_event("b", 7)]).await;
+    broker.close().await.unwrap();
+
+    let mut source =
+        FileBackend::new(FileConfig::new(&path)).source(&SourceOptions::from(StartFrom::Beginning).follow(false)).await.unwrap();
+    let first = source.next().await.unwrap().unwrap();
+    assert_eq!(first.event.event_type(), "restart");
+    assert_eq!(first.position, Position::Line { line: 1, offset: 0 });
+    match source.next().await {
+        Err(Error::Malformed { position: Position::Line { line: 2, .. }, .. }) => {}
+        other => panic!("expected the broken line 2 to be reported, got {other:?}"),
+    }
+    let third = source.next().await.unwrap().unwrap();
+    assert_eq!(third.raw, user_event("b", 7).to_json());
+    assert!(source.next().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn tail_resumes_from_a_byte_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.log");
+    let backend = FileBackend::new(FileConfig::new(&path));
+    let broker = backend.connect().await.unwrap();
+    publish_all(broker.as_ref(), (0..10).map(|i| user_event("s", i)).collect()).await;
+    broker.close().await.unwrap();
+
+    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning).follow(false)).await.unwrap();
+    let mut resume = 0;
+    for _ in 0..5 {
+        resume = source.next().await.unwrap().unwrap().next_offset.unwrap();
+    }
+    let mut rest = backend.source(&SourceOptions::from(StartFrom::Offset(resume)).follow(false)).await.unwrap();
+    let mut seqs = Vec::new();
+    while let Some(r) = rest.next().await.unwrap() {
+        assert_eq!(r.position, Position::Offset(resume));
+        resume = r.next_offset.unwrap();
+        seqs.push(broker_testkit::seq_of(&r.event).unwrap());
+    }
+    assert_eq!(seqs, vec![5, 6, 7, 8, 9]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_growth_from_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.log");
+    std::fs::write(&path, user_event("before", 0).to_json().into_iter().chain([b'\n']).collect::<Vec<u8>>()).unwrap();
+    let backend = FileBackend::new(FileConfig::new(&path));
+    let mut source = backend.source(&SourceOptions::default()).await.unwrap();
+    let broker = backend.connect().await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let r = tokio::time::timeout(Duration::from_secs(10), source.next()).await.unwrap().unwrap().unwrap();
+            got.push(r.raw);
+        }
+        got
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let events: Vec<_> = (0..3).map(|i| user_event("after", i)).collect();
+    let want: Vec<Vec<u8>> = events.iter().map(|e| e.to_json()).collect();
+    publish_all(broker.as_ref(), events).await;
+    assert_eq!(reader.await.unwrap(), want, "only what was appended after opening, in order");
+    broker.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn write_failures_fail_each_event_and_clear_is_ready() {
+    // /dev/full accepts the open and refuses every write with ENOSPC: a real disk-full.
+    if !std::path::Path::new("/dev/full").exists() {
+        eprintln!("SKIPPED: no /dev/full on this system");
+        return;
+    }
+    let broker = FileBackend::new(FileConfig::new("/dev/full")).connect().await.unwrap();
+    let r = broker.publish(user_event("x", 0)).await.unwrap();
+    match r.await {
+        Err(e @ Error::Io { .. }) => assert!(e.is_temporary() && e.to_string().contains("/dev/full"), "{e}"),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    assert!(!broker.is_ready().await);
+    broker.close().await.unwrap();
+}
+
+#[test]
+fn options_are_validated_with_hints() {
+    let opts = Options::from_pairs([("path", ConfigValue::Str("x.log".into())), ("fsync", ConfigValue::Str("BATCH".into()))]);
+    assert!(FileFactory.configure(opts).is_ok());
+
+    let opts = Options::from_pairs([("paht", ConfigValue::Str("x.log".into()))]);
+    let err = FileFactory.configure(opts).unwrap_err();
+    assert!(err.to_string().contains("did you mean `path`?"), "{err}");
+
+    let opts = Options::from_pairs([("fsync", ConfigValue::Str("sometimes".into()))]);
+    let err = FileFactory.configure(opts).unwrap_err();
+    assert!(err.to_string().contains("allowed: never, batch, interval"), "{err}");
+}
