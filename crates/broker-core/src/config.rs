@@ -163,6 +163,8 @@ impl fmt::Display for Warning {
 #[derive(Clone, Default)]
 pub struct Options {
     entries: Vec<(String, Spanned)>,
+    /// Where each key was written (same order as `entries`), for errors about the key itself.
+    key_at: Vec<Location>,
     taken: Vec<bool>,
     /// Location of the section itself, for errors about missing keys.
     pub section: Location,
@@ -183,8 +185,17 @@ pub const GENERIC_ENDPOINT_KEYS: &[&str] = &["params", "headers", "basic_auth", 
 impl Options {
     /// Options from `(key, value)` pairs; `section` is where the section starts.
     pub fn new(entries: Vec<(String, Spanned)>, section: Location) -> Options {
+        let key_at = entries.iter().map(|(_, v)| v.at.clone()).collect();
         let taken = vec![false; entries.len()];
-        Options { entries, taken, section, warnings: Vec::new() }
+        Options { entries, key_at, taken, section, warnings: Vec::new() }
+    }
+
+    /// Like [`Options::new`], with where each key itself was written.
+    pub fn with_key_locations(entries: Vec<(String, Location, Spanned)>, section: Location) -> Options {
+        let key_at = entries.iter().map(|(_, at, _)| at.clone()).collect();
+        let entries: Vec<(String, Spanned)> = entries.into_iter().map(|(k, _, v)| (k, v)).collect();
+        let taken = vec![false; entries.len()];
+        Options { entries, key_at, taken, section, warnings: Vec::new() }
     }
 
     /// Options from plain `(key, value)` pairs with no file position (for code and tests).
@@ -341,12 +352,12 @@ impl Options {
             if self.taken[i] {
                 continue;
             }
-            let (key, v) = self.entries[i].clone();
+            let key = self.entries[i].0.clone();
             if GENERIC_ENDPOINT_KEYS.contains(&key.as_str()) {
                 self.warn(&key, format!("`{key}` has no effect on the {backend} event broker"));
                 continue;
             }
-            let mut err = ConfigError::new(v.at.clone(), Some(&key), format!("unknown key for the {backend} event broker"));
+            let mut err = ConfigError::new(self.key_at[i].clone(), Some(&key), format!("unknown key for the {backend} event broker"));
             err.hint = Some(match did_you_mean(&key, known) {
                 Some(m) => format!("did you mean `{m}`? known keys: {}", known.join(", ")),
                 None => format!("known keys: {}", known.join(", ")),

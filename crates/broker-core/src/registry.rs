@@ -59,7 +59,8 @@ impl Configured {
 #[derive(Clone, Default)]
 pub struct Registry {
     factories: Vec<Arc<dyn BackendFactory>>,
-    /// Names we know but that this build left out, with the cargo feature that brings them.
+    /// Names we know but that this build cannot build, with what to do about it (typically "enable
+    /// the cargo feature `kafka`").
     disabled: Vec<(&'static str, &'static str)>,
 }
 
@@ -84,10 +85,11 @@ impl Registry {
         self
     }
 
-    /// Records that `name` exists but needs `feature` (so the error can say which to enable).
-    pub fn note_disabled(&mut self, name: &'static str, feature: &'static str) -> &mut Registry {
+    /// Records that `name` is a known type this build leaves out, and what to do about it
+    /// (`"enable the cargo feature `kafka` of broker-config"`), for the error message.
+    pub fn note_disabled(&mut self, name: &'static str, remedy: &'static str) -> &mut Registry {
         if self.get(name).is_none() {
-            self.disabled.push((name, feature));
+            self.disabled.push((name, remedy));
         }
         self
     }
@@ -108,9 +110,9 @@ impl Registry {
         if let Some(f) = self.get(name) {
             return f.configure(options);
         }
-        if let Some((n, feature)) = self.disabled.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        if let Some((n, remedy)) = self.disabled.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
             return Err(ConfigError::new(at, Some("type"), format!("the {n} event broker is not built in"))
-                .with_hint(format!("enable the cargo feature `{feature}`")));
+                .with_hint(*remedy));
         }
         let names = self.names();
         let hint = match crate::config::did_you_mean(name, &names) {

@@ -1,0 +1,152 @@
+//! Reads the `event_broker:` section of Rasa's `endpoints.yml` and builds the matching backend.
+//!
+//! Parsing happens in two steps: first the YAML becomes a generic section (the `type` and the
+//! other keys as [`Options`], each with its file, line and column, environment variables
+//! interpolated as Rasa does); then the backend registered under that type validates its own
+//! options. Everything is validated before any connection is opened.
+//!
+//! The rules (rasa-compat §1): only `event_broker:` is read; a missing file, key or null section
+//! means "no broker"; `store_type` wins over `type`; the type is case-insensitive and a missing
+//! one means `pika`; `${VAR}` in an unquoted value is replaced by the variable (the result is a
+//! string, and numeric strings work where numbers are expected), a quoted one stays literal, and an
+//! unset variable is an error; YAML 1.2 booleans, checked strictly by each backend.
+//!
+//! One cargo feature per backend (`file` is on by default); the in-memory reference backend
+//! (`type: memory`) is always there.
+//!
+//! ```
+//! let yaml = "event_broker:\n  type: FILE\n  path: events.log\n";
+//! let section = broker_config::parse_str(yaml, None)?.expect("a broker is configured");
+//! assert_eq!(section.type_name, "file");
+//! let configured = broker_config::default_registry().configure(&section.type_name, section.type_at.clone(), section.options)?;
+//! assert_eq!(configured.backend.describe(), "file events.log");
+//! # Ok::<(), broker_core::ConfigError>(())
+//! ```
+
+mod yaml;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use broker_core::{ConfigError, Configured, Location, Options, Registry, Warning};
+
+pub use broker_core::memory::MemoryFactory;
+
+/// The `event_broker:` section, before the backend reads its options.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct BrokerSection {
+    /// The backend type, lower-cased (`pika` when none was given).
+    pub type_name: String,
+    /// Where the type was given (or the section, when it was not).
+    pub type_at: Location,
+    /// The other keys.
+    pub options: Options,
+    /// Warnings about the section itself.
+    pub warnings: Vec<Warning>,
+}
+
+/// Reads `path`. A missing file is `Ok(None)`: no broker configured.
+pub fn read_file(path: &Path) -> Result<Option<BrokerSection>, ConfigError> {
+    let file = Some(Arc::new(path.to_owned()));
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            let at = Location { file, line: 0, column: 0 };
+            return Err(ConfigError::new(at, None, format!("cannot read the endpoints file: {e}")));
+        }
+    };
+    parse_with_env(&text, Some(path), &|name| std::env::var(name).ok())
+}
+
+/// Parses endpoints YAML text, interpolating from the process environment.
+pub fn parse_str(text: &str, file: Option<&Path>) -> Result<Option<BrokerSection>, ConfigError> {
+    parse_with_env(text, file, &|name| std::env::var(name).ok())
+}
+
+/// Parses endpoints YAML text with `env` as the environment (for tests and embedding).
+pub fn parse_with_env(
+    text: &str,
+    file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<BrokerSection>, ConfigError> {
+    let file: Option<Arc<PathBuf>> = file.map(|p| Arc::new(p.to_owned()));
+    let top_at = Location { file: file.clone(), line: 1, column: 1 };
+    let Some(root) = yaml::parse(text, &file)? else { return Ok(None) };
+    let yaml::Node::Map(entries, _) = root else {
+        return Err(ConfigError::new(top_at, None, "the endpoints file must be a mapping of sections"));
+    };
+    let Some((key, section)) = entries.into_iter().find(|(k, _)| k.key_text() == Some("event_broker")) else {
+        return Ok(None);
+    };
+    let section_at = key.at().clone();
+    let entries = match section {
+        yaml::Node::Map(entries, _) => entries,
+        yaml::Node::Scalar { ref value, plain: true, .. } if matches!(value.as_str(), "" | "~" | "null" | "Null" | "NULL") => {
+            return Ok(None);
+        }
+        other => {
+            return Err(ConfigError::new(other.at().clone(), Some("event_broker"), "must be a mapping of broker settings"));
+        }
+    };
+    let mut warnings = Vec::new();
+    let mut type_value = None;
+    let mut store_type_value = None;
+    let mut options = Vec::new();
+    for (k, v) in &entries {
+        let Some(key) = k.key_text() else {
+            return Err(ConfigError::new(k.at().clone(), None, "keys must be plain strings"));
+        };
+        let value = yaml::to_value(v, env)?;
+        match key {
+            "type" => type_value = Some(value),
+            "store_type" => store_type_value = Some(value),
+            _ => options.push((key.to_owned(), k.at().clone(), value)),
+        }
+    }
+    if let (Some(t), Some(_)) = (&type_value, &store_type_value) {
+        warnings.push(Warning { at: t.at.clone(), message: "`type` is ignored because `store_type` is set".into() });
+    }
+    let chosen = store_type_value.or(type_value);
+    let (type_name, type_at) = match chosen {
+        None => (None, section_at.clone()),
+        Some(s) => match s.value {
+            broker_core::ConfigValue::Null => (None, s.at),
+            broker_core::ConfigValue::Str(t) => (Some(t.to_ascii_lowercase()), s.at),
+            _ => return Err(ConfigError::new(s.at, Some("type"), "the broker type must be a string (e.g. kafka, pika, sql, file)")),
+        },
+    };
+    // Rasa: a section without a type is a RabbitMQ (pika) broker.
+    let type_name = type_name.unwrap_or_else(|| "pika".to_owned());
+    Ok(Some(BrokerSection { type_name, type_at, options: Options::with_key_locations(options, section_at), warnings }))
+}
+
+/// The backends this build has, registered by name; known types that are left out are noted so
+/// the error says what is missing.
+pub fn default_registry() -> Registry {
+    let mut registry = Registry::new();
+    registry.register(MemoryFactory);
+    #[cfg(feature = "file")]
+    registry.register(broker_file::FileFactory);
+    #[cfg(not(feature = "file"))]
+    registry.note_disabled("file", "enable the cargo feature `file` of broker-config");
+    registry.note_disabled("kafka", "the Kafka backend is not part of this release yet");
+    registry.note_disabled("pika", "the RabbitMQ (pika) backend is not part of this release yet");
+    registry.note_disabled("sql", "the SQL backend is not part of this release yet");
+    registry
+}
+
+/// Builds the backend of a section through `registry`; the section's warnings come first.
+pub fn configure(section: BrokerSection, registry: &Registry) -> Result<Configured, ConfigError> {
+    let mut configured = registry.configure(&section.type_name, section.type_at, section.options)?;
+    let mut warnings = section.warnings;
+    warnings.append(&mut configured.warnings);
+    configured.warnings = warnings;
+    Ok(configured)
+}
+
+/// Reads `path` and builds its backend. `Ok(None)`: no broker configured.
+pub fn load(path: &Path, registry: &Registry) -> Result<Option<Configured>, ConfigError> {
+    read_file(path)?.map(|s| configure(s, registry)).transpose()
+}

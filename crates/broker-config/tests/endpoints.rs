@@ -1,0 +1,148 @@
+//! endpoints.yml handling, including Rasa's own test endpoint files (rasa-compat §8).
+
+use std::path::{Path, PathBuf};
+
+use broker_config::{configure, default_registry, load, parse_with_env, read_file};
+use broker_core::{ConfigError, ConfigValue};
+
+fn rasa(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/rasa-endpoints").join(name)
+}
+
+fn parse(yaml: &str) -> Result<Option<broker_config::BrokerSection>, ConfigError> {
+    let env = |n: &str| match n {
+        "EVENTS_DIR" => Some("/var/events".to_owned()),
+        "PORT" => Some("5673".to_owned()),
+        _ => None,
+    };
+    parse_with_env(yaml, Some(Path::new("endpoints.yml")), &env)
+}
+
+fn build(yaml: &str) -> Result<broker_core::Configured, ConfigError> {
+    configure(parse(yaml)?.expect("a section"), &default_registry())
+}
+
+#[test]
+fn rasa_file_endpoint() {
+    let c = load(&rasa("file_endpoint.yml"), &default_registry()).unwrap().unwrap();
+    assert_eq!(c.backend.describe(), "file rasa_event.log");
+    assert!(c.warnings.is_empty());
+}
+
+#[test]
+fn rasa_files_without_a_broker() {
+    assert!(read_file(&rasa("example_endpoints.yml")).unwrap().is_none());
+    assert!(read_file(&rasa("does_not_exist.yml")).unwrap().is_none());
+    assert!(parse("event_broker:\n").unwrap().is_none());
+    assert!(parse("event_broker: null\nnlg:\n  url: x\n").unwrap().is_none());
+    assert!(parse("").unwrap().is_none());
+}
+
+#[test]
+fn rasa_types_are_read_for_every_file() {
+    let cases = [
+        ("pika_endpoint.yml", "pika"),
+        ("event_broker_endpoint.yml", "pika"),
+        ("connexion_error_pika_endpoint.yml", "pika"),
+        ("sql_endpoint.yml", "sql"),
+        ("connexion_error_sql_endpoint.yml", "sql"),
+        ("kafka_plaintext_endpoint.yml", "kafka"),
+        ("kafka_plaintext_endpoint_no_url.yml", "kafka"),
+        ("kafka_sasl_plaintext_endpoint.yml", "kafka"),
+        ("kafka_sasl_ssl_endpoint.yml", "kafka"),
+        ("kafka_ssl_endpoint.yml", "kafka"),
+        ("kafka_invalid_security_protocol.yml", "kafka"),
+        ("kafka_invalid_sasl_mechanism.yml", "kafka"),
+        ("kafka_lower_case_sasl_mechanism.yml", "kafka"),
+        ("kafka_pii_endpoint.yml", "kafka"),
+        ("kafka_sasl_plaintext_gssapi_endpoint.yml", "kafka"),
+        ("file_endpoint.yml", "file"),
+    ];
+    for (file, want) in cases {
+        let section = read_file(&rasa(file)).unwrap().unwrap_or_else(|| panic!("{file}: no section"));
+        assert_eq!(section.type_name, want, "{file}");
+    }
+}
+
+#[test]
+fn types_this_release_lacks_say_so_clearly() {
+    for file in ["pika_endpoint.yml", "sql_endpoint.yml", "kafka_plaintext_endpoint.yml"] {
+        let err = load(&rasa(file), &default_registry()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("is not built in"), "{file}: {text}");
+        assert!(text.contains(&format!("{file}:")) && text.contains("`type`"), "{file}: names file, line and key: {text}");
+    }
+}
+
+#[test]
+fn type_is_case_insensitive_and_store_type_wins() {
+    assert_eq!(build("event_broker:\n  type: FILE\n  path: a.log\n").unwrap().backend.describe(), "file a.log");
+    let c = build("event_broker:\n  type: kafka\n  store_type: File\n  path: b.log\n").unwrap();
+    assert_eq!(c.backend.describe(), "file b.log");
+    assert!(c.warnings.iter().any(|w| w.message.contains("`type` is ignored")));
+}
+
+#[test]
+fn unknown_types_list_the_registered_ones() {
+    let err = build("event_broker:\n  type: my_module.MyBroker\n").unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("unknown event broker type \"my_module.mybroker\""), "{text}");
+    assert!(text.contains("registered types: memory, file"), "{text}");
+    assert!(text.starts_with("endpoints.yml:2:9"), "{text}");
+}
+
+#[test]
+fn environment_variables_in_unquoted_values_only() {
+    let c = build("event_broker:\n  type: file\n  path: ${EVENTS_DIR}/rasa_${PORT}.log\n").unwrap();
+    assert_eq!(c.backend.describe(), "file /var/events/rasa_5673.log");
+    let c = build("event_broker:\n  type: file\n  path: \"${EVENTS_DIR}/x.log\"\n").unwrap();
+    assert_eq!(c.backend.describe(), "file ${EVENTS_DIR}/x.log");
+    // The result is a string that still works as a number.
+    let mut s = parse("event_broker:\n  port: ${PORT}\n  queues:\n    - q_${PORT}\n").unwrap().unwrap();
+    assert_eq!(s.options.take_u64("port").unwrap(), Some(5673));
+    assert_eq!(s.options.take_str_list("queues").unwrap(), Some(vec!["q_5673".to_owned()]));
+    let err = parse("event_broker:\n  type: file\n  path: ${NOT_SET_ANYWHERE}\n").unwrap_err();
+    assert!(err.to_string().contains("`NOT_SET_ANYWHERE` is not set"), "{err}");
+    assert!(err.to_string().starts_with("endpoints.yml:3:9"), "{err}");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_a_hint_and_position() {
+    let err = build("event_broker:\n  type: file\n  paht: x.log\n").unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("endpoints.yml:3:3: `paht`: unknown key for the file event broker"), "{text}");
+    assert!(text.contains("did you mean `path`?"), "{text}");
+}
+
+#[test]
+fn generic_endpoint_keys_warn_instead() {
+    let c = build("event_broker:\n  type: file\n  token: abc\n").unwrap();
+    assert!(c.warnings.iter().any(|w| w.message.contains("`token` has no effect")), "{:?}", c.warnings);
+}
+
+#[test]
+fn yaml_1_2_scalars_and_strict_booleans() {
+    let mut s = parse("event_broker:\n  a: True\n  b: yes\n  c: \"false\"\n  d: 1.5\n").unwrap().unwrap();
+    assert_eq!(s.options.take_bool("a").unwrap(), Some(true));
+    assert_eq!(s.options.take_str("b").unwrap(), Some("yes".into()));
+    let err = s.options.take_bool("c").unwrap_err();
+    assert!(err.to_string().contains("endpoints.yml:4:6: `c`: expected a boolean"), "{err}");
+    assert_eq!(s.options.take_value("d").unwrap().value, ConfigValue::Float(1.5));
+}
+
+#[test]
+fn bad_yaml_and_duplicates_name_the_position() {
+    let err = parse("event_broker:\n  type: file\n  path: [unclosed\n").unwrap_err();
+    assert!(err.to_string().starts_with("endpoints.yml:"), "{err}");
+    assert!(err.to_string().contains("invalid YAML"), "{err}");
+    let err = parse("event_broker:\n  type: file\n  type: sql\n").unwrap_err();
+    assert!(err.to_string().contains("endpoints.yml:3:3: `type`: duplicate key"), "{err}");
+}
+
+#[test]
+fn secrets_never_appear_in_errors_or_debug() {
+    let s = parse("event_broker:\n  type: file\n  password: hunter2\n").unwrap().unwrap();
+    assert!(!format!("{s:?}").contains("hunter2"));
+    let err = configure(s, &default_registry()).unwrap_err();
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+}
