@@ -13,6 +13,9 @@ use broker_core::{Backend, Error, Event, EventBroker, Receipt, SourceOptions, St
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Publish, tail and check Rasa tracker events through the broker configured in endpoints.yml.
 #[derive(Debug, Parser)]
 #[command(name = "broker", version, about, long_about = None)]

@@ -71,10 +71,27 @@ impl fmt::Debug for EventId {
 /// One tracker event: `{"sender_id": ..., "event": ..., "timestamp": ..., ...}`.
 ///
 /// Invariant: the body is a JSON object with a string `event` key.
-#[derive(Clone, PartialEq)]
+///
+/// An event read from bytes keeps its Rasa encoding and builds the tree only when asked
+/// ([`Event::body`], [`Event::typed`]), so relaying JSON lines costs one pass; an event built from
+/// a tree is encoded when published.
+#[derive(Clone)]
 pub struct Event {
     id: EventId,
-    body: Map,
+    repr: Repr,
+}
+
+#[derive(Clone)]
+enum Repr {
+    Tree(Map),
+    Encoded { json: Vec<u8>, event_type: String, sender_id: Option<String>, tree: OnceLock<Map> },
+}
+
+impl PartialEq for Event {
+    /// Same id and same encoding.
+    fn eq(&self, other: &Event) -> bool {
+        self.id == other.id && self.to_json() == other.to_json()
+    }
 }
 
 impl fmt::Debug for Event {
@@ -115,7 +132,24 @@ pub enum EventError {
 impl Event {
     /// Parses one JSON line (without its newline) into an event.
     pub fn from_json(bytes: &[u8]) -> Result<Event, EventError> {
-        Event::from_value(json::parse(bytes)?)
+        let mut json = Vec::with_capacity(bytes.len() + bytes.len() / 8);
+        let top = json::transcode(bytes, &mut json).map_err(|e| {
+            if e.message == "an event must be a JSON object" && json::parse(bytes).is_ok() {
+                EventError::NotAnObject
+            } else {
+                EventError::Json(e)
+            }
+        })?;
+        match top.event_type {
+            // Legacy types are rewritten, and duplicates resolved, on the tree.
+            _ if top.needs_tree => Event::from_value(json::parse(bytes)?),
+            Some(ref t) if t == "form" || t == "form_validation" => Event::from_value(json::parse(bytes)?),
+            None => Err(EventError::MissingType),
+            Some(event_type) => Ok(Event {
+                id: EventId::generate(),
+                repr: Repr::Encoded { json, event_type, sender_id: top.sender_id, tree: OnceLock::new() },
+            }),
+        }
     }
 
     /// Makes an event from a parsed JSON value. Legacy Rasa 2 types are converted as Rasa 3 reads
@@ -143,7 +177,7 @@ impl Event {
             }
             Some(_) => {}
         }
-        Ok(Event { id: EventId::generate(), body })
+        Ok(Event { id: EventId::generate(), repr: Repr::Tree(body) })
     }
 
     /// Builds an event of a known type in Rasa's key order: `sender_id`, `event`, `timestamp`,
@@ -161,7 +195,7 @@ impl Event {
         if metadata_last {
             body.push_unique("metadata", Value::Object(metadata));
         }
-        Event { id: EventId::generate(), body }
+        Event { id: EventId::generate(), repr: Repr::Tree(body) }
     }
 
     /// This event's id.
@@ -177,51 +211,95 @@ impl Event {
 
     /// The conversation id, when present and a string.
     pub fn sender_id(&self) -> Option<&str> {
-        self.body.get("sender_id").and_then(Value::as_str)
+        match &self.repr {
+            Repr::Tree(body) => body.get("sender_id").and_then(Value::as_str),
+            Repr::Encoded { sender_id, .. } => sender_id.as_deref(),
+        }
     }
 
     /// The type name (`"user"`, `"bot"`, `"flow_started"`, ...).
     pub fn event_type(&self) -> &str {
-        self.body.get("event").and_then(Value::as_str).unwrap_or("")
+        match &self.repr {
+            Repr::Tree(body) => body.get("event").and_then(Value::as_str).unwrap_or(""),
+            Repr::Encoded { event_type, .. } => event_type,
+        }
     }
 
     /// The timestamp in seconds, when present and a number.
     pub fn timestamp(&self) -> Option<f64> {
-        self.body.get("timestamp").and_then(Value::as_f64)
+        self.body().get("timestamp").and_then(Value::as_f64)
     }
 
     /// The metadata object, when present.
     pub fn metadata(&self) -> Option<&Map> {
-        self.body.get("metadata").and_then(Value::as_object)
+        self.body().get("metadata").and_then(Value::as_object)
     }
 
-    /// The whole JSON body.
+    /// The whole JSON body (parsed on first use for an event read from bytes).
     pub fn body(&self) -> &Map {
-        &self.body
+        match &self.repr {
+            Repr::Tree(body) => body,
+            Repr::Encoded { json, tree, .. } => tree.get_or_init(|| match json::parse(json) {
+                Ok(Value::Object(m)) => m,
+                // Our own encoding of an object always parses back to an object.
+                _ => Map::new(),
+            }),
+        }
     }
 
     /// Consumes the event, giving its body.
     pub fn into_body(self) -> Map {
-        self.body
+        match self.repr {
+            Repr::Tree(body) => body,
+            Repr::Encoded { json, mut tree, .. } => tree.take().unwrap_or_else(|| match json::parse(&json) {
+                Ok(Value::Object(m)) => m,
+                _ => Map::new(),
+            }),
+        }
     }
 
     /// Appends the Rasa encoding of the body (no newline) to `out`.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        self.body.write_rasa(out);
+        match &self.repr {
+            Repr::Tree(body) => body.write_rasa(out),
+            Repr::Encoded { json, .. } => out.extend_from_slice(json),
+        }
     }
 
     /// The Rasa encoding of the body (no newline): the exact bytes every Rasa backend stores.
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        self.write_json(&mut out);
-        out
+        match &self.repr {
+            Repr::Tree(body) => {
+                let mut out = Vec::with_capacity(512);
+                body.write_rasa(&mut out);
+                out
+            }
+            Repr::Encoded { json, .. } => json.clone(),
+        }
+    }
+
+    /// Consumes the event, giving its encoding and its `sender_id` (what a backend sends),
+    /// without copying when the event was read from bytes.
+    pub fn into_parts(self) -> (Vec<u8>, Option<String>) {
+        match self.repr {
+            Repr::Tree(mut body) => {
+                let mut out = Vec::with_capacity(512);
+                body.write_rasa(&mut out);
+                let sender = match body.remove("sender_id") {
+                    Some(Value::String(s)) => Some(s),
+                    _ => None,
+                };
+                (out, sender)
+            }
+            Repr::Encoded { json, sender_id, .. } => (json, sender_id),
+        }
     }
 
     /// Reads the event as a typed value. Unknown types give [`TypedEvent::Other`]; a known type
     /// whose field has the wrong JSON type is an error. Fields the typed form does not know stay
     /// in [`Event::body`].
     pub fn typed(&self) -> Result<TypedEvent, EventError> {
-        TypedEvent::read(self.event_type(), &self.body)
+        TypedEvent::read(self.event_type(), self.body())
     }
 }
 

@@ -7,7 +7,6 @@
 //! reads; [`Value::write_rasa`] writes what `json.dumps(obj)` writes (`ensure_ascii`, separators
 //! `", "` and `": "`, floats in `repr` form).
 
-use std::fmt;
 
 /// A JSON value as Python's `json` module sees it.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -291,28 +290,9 @@ fn format_i64(value: i64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[pos..]
 }
 
-/// A fixed stack buffer for `core::fmt` output, so float formatting does not allocate.
-struct StackBuf {
-    buf: [u8; 64],
-    len: usize,
-}
-
-impl fmt::Write for StackBuf {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len + s.len();
-        if end > self.buf.len() {
-            return Err(fmt::Error);
-        }
-        self.buf[self.len..end].copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
 /// Writes `f` as Python's `float.__repr__` does: the shortest digits that round-trip, positional
 /// notation for decimal exponents in `-4..16`, scientific (`1e+16`, `1e-05`) outside it.
 pub fn write_float(f: f64, out: &mut Vec<u8>) {
-    use std::fmt::Write as _;
     if f.is_nan() {
         out.extend_from_slice(b"NaN");
         return;
@@ -321,32 +301,62 @@ pub fn write_float(f: f64, out: &mut Vec<u8>) {
         out.extend_from_slice(if f > 0.0 { b"Infinity" } else { b"-Infinity" });
         return;
     }
-    // Rust's `{:e}` gives the shortest round-trip digits as `d.ddde<exp>`, the same digits as
-    // Python's repr; only the layout differs.
-    let mut sb = StackBuf { buf: [0; 64], len: 0 };
-    if write!(sb, "{f:e}").is_err() {
-        return;
-    }
-    let text = &sb.buf[..sb.len];
+    // ryu gives the shortest round-trip digits (the same digits as Python's repr) in its own
+    // layout; we take the digits and the exponent and lay them out as Python does.
+    let mut rb = ryu::Buffer::new();
+    let text = rb.format_finite(f).as_bytes();
     let (negative, text) = match text.split_first() {
         Some((b'-', rest)) => (true, rest),
         _ => (false, text),
     };
     let e_pos = text.iter().position(|&c| c == b'e').unwrap_or(text.len());
-    let mantissa = &text[..e_pos];
-    let exp: i32 = std::str::from_utf8(&text[(e_pos + 1).min(text.len())..])
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut digits = [0u8; 20];
-    let mut nd = 0;
-    for &c in mantissa {
-        if c != b'.' && nd < digits.len() {
+    let mut exp10: i32 = 0;
+    if e_pos < text.len() {
+        let (sign, digits) = match text[e_pos + 1..].split_first() {
+            Some((b'-', d)) => (-1, d),
+            _ => (1, &text[e_pos + 1..]),
+        };
+        exp10 = sign * digits.iter().fold(0i32, |a, &d| a * 10 + (d - b'0') as i32);
+    }
+    // Collect significant digits; `point` is how many mantissa digits precede the decimal point.
+    let mut digits = [0u8; 24];
+    let mut nd = 0usize;
+    let mut point: i32 = 0;
+    let mut seen_point = false;
+    for &c in &text[..e_pos] {
+        if c == b'.' {
+            seen_point = true;
+            continue;
+        }
+        if nd == 0 && c == b'0' {
+            // A leading zero: shifts the point when it is after the decimal point.
+            if seen_point {
+                point -= 1;
+            }
+            continue;
+        }
+        if nd < digits.len() {
             digits[nd] = c;
             nd += 1;
         }
+        if !seen_point {
+            point += 1;
+        }
+    }
+    while nd > 1 && digits[nd - 1] == b'0' {
+        nd -= 1;
+    }
+    if nd == 0 {
+        // Zero.
+        if negative {
+            out.push(b'-');
+        }
+        out.extend_from_slice(b"0.0");
+        return;
     }
     let digits = &digits[..nd];
+    // Scientific exponent: value = d.ddd × 10^exp.
+    let exp = point + exp10 - 1;
     if negative {
         out.push(b'-');
     }
@@ -399,10 +409,20 @@ fn push_u_escape(unit: u16, out: &mut Vec<u8>) {
     ]);
 }
 
-/// Whether an ASCII byte is copied unchanged by `ensure_ascii` (printable, not `"` or `\`).
+/// Bytes copied unchanged by `ensure_ascii`: printable ASCII except `"` and `\`.
+static PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0x20;
+    while i < 0x7f {
+        t[i] = i != b'"' as usize && i != b'\\' as usize;
+        i += 1;
+    }
+    t
+};
+
 #[inline]
 fn is_plain(b: u8) -> bool {
-    (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'
+    PLAIN[b as usize]
 }
 
 fn push_escaped_ascii(b: u8, out: &mut Vec<u8>) {
@@ -898,5 +918,229 @@ mod tests {
     fn deep_nesting_is_an_error_not_a_crash() {
         let deep = "[".repeat(100_000);
         assert!(parse(deep.as_bytes()).is_err());
+    }
+}
+
+/// What [`transcode`] learned about a top-level object.
+#[derive(Debug, Default)]
+pub(crate) struct TopLevel {
+    /// The `event` value, when a string.
+    pub event_type: Option<String>,
+    /// The `sender_id` value, when a string.
+    pub sender_id: Option<String>,
+    /// The input needs the tree path: a duplicate key (Python keeps the last value in the first
+    /// position) or a string with an unpaired surrogate in a place we extract.
+    pub needs_tree: bool,
+}
+
+/// Writes the Rasa encoding of a JSON object text straight to `out`, without building a tree:
+/// the fast path for publishing JSON lines. Same acceptance rules as [`parse`].
+pub(crate) fn transcode(input: &[u8], out: &mut Vec<u8>) -> Result<TopLevel, ParseError> {
+    let mut t = Transcoder { s: input, i: 0, depth: 0, out, top: TopLevel::default() };
+    t.skip_ws();
+    if t.s.get(t.i) != Some(&b'{') {
+        return Err(t.err("an event must be a JSON object"));
+    }
+    t.object(true)?;
+    t.skip_ws();
+    if t.i != t.s.len() {
+        return Err(t.err("extra data after the JSON value"));
+    }
+    Ok(t.top)
+}
+
+struct Transcoder<'a, 'o> {
+    s: &'a [u8],
+    i: usize,
+    depth: usize,
+    out: &'o mut Vec<u8>,
+    top: TopLevel,
+}
+
+/// Bytes a string scan stops at: `"`, `\`, control characters and non-ASCII.
+static STRING_STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = i < 0x20 || i >= 0x7f || i == b'"' as usize || i == b'\\' as usize;
+        i += 1;
+    }
+    t
+};
+
+impl Transcoder<'_, '_> {
+    fn err(&self, message: &'static str) -> ParseError {
+        ParseError { message, offset: self.i }
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(&b) = self.s.get(self.i) {
+            if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+                self.i += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn value(&mut self) -> Result<(), ParseError> {
+        match self.s.get(self.i) {
+            None => Err(self.err("expected a value, found the end")),
+            Some(b'{') => self.object(false),
+            Some(b'[') => self.array(),
+            Some(b'"') => self.string().map(|_| ()),
+            Some(_) => {
+                // Scalars: reuse the tree parser on this one token, then write it canonically.
+                let mut p = Parser { s: self.s, i: self.i, depth: 0 };
+                let v = p.value()?;
+                self.i = p.i;
+                v.write_rasa(self.out);
+                Ok(())
+            }
+        }
+    }
+
+    fn enter(&mut self) -> Result<(), ParseError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        Ok(())
+    }
+
+    fn object(&mut self, top: bool) -> Result<(), ParseError> {
+        self.enter()?;
+        self.i += 1;
+        self.out.push(b'{');
+        // Output ranges of this object's keys, to detect duplicates (their canonical encodings
+        // are equal exactly when the keys are).
+        let mut keys: Vec<(usize, usize)> = Vec::new();
+        self.skip_ws();
+        if self.s.get(self.i) == Some(&b'}') {
+            self.i += 1;
+            self.out.push(b'}');
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            self.skip_ws();
+            if self.s.get(self.i) != Some(&b'"') {
+                return Err(self.err("expected a string key"));
+            }
+            let key_start = self.out.len();
+            self.string()?;
+            let key_end = self.out.len();
+            let key = &self.out[key_start..key_end];
+            if keys.iter().any(|&(a, b)| &self.out[a..b] == key) {
+                self.top.needs_tree = true;
+            }
+            keys.push((key_start, key_end));
+            let which = if top {
+                match key {
+                    b"\"event\"" => 1,
+                    b"\"sender_id\"" => 2,
+                    _ => 0,
+                }
+            } else {
+                0
+            };
+            self.skip_ws();
+            if self.s.get(self.i) != Some(&b':') {
+                return Err(self.err("expected ':' after a key"));
+            }
+            self.i += 1;
+            self.out.extend_from_slice(b": ");
+            self.skip_ws();
+            if which != 0 && self.s.get(self.i) == Some(&b'"') {
+                let mut p = Parser { s: self.s, i: self.i, depth: 0 };
+                match p.string()? {
+                    Value::String(text) => {
+                        write_str(&text, self.out);
+                        if which == 1 {
+                            self.top.event_type = Some(text);
+                        } else {
+                            self.top.sender_id = Some(text);
+                        }
+                    }
+                    other => {
+                        other.write_rasa(self.out);
+                        self.top.needs_tree = true;
+                    }
+                }
+                self.i = p.i;
+            } else {
+                if which == 1 {
+                    self.top.event_type = None;
+                } else if which == 2 {
+                    self.top.sender_id = None;
+                }
+                self.value()?;
+            }
+            self.skip_ws();
+            match self.s.get(self.i) {
+                Some(b',') => {
+                    self.i += 1;
+                    self.out.extend_from_slice(b", ");
+                }
+                Some(b'}') => {
+                    self.i += 1;
+                    self.out.push(b'}');
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(self.err("expected ',' or '}' in an object")),
+            }
+        }
+    }
+
+    fn array(&mut self) -> Result<(), ParseError> {
+        self.enter()?;
+        self.i += 1;
+        self.out.push(b'[');
+        self.skip_ws();
+        if self.s.get(self.i) == Some(&b']') {
+            self.i += 1;
+            self.out.push(b']');
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            self.skip_ws();
+            self.value()?;
+            self.skip_ws();
+            match self.s.get(self.i) {
+                Some(b',') => {
+                    self.i += 1;
+                    self.out.extend_from_slice(b", ");
+                }
+                Some(b']') => {
+                    self.i += 1;
+                    self.out.push(b']');
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(self.err("expected ',' or ']' in an array")),
+            }
+        }
+    }
+
+    /// Copies runs of plain ASCII as they are; anything else is decoded and re-encoded.
+    fn string(&mut self) -> Result<(), ParseError> {
+        let start = self.i;
+        let mut j = self.i + 1;
+        while j < self.s.len() && !STRING_STOP[self.s[j] as usize] {
+            j += 1;
+        }
+        if self.s.get(j) == Some(&b'"') {
+            // The common case: nothing to escape or decode.
+            self.out.extend_from_slice(&self.s[start..=j]);
+            self.i = j + 1;
+            return Ok(());
+        }
+        let mut p = Parser { s: self.s, i: start, depth: 0 };
+        let v = p.string()?;
+        self.i = p.i;
+        v.write_rasa(self.out);
+        Ok(())
     }
 }

@@ -129,7 +129,6 @@ impl EventBroker for MemoryBroker {
 
 async fn write_loop(mut inbox: Inbox, store: Arc<Store>, max: Option<usize>) {
     let mut batch = Vec::with_capacity(256);
-    let mut buf = Vec::with_capacity(512);
     loop {
         batch.clear();
         if inbox.recv_batch(&mut batch, 256).await == 0 {
@@ -138,17 +137,15 @@ async fn write_loop(mut inbox: Inbox, store: Arc<Store>, max: Option<usize>) {
         let mut close = None;
         for cmd in batch.drain(..) {
             match cmd {
-                Command::Publish(p) => {
-                    buf.clear();
-                    p.event.write_json(&mut buf);
-                    if max.is_some_and(|m| buf.len() > m) {
-                        let reason = format!("{} bytes is over max_event_bytes {}", buf.len(), max.unwrap_or(0));
-                        p.settle.settle(Err(Error::Rejected { backend: NAME, event_id: p.event.id().to_string(), reason }));
+                Command::Publish(mut p) => {
+                    if let Some(m) = max.filter(|m| p.json.len() > *m) {
+                        let reason = format!("{} bytes is over max_event_bytes {m}", p.json.len());
+                        p.reject(NAME, reason);
                         continue;
                     }
                     let index = {
                         let mut lines = store.lines.lock().unwrap_or_else(PoisonError::into_inner);
-                        lines.push(buf.clone());
+                        lines.push(std::mem::take(&mut p.json));
                         lines.len() - 1
                     };
                     store.grew.notify_waiters();
@@ -172,10 +169,8 @@ async fn write_loop(mut inbox: Inbox, store: Arc<Store>, max: Option<usize>) {
             } else {
                 inbox.close();
                 while let Some(cmd) = inbox.try_recv() {
-                    if let Command::Publish(p) = cmd {
-                        let mut line = Vec::new();
-                        p.event.write_json(&mut line);
-                        store.lines.lock().unwrap_or_else(PoisonError::into_inner).push(line);
+                    if let Command::Publish(mut p) = cmd {
+                        store.lines.lock().unwrap_or_else(PoisonError::into_inner).push(std::mem::take(&mut p.json));
                         p.settle.delivered(None);
                     }
                 }

@@ -119,7 +119,15 @@ fn python_json_dumps_agrees() {
     }
     let mut child = Command::new("python3")
         .arg("-c")
-        .arg("import sys, json\nfor line in sys.stdin:\n    sys.stdout.write(json.dumps(json.loads(line)) + '\\n')\n")
+        .arg(concat!(
+            "import sys, json\n",
+            "for line in sys.stdin:\n",
+            "    v = json.loads(line)\n",
+            "    w = {'sender_id': 's', 'event': 'x', 'v': v}\n",
+            "    sys.stdout.write(json.dumps(v) + '\\n')\n",
+            "    sys.stdout.write(json.dumps(w) + '\\n')\n",
+            "    sys.stdout.write(json.dumps(w, ensure_ascii=False, separators=(',', ':'), indent=None) + '\\n')\n",
+        ))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -131,10 +139,19 @@ fn python_json_dumps_agrees() {
     writer.join().unwrap().unwrap();
     assert!(out.status.success());
     let python = String::from_utf8(out.stdout).unwrap();
-    let mut checked = 0;
-    for (ours, theirs) in lines.iter().zip(python.lines()) {
-        assert_eq!(ours, theirs);
-        checked += 1;
+    let python: Vec<&str> = python.lines().collect();
+    assert_eq!(python.len(), lines.len() * 3);
+    for (i, ours) in lines.iter().enumerate() {
+        let (canonical, wrapped, compact) = (python[3 * i], python[3 * i + 1], python[3 * i + 2]);
+        // Our writer writes what Python writes.
+        assert_eq!(ours, canonical);
+        // Reading Python's compact, non-ASCII form (the fast transcoding path) gives Python's
+        // default encoding, as does the tree path.
+        let fast = Event::from_json(compact.as_bytes()).unwrap();
+        assert_eq!(String::from_utf8(fast.to_json()).unwrap(), wrapped, "transcoded from {compact}");
+        let tree = Event::from_value(json::parse(compact.as_bytes()).unwrap()).unwrap();
+        assert_eq!(String::from_utf8(tree.to_json()).unwrap(), wrapped);
+        assert_eq!(fast.sender_id(), Some("s"));
+        assert_eq!(fast.event_type(), "x");
     }
-    assert_eq!(checked, lines.len());
 }

@@ -14,7 +14,8 @@
 //! Options: `path`, `fsync` (`never` (default, like Rasa: written to the OS after each batch),
 //! `batch` (fdatasync before confirming each batch), `interval` (fdatasync at most every
 //! `fsync_interval` seconds, and on flush and close)), `fsync_interval` (default 1),
-//! `max_batch_events` (default 4096), `max_event_bytes` (none by default), and the delivery options
+//! `max_batch_events` (default 4096), `max_event_bytes` (none by default), `linger_ms` (how long the
+//! writer lets a partial batch grow under load, default 0.2), and the delivery options
 //! `buffer_size`, `when_full`, `close_timeout`.
 //!
 //! ```
@@ -42,13 +43,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use broker_core::pipeline::{self, Command, Inbox, Outbox};
+use broker_core::pipeline::{self, Command, Inbox, Outbox, Pending};
 use broker_core::{
     Backend, BackendFactory, CloseReport, ConfigError, Configured, DeliveryOptions, Error, Event, EventBroker,
     EventSource, Options, Position, Receipt, Received, Settle, SourceOptions, StartFrom, async_trait,
 };
 
 const NAME: &str = "file";
+
+/// The default `linger_ms`: 0.2 ms.
+pub const DEFAULT_LINGER: Duration = Duration::from_micros(200);
 
 /// The default path, as in Rasa.
 pub const DEFAULT_PATH: &str = "rasa_event.log";
@@ -77,6 +81,10 @@ pub struct FileConfig {
     pub max_batch_events: usize,
     /// Events whose encoding is longer are rejected alone.
     pub max_event_bytes: Option<usize>,
+    /// How long the writer waits after a partial batch before taking the next one, so a busy
+    /// stream is written in large batches without a wake-up per event. An idle writer still
+    /// takes a new event at once.
+    pub linger: Duration,
     /// Buffer bound and policy, close deadline.
     pub delivery: DeliveryOptions,
 }
@@ -89,6 +97,7 @@ impl FileConfig {
             fsync: Fsync::Never,
             max_batch_events: 4096,
             max_event_bytes: None,
+            linger: DEFAULT_LINGER,
             delivery: DeliveryOptions::default(),
         }
     }
@@ -113,7 +122,7 @@ impl FileConfig {
 
     /// The option keys `type: file` accepts.
     pub const KEYS: &'static [&'static str] =
-        &["path", "fsync", "fsync_interval", "max_batch_events", "max_event_bytes", "buffer_size", "when_full", "close_timeout"];
+        &["path", "fsync", "fsync_interval", "max_batch_events", "max_event_bytes", "linger_ms", "buffer_size", "when_full", "close_timeout"];
 
     /// Reads the options of an `event_broker:` section.
     pub fn from_options(mut options: Options) -> Result<(FileConfig, Vec<broker_core::Warning>), ConfigError> {
@@ -138,6 +147,10 @@ impl FileConfig {
             config.max_batch_events = n as usize;
         }
         config.max_event_bytes = options.take_u64("max_event_bytes")?.map(|n| n as usize);
+        if let Some(ms) = options.take_seconds("linger_ms")? {
+            // take_seconds validates a non-negative number; the unit here is milliseconds.
+            config.linger = ms / 1000;
+        }
         config.delivery = DeliveryOptions::take(&mut options)?;
         let warnings = options.finish(NAME, FileConfig::KEYS)?;
         Ok((config, warnings))
@@ -287,10 +300,11 @@ impl Writer {
                 self.sync_if_dirty();
                 return;
             }
+            let full = batch.len() >= self.config.max_batch_events;
             let mut close = None;
             for cmd in batch.drain(..) {
                 match cmd {
-                    Command::Publish(p) => self.add(p.event, p.settle),
+                    Command::Publish(p) => self.add(p),
                     Command::Flush(tx) => {
                         self.write_out();
                         self.sync_if_dirty();
@@ -306,22 +320,23 @@ impl Writer {
                 let _ = reply.send(report);
                 return;
             }
+            if !full && !self.config.linger.is_zero() {
+                std::thread::sleep(self.config.linger);
+            }
         }
     }
 
-    /// Encodes one event into the batch buffer, or rejects it alone.
-    fn add(&mut self, event: Event, settle: Settle) {
-        let start = self.buf.len();
-        event.write_json(&mut self.buf);
-        let len = self.buf.len() - start;
+    /// Adds one encoded event to the batch buffer, or rejects it alone.
+    fn add(&mut self, p: Pending) {
+        let len = p.json.len();
         if let Some(max) = self.config.max_event_bytes.filter(|m| len > *m) {
-            self.buf.truncate(start);
-            let reason = format!("{len} bytes is over max_event_bytes {max}");
-            settle.settle(Err(Error::Rejected { backend: NAME, event_id: event.id().to_string(), reason }));
+            p.reject(NAME, format!("{len} bytes is over max_event_bytes {max}"));
             return;
         }
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&p.json);
         self.buf.push(b'\n');
-        self.settles.push((settle, start));
+        self.settles.push((p.settle, start));
     }
 
     /// Writes the batch with one call, applies the fsync policy, and settles every receipt.
@@ -401,7 +416,7 @@ impl Writer {
             let Some(cmd) = inbox.try_recv() else { break };
             match cmd {
                 Command::Publish(p) => {
-                    self.add(p.event, p.settle);
+                    self.add(p);
                     if self.settles.len() >= self.config.max_batch_events {
                         self.write_out();
                     }

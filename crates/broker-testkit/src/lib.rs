@@ -81,6 +81,49 @@ pub fn user_event(sender: &str, seq: u64) -> Event {
     )
 }
 
+/// The `i`-th event of a realistic mix (user, bot, action, slot, as a tracker produces them;
+/// about 400 bytes on average) spread over `senders` conversations. For benchmarks.
+pub fn mixed_event(i: u64, senders: u64) -> Event {
+    let sender = format!("{:032x}", i % senders.max(1));
+    let ts = 1_700_000_000.0 + i as f64 / 1000.0;
+    let mut metadata = Map::new();
+    metadata.insert("seq", (i as i64).into());
+    metadata.insert("model_id", "f3a9c0de11".into());
+    metadata.insert("assistant_id", "placeholder_default".into());
+    match i % 4 {
+        0 => user_event(&sender, i),
+        1 => {
+            let mut button = Map::new();
+            button.insert("title", "Italian".into());
+            button.insert("payload", "/inform{\"cuisine\": \"italian\"}".into());
+            let mut data = Map::new();
+            data.insert("buttons", Value::Array(vec![button.into()]));
+            Event::new(
+                &sender,
+                ts,
+                metadata,
+                TypedEvent::Bot(broker_core::event::BotUttered {
+                    text: Some("Which cuisine would you like? We have Italian, Thai and Mexican tonight.".into()),
+                    data: data.into(),
+                }),
+            )
+        }
+        2 => Event::new(
+            &sender,
+            ts,
+            metadata,
+            TypedEvent::Action(broker_core::event::ActionExecuted {
+                name: Some("utter_ask_cuisine".into()),
+                policy: Some("policy_1_TEDPolicy".into()),
+                confidence: Some(0.9987654321),
+                action_text: None,
+                hide_rule_turn: false,
+            }),
+        ),
+        _ => Event::new(&sender, ts, metadata, TypedEvent::Slot { name: Some("cuisine".into()), value: "italian".into() }),
+    }
+}
+
 /// An event whose encoding is larger than `bytes`.
 pub fn oversized_event(bytes: usize) -> Event {
     let mut md = Map::new();

@@ -1,0 +1,337 @@
+//! `broker-bench BACKEND...`: publishes a realistic mix of Rasa events through each backend and
+//! through a raw-client baseline in the same run, and prints events/s, p50/p99
+//! publish-to-confirm latency, peak memory and the ratio ours/raw (contracts §F). Results also go
+//! to `target/bench/<backend>.json`.
+//!
+//! Each measurement runs in a child process of its own (`broker-bench run VARIANT`), so its peak
+//! memory (VmHWM) is its own.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use broker_core::{Backend, Event};
+use broker_file::{FileBackend, FileConfig, Fsync};
+use serde_json::json;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SENDERS: u64 = 1000;
+/// The file backend's default `max_batch_events`; the raw loop flushes at the same boundaries.
+const BATCH: usize = 4096;
+/// One event in this many has its latency recorded.
+const SAMPLE_EVERY: usize = 16;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let events = flag(&args, "--events").unwrap_or(200_000);
+    let runs = flag(&args, "--runs").unwrap_or(3) as usize;
+    match args.first().map(String::as_str) {
+        Some("run") => {
+            let variant = args.get(1).context("run VARIANT")?;
+            let dir = PathBuf::from(args.get(2).context("run VARIANT DIR")?);
+            let result = run_variant(variant, &dir, events)?;
+            println!("{result}");
+            Ok(())
+        }
+        Some("file") => bench_file(events, runs),
+        Some(other) => bail!("unknown backend {other:?}: this build benchmarks: file"),
+        None => bench_file(events, runs),
+    }
+}
+
+fn flag(args: &[String], name: &str) -> Option<u64> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+}
+
+fn peak_rss_mib() -> f64 {
+    peak_rss_of("self")
+}
+
+fn peak_rss_of(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn result(variant: &str, events: u64, elapsed: Duration, mut latencies_us: Vec<u64>, peak_mib: f64) -> serde_json::Value {
+    latencies_us.sort_unstable();
+    json!({
+        "variant": variant,
+        "events": events,
+        "seconds": elapsed.as_secs_f64(),
+        "events_per_s": events as f64 / elapsed.as_secs_f64(),
+        "p50_ms": percentile(&latencies_us, 0.50),
+        "p99_ms": percentile(&latencies_us, 0.99),
+        "peak_mib": peak_mib,
+    })
+}
+
+fn dataset(n: u64) -> Vec<Event> {
+    (0..n).map(|i| broker_testkit::mixed_event(i, SENDERS)).collect()
+}
+
+fn run_variant(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
+    let path = dir.join(format!("{variant}.log"));
+    let _ = std::fs::remove_file(&path);
+    match variant {
+        "ours-never" => ours(variant, &path, n, Fsync::Never),
+        "ours-batch" => ours(variant, &path, n, Fsync::Batch),
+        "raw-never" => raw(variant, &path, n, false),
+        "raw-batch" => raw(variant, &path, n, true),
+        "cli" => cli(variant, dir, n),
+        "encode-only" => encode_only(variant, &path, n),
+        "parse-only" => parse_only(variant, n),
+        other => bail!("unknown variant {other}"),
+    }
+}
+
+/// Our file backend: publish everything without waiting, as a tracker does. Every
+/// `SAMPLE_EVERY`-th receipt goes to a collector task that records its publish-to-confirm
+/// latency (the others are dropped: `flush` waits for them), so measuring costs little.
+fn ours(variant: &str, path: &Path, n: u64, fsync: Fsync) -> Result<serde_json::Value> {
+    let events = dataset(n);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let backend = FileBackend::new(FileConfig::new(path).fsync(fsync));
+        let broker = backend.connect().await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, broker_core::Receipt)>();
+        let collector = tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(n as usize);
+            let mut failed = 0u64;
+            while let Some((t0, r)) = rx.recv().await {
+                match r.await {
+                    Ok(_) => lat.push(t0.elapsed().as_nanos() as u64 / 1000),
+                    Err(_) => failed += 1,
+                }
+            }
+            (lat, failed)
+        });
+        let started = Instant::now();
+        for (i, e) in events.into_iter().enumerate() {
+            if i % SAMPLE_EVERY == 0 {
+                let t0 = Instant::now();
+                let r = broker.publish(e).await?;
+                let _ = tx.send((t0, r));
+            } else {
+                drop(broker.publish(e).await?);
+            }
+        }
+        drop(tx);
+        let (lat, failed) = collector.await?;
+        broker.flush().await?;
+        let elapsed = started.elapsed();
+        broker.close().await?;
+        if failed > 0 {
+            bail!("{failed} events failed");
+        }
+        check_lines(path, n)?;
+        Ok(result(variant, n, elapsed, lat, peak_rss_mib()))
+    })
+}
+
+/// The raw baseline: serde_json into a BufWriter, flushed (and fsynced for `batch`) every
+/// `BATCH` events, which is when those events count as confirmed.
+fn raw(variant: &str, path: &Path, n: u64, fsync: bool) -> Result<serde_json::Value> {
+    let values: Vec<serde_json::Value> =
+        dataset(n).iter().map(|e| serde_json::from_slice(&e.to_json())).collect::<Result<_, _>>()?;
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut lat = Vec::with_capacity(n as usize);
+    let mut batch_starts: VecDeque<Instant> = VecDeque::with_capacity(BATCH);
+    let started = Instant::now();
+    for v in &values {
+        batch_starts.push_back(Instant::now());
+        serde_json::to_writer(&mut w, v)?;
+        w.write_all(b"\n")?;
+        if batch_starts.len() == BATCH {
+            w.flush()?;
+            if fsync {
+                w.get_ref().sync_data()?;
+            }
+            lat.extend(batch_starts.drain(..).map(|t| t.elapsed().as_nanos() as u64 / 1000));
+        }
+    }
+    w.flush()?;
+    if fsync {
+        w.get_ref().sync_data()?;
+    }
+    lat.extend(batch_starts.drain(..).map(|t| t.elapsed().as_nanos() as u64 / 1000));
+    let elapsed = started.elapsed();
+    check_lines(path, n)?;
+    Ok(result(variant, n, elapsed, lat, peak_rss_mib()))
+}
+
+/// Diagnostic: our Rasa encoder into a BufWriter, no pipeline (what the pipeline costs on top).
+fn encode_only(variant: &str, path: &Path, n: u64) -> Result<serde_json::Value> {
+    let events = dataset(n);
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut buf = Vec::with_capacity(1024);
+    let started = Instant::now();
+    for e in events {
+        buf.clear();
+        e.write_json(&mut buf);
+        buf.push(b'\n');
+        w.write_all(&buf)?;
+    }
+    w.flush()?;
+    let elapsed = started.elapsed();
+    check_lines(path, n)?;
+    Ok(result(variant, n, elapsed, Vec::new(), peak_rss_mib()))
+}
+
+/// Diagnostic: parsing JSON lines into events, nothing else (the CLI's extra work).
+fn parse_only(variant: &str, n: u64) -> Result<serde_json::Value> {
+    let lines: Vec<Vec<u8>> = dataset(n).iter().map(Event::to_json).collect();
+    let started = Instant::now();
+    let mut kept = 0usize;
+    for l in &lines {
+        kept += Event::from_json(l)?.event_type().len();
+    }
+    let elapsed = started.elapsed();
+    std::hint::black_box(kept);
+    Ok(result(variant, n, elapsed, Vec::new(), peak_rss_mib()))
+}
+
+/// `broker publish FILE` on a JSON-lines file of the same events: parsing, publishing, closing.
+fn cli(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
+    let input = dir.join("cli-input.jsonl");
+    {
+        let mut w = BufWriter::new(File::create(&input)?);
+        for e in dataset(n) {
+            w.write_all(&e.to_json())?;
+            w.write_all(b"\n")?;
+        }
+        w.flush()?;
+    }
+    let work = dir.join("cli-work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let exe = std::env::current_exe()?.with_file_name("broker");
+    if !exe.exists() {
+        bail!("{} not found: build it with `cargo build --release -p broker-cli`", exe.display());
+    }
+    let started = Instant::now();
+    let mut child = Command::new(&exe)
+        .arg("publish")
+        .arg(&input)
+        .current_dir(&work)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let pid = child.id().to_string();
+    let mut peak = 0.0f64;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        peak = peak.max(peak_rss_of(&pid));
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = started.elapsed();
+    if !status.success() {
+        bail!("broker publish failed: {status}");
+    }
+    if std::fs::read(work.join("rasa_event.log"))? != std::fs::read(&input)? {
+        bail!("the CLI's output differs from its input");
+    }
+    Ok(result(variant, n, elapsed, Vec::new(), peak))
+}
+
+fn check_lines(path: &Path, n: u64) -> Result<()> {
+    let data = std::fs::read(path)?;
+    let lines = data.iter().filter(|&&b| b == b'\n').count() as u64;
+    if lines != n {
+        bail!("{} has {lines} lines, expected {n}", path.display());
+    }
+    Ok(())
+}
+
+fn median_run(variant: &str, dir: &Path, events: u64, runs: usize) -> Result<serde_json::Value> {
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    for _ in 0..runs {
+        let out = Command::new(&exe)
+            .args(["run", variant, &dir.display().to_string(), "--events", &events.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("{variant}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        results.push(serde_json::from_slice::<serde_json::Value>(&out.stdout)?);
+    }
+    results.sort_by(|a, b| a["events_per_s"].as_f64().partial_cmp(&b["events_per_s"].as_f64()).unwrap_or(std::cmp::Ordering::Equal));
+    Ok(results.swap_remove(results.len() / 2))
+}
+
+fn bench_file(events: u64, runs: usize) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("broker-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let avg = dataset(1000).iter().map(|e| e.to_json().len() + 1).sum::<usize>() / 1000;
+    eprintln!("file: {events} events (mix of user/bot/action/slot, {avg} bytes on average), median of {runs} runs");
+    let mut rows = Vec::new();
+    for variant in ["raw-never", "ours-never", "raw-batch", "ours-batch", "cli"] {
+        let r = median_run(variant, &dir, events, runs)?;
+        eprintln!("  {variant:<11} {:>10.0} events/s", r["events_per_s"].as_f64().unwrap_or(0.0));
+        rows.push(r);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let get = |v: &str| rows.iter().find(|r| r["variant"] == v).cloned().unwrap_or_default();
+    let rate = |v: &str| get(v)["events_per_s"].as_f64().unwrap_or(0.0);
+    let comparisons = vec![
+        json!({"ours": "ours-never", "raw": "raw-never", "fsync": "never", "ratio": rate("ours-never") / rate("raw-never")}),
+        json!({"ours": "ours-batch", "raw": "raw-batch", "fsync": "batch", "ratio": rate("ours-batch") / rate("raw-batch")}),
+        json!({"ours": "cli", "raw": "raw-never", "fsync": "never", "ratio": rate("cli") / rate("raw-never")}),
+    ];
+    println!();
+    println!("{:<12} {:>12} {:>9} {:>9} {:>10}", "file", "events/s", "p50 ms", "p99 ms", "peak MiB");
+    for r in &rows {
+        println!(
+            "{:<12} {:>12.0} {:>9.2} {:>9.2} {:>10.1}",
+            r["variant"].as_str().unwrap_or(""),
+            r["events_per_s"].as_f64().unwrap_or(0.0),
+            r["p50_ms"].as_f64().unwrap_or(0.0),
+            r["p99_ms"].as_f64().unwrap_or(0.0),
+            r["peak_mib"].as_f64().unwrap_or(0.0),
+        );
+    }
+    println!();
+    for c in &comparisons {
+        println!(
+            "ratio {} / {} (fsync {}): {:.2}",
+            c["ours"].as_str().unwrap_or(""),
+            c["raw"].as_str().unwrap_or(""),
+            c["fsync"].as_str().unwrap_or(""),
+            c["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let out_dir = target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let report = json!({"backend": "file", "events": events, "avg_event_bytes": avg, "runs": runs, "results": rows, "comparisons": comparisons});
+    std::fs::write(out_dir.join("file.json"), serde_json::to_string_pretty(&report)?)?;
+    println!("\nwritten to {}", out_dir.join("file.json").display());
+    Ok(())
+}
+
+/// `target/` of this workspace: two levels above the binary (`target/release/broker-bench`).
+fn target_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().and_then(Path::parent).map(Path::to_owned))
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
