@@ -1,1 +1,76 @@
-fn main() {}
+//! Project automation, in Rust so it runs wherever cargo does (rust-analyzer's `xtask` pattern).
+//!
+//! - `cargo xtask ci`: everything CI checks, in order: rustfmt, clippy with warnings as errors,
+//!   the whole test suite, and the docs with warnings as errors.
+//! - `cargo xtask bench [BACKEND...]`: release build, then each backend against its raw-client
+//!   baseline (contracts §F); results in `target/bench/<backend>.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <ci | bench [BACKEND...]>\n\
+    ci     rustfmt --check, clippy -D warnings, the whole test suite, docs with -D warnings\n\
+    bench  benchmark backends (default: all that this release has: file)";
+
+/// The backends `bench` knows.
+const BACKENDS: &[&str] = &["file"];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = root()?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(&root),
+        Some("bench") => bench(&root, &args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}
+
+fn root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_owned).context("xtask lives one level below the workspace root")
+}
+
+fn run(root: &Path, what: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {what}");
+    let status = cmd.current_dir(root).status().with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn ci(root: &Path) -> Result<()> {
+    run(root, "rustfmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(root, "clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(root, "tests", cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    run(root, "docs", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    eprintln!("xtask: ci passed");
+    Ok(())
+}
+
+fn bench(root: &Path, backends: &[String]) -> Result<()> {
+    let chosen: Vec<&str> =
+        if backends.is_empty() { BACKENDS.to_vec() } else { backends.iter().map(String::as_str).collect() };
+    for b in &chosen {
+        if !BACKENDS.contains(b) {
+            bail!("unknown backend {b:?}; this release benchmarks: {}", BACKENDS.join(", "));
+        }
+    }
+    run(root, "release build", cargo().args(["build", "--release", "-p", "broker-bench", "-p", "broker-cli"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let exe = target.join("release").join("broker-bench");
+    for b in chosen {
+        run(root, &format!("bench {b}"), Command::new(&exe).arg(b))?;
+    }
+    Ok(())
+}

@@ -61,9 +61,7 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG").unwrap_or_else(|_| "warn".into()))
         .with_target(false)
         .without_time()
         .init();
@@ -167,62 +165,122 @@ impl Tally {
 /// bounds memory further down.
 const WINDOW: usize = 65_536;
 
+/// Lines the reader thread hands over at once.
+const CHUNK: usize = 512;
+
+/// What the reader thread found, in input order.
+enum Item {
+    Event(Event),
+    /// An invalid line skipped under `--skip-invalid`.
+    Skipped(String),
+    /// An invalid line or unreadable input that ends the run.
+    Stop(String),
+}
+
+/// Reading and parsing run on their own thread, so on a multi-core machine they overlap with
+/// publishing (which encodes nothing for events read from bytes) and with the backend's writer.
+fn spawn_reader(
+    inputs: Vec<Option<PathBuf>>,
+    skip_invalid: bool,
+    bar: ProgressBar,
+) -> tokio::sync::mpsc::Receiver<Vec<Item>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Item>>(16);
+    std::thread::spawn(move || {
+        let send = |chunk: Vec<Item>| tx.blocking_send(chunk).is_ok();
+        for input in inputs {
+            let (name, reader): (String, Box<dyn Read>) = match &input {
+                Some(p) => match File::open(p) {
+                    Ok(f) => (p.display().to_string(), Box::new(f)),
+                    Err(e) => {
+                        send(vec![Item::Stop(format!("cannot open {}: {e}", p.display()))]);
+                        return;
+                    }
+                },
+                None => ("<stdin>".into(), Box::new(io::stdin().lock())),
+            };
+            let mut reader = BufReader::with_capacity(1 << 20, reader);
+            let mut line = Vec::with_capacity(4096);
+            let mut line_no = 0u64;
+            let mut chunk = Vec::with_capacity(CHUNK);
+            loop {
+                line.clear();
+                let n = match reader.read_until(b'\n', &mut line) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        chunk.push(Item::Stop(format!("reading {name}: {e}")));
+                        send(chunk);
+                        return;
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                line_no += 1;
+                bar.inc(n as u64);
+                let text = line.strip_suffix(b"\n").unwrap_or(&line);
+                let text = text.strip_suffix(b"\r").unwrap_or(text);
+                if text.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match Event::from_json(text) {
+                    Ok(e) => chunk.push(Item::Event(e)),
+                    Err(e) if skip_invalid => chunk.push(Item::Skipped(format!("{name}:{line_no}: {e}"))),
+                    Err(e) => {
+                        chunk.push(Item::Stop(format!(
+                            "{name}:{line_no}: invalid event: {e} (use --skip-invalid to skip such lines)"
+                        )));
+                        send(chunk);
+                        return;
+                    }
+                }
+                if chunk.len() >= CHUNK && !send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))) {
+                    return;
+                }
+            }
+            if !chunk.is_empty() && !send(chunk) {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 async fn publish(backend: &dyn Backend, files: &[PathBuf], skip_invalid: bool) -> Result<ExitCode> {
-    let inputs: Vec<Option<&Path>> = if files.is_empty() {
+    let inputs: Vec<Option<PathBuf>> = if files.is_empty() {
         vec![None]
     } else {
-        files.iter().map(|f| Some(f.as_path()).filter(|p| *p != Path::new("-"))).collect()
+        files.iter().map(|f| Some(f.clone()).filter(|p| p.as_path() != Path::new("-"))).collect()
     };
-    let total: Option<u64> = inputs
-        .iter()
-        .map(|i| i.and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()))
-        .sum::<Option<u64>>();
+    let total: Option<u64> =
+        inputs.iter().map(|i| i.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len())).sum::<Option<u64>>();
     let broker = backend.connect().await.with_context(|| format!("connecting to {}", backend.describe()))?;
     let bar = progress(total);
     let started = Instant::now();
     let mut tally = Tally::default();
     let mut pending: VecDeque<Receipt> = VecDeque::with_capacity(WINDOW);
     let mut stop: Option<String> = None;
+    let mut chunks = spawn_reader(inputs, skip_invalid, bar.clone());
 
-    'inputs: for input in &inputs {
-        let (name, reader): (String, Box<dyn Read>) = match input {
-            Some(p) => (p.display().to_string(), Box::new(File::open(p).with_context(|| format!("opening {}", p.display()))?)),
-            None => ("<stdin>".into(), Box::new(io::stdin().lock())),
-        };
-        let mut reader = BufReader::with_capacity(1 << 20, reader);
-        let mut line = Vec::with_capacity(4096);
-        let mut line_no = 0u64;
-        loop {
-            line.clear();
-            let n = reader.read_until(b'\n', &mut line).with_context(|| format!("reading {name}"))?;
-            if n == 0 {
-                break;
-            }
-            line_no += 1;
-            bar.inc(n as u64);
-            let text = line.strip_suffix(b"\n").unwrap_or(&line);
-            let text = text.strip_suffix(b"\r").unwrap_or(text);
-            if text.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let event = match Event::from_json(text) {
-                Ok(e) => e,
-                Err(e) if skip_invalid => {
+    'chunks: while let Some(chunk) = chunks.recv().await {
+        for item in chunk {
+            let event = match item {
+                Item::Event(e) => e,
+                Item::Skipped(why) => {
                     tally.skipped += 1;
-                    bar.suspend(|| eprintln!("skipped {name}:{line_no}: {e}"));
+                    bar.suspend(|| eprintln!("skipped {why}"));
                     continue;
                 }
-                Err(e) => {
-                    stop = Some(format!("{name}:{line_no}: invalid event: {e} (use --skip-invalid to skip such lines)"));
-                    break 'inputs;
+                Item::Stop(why) => {
+                    stop = Some(why);
+                    break 'chunks;
                 }
             };
             tally.read += 1;
             match broker.publish(event).await {
                 Ok(receipt) => pending.push_back(receipt),
                 Err(e) => {
-                    stop = Some(format!("{name}:{line_no}: publish refused: {e}"));
-                    break 'inputs;
+                    stop = Some(format!("event {}: publish refused: {e}", tally.read));
+                    break 'chunks;
                 }
             }
             if pending.len() >= WINDOW {
@@ -230,11 +288,11 @@ async fn publish(backend: &dyn Backend, files: &[PathBuf], skip_invalid: bool) -
                     tally.settle(r.await);
                 }
             }
-            if tally.read % 4096 == 0 {
-                bar.set_message(format!("{} events", tally.read));
-            }
         }
+        bar.set_message(format!("{} events", tally.read));
     }
+    // Stops the reader if it is still going.
+    drop(chunks);
     for r in pending.drain(..) {
         tally.settle(r.await);
     }
@@ -242,10 +300,8 @@ async fn publish(backend: &dyn Backend, files: &[PathBuf], skip_invalid: bool) -
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let rate = if secs > 0.0 { tally.delivered as f64 / secs } else { 0.0 };
-    let mut summary = format!(
-        "broker: read {} events, delivered {}, failed {}",
-        tally.read, tally.delivered, tally.failed
-    );
+    let mut summary =
+        format!("broker: read {} events, delivered {}, failed {}", tally.read, tally.delivered, tally.failed);
     if tally.skipped > 0 {
         summary.push_str(&format!(", skipped {} invalid lines", tally.skipped));
     }
@@ -278,7 +334,8 @@ async fn tail(
     };
     let start = if from_beginning { StartFrom::Beginning } else { StartFrom::Resume };
     let options = SourceOptions::from(start).group(group);
-    let mut source = backend.source(&options).await.with_context(|| format!("consuming from {}", backend.describe()))?;
+    let mut source =
+        backend.source(&options).await.with_context(|| format!("consuming from {}", backend.describe()))?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let mut count = 0u64;

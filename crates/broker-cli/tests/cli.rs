@@ -42,7 +42,10 @@ fn publish_then_tail_gives_back_rasas_bytes() {
     assert_eq!(String::from_utf8(out.stdout).unwrap(), SAMPLE);
 
     let out = broker(dir.path(), &["tail", "--from-beginning", "--limit", "2"], None);
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), SAMPLE.lines().take(2).map(|l| format!("{l}\n")).collect::<String>());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        SAMPLE.lines().take(2).map(|l| format!("{l}\n")).collect::<String>()
+    );
 }
 
 #[test]
@@ -70,7 +73,8 @@ fn endpoints_file_is_used_and_errors_name_file_and_line() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ready: file custom.log\n");
     assert!(!stderr(&out).contains("embedded default"));
 
-    std::fs::write(dir.path().join("bad.yml"), "event_broker:\n  type: file\n  path: x.log\n  fsync: sometimes\n").unwrap();
+    std::fs::write(dir.path().join("bad.yml"), "event_broker:\n  type: file\n  path: x.log\n  fsync: sometimes\n")
+        .unwrap();
     let out = broker(dir.path(), &["--endpoints", "bad.yml", "check"], None);
     assert!(!out.status.success());
     assert_eq!(stderr(&out).lines().count(), 1, "one clear line: {}", stderr(&out));
@@ -88,7 +92,8 @@ fn endpoints_file_is_used_and_errors_name_file_and_line() {
 #[test]
 fn check_fails_when_the_broker_cannot_start() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n  path: no/such/dir/x.log\n").unwrap();
+    std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n  path: no/such/dir/x.log\n")
+        .unwrap();
     let out = broker(dir.path(), &["check"], None);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not ready: file no/such/dir/x.log"), "{}", stderr(&out));

@@ -83,11 +83,17 @@ pub fn parse_with_env(
     let section_at = key.at().clone();
     let entries = match section {
         yaml::Node::Map(entries, _) => entries,
-        yaml::Node::Scalar { ref value, plain: true, .. } if matches!(value.as_str(), "" | "~" | "null" | "Null" | "NULL") => {
+        yaml::Node::Scalar { ref value, plain: true, .. }
+            if matches!(value.as_str(), "" | "~" | "null" | "Null" | "NULL") =>
+        {
             return Ok(None);
         }
         other => {
-            return Err(ConfigError::new(other.at().clone(), Some("event_broker"), "must be a mapping of broker settings"));
+            return Err(ConfigError::new(
+                other.at().clone(),
+                Some("event_broker"),
+                "must be a mapping of broker settings",
+            ));
         }
     };
     let mut warnings = Vec::new();
@@ -114,7 +120,13 @@ pub fn parse_with_env(
         Some(s) => match s.value {
             broker_core::ConfigValue::Null => (None, s.at),
             broker_core::ConfigValue::Str(t) => (Some(t.to_ascii_lowercase()), s.at),
-            _ => return Err(ConfigError::new(s.at, Some("type"), "the broker type must be a string (e.g. kafka, pika, sql, file)")),
+            _ => {
+                return Err(ConfigError::new(
+                    s.at,
+                    Some("type"),
+                    "the broker type must be a string (e.g. kafka, pika, sql, file)",
+                ));
+            }
         },
     };
     // Rasa: a section without a type is a RabbitMQ (pika) broker.

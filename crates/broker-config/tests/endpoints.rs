@@ -70,7 +70,10 @@ fn types_this_release_lacks_say_so_clearly() {
         let err = load(&rasa(file), &default_registry()).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("is not built in"), "{file}: {text}");
-        assert!(text.contains(&format!("{file}:")) && text.contains("`type`"), "{file}: names file, line and key: {text}");
+        assert!(
+            text.contains(&format!("{file}:")) && text.contains("`type`"),
+            "{file}: names file, line and key: {text}"
+        );
     }
 }
 

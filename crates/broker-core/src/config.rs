@@ -200,10 +200,8 @@ impl Options {
 
     /// Options from plain `(key, value)` pairs with no file position (for code and tests).
     pub fn from_pairs<K: Into<String>>(pairs: impl IntoIterator<Item = (K, ConfigValue)>) -> Options {
-        let entries = pairs
-            .into_iter()
-            .map(|(k, v)| (k.into(), Spanned { value: v, at: Location::default() }))
-            .collect();
+        let entries =
+            pairs.into_iter().map(|(k, v)| (k.into(), Spanned { value: v, at: Location::default() })).collect();
         Options::new(entries, Location::default())
     }
 
@@ -280,7 +278,7 @@ impl Options {
             _ => None,
         };
         match secs {
-            Some(s) if s.is_finite() && s >= 0.0 && s < 1e9 => Ok(Some(Duration::from_secs_f64(s))),
+            Some(s) if (0.0..1e9).contains(&s) => Ok(Some(Duration::from_secs_f64(s))),
             _ => Err(self.wrong(key, &v, "a non-negative number of seconds")),
         }
     }
@@ -357,7 +355,11 @@ impl Options {
                 self.warn(&key, format!("`{key}` has no effect on the {backend} event broker"));
                 continue;
             }
-            let mut err = ConfigError::new(self.key_at[i].clone(), Some(&key), format!("unknown key for the {backend} event broker"));
+            let mut err = ConfigError::new(
+                self.key_at[i].clone(),
+                Some(&key),
+                format!("unknown key for the {backend} event broker"),
+            );
             err.hint = Some(match did_you_mean(&key, known) {
                 Some(m) => format!("did you mean `{m}`? known keys: {}", known.join(", ")),
                 None => format!("known keys: {}", known.join(", ")),

@@ -7,8 +7,8 @@
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::json::{self, Map, Number, Value};
@@ -464,10 +464,11 @@ fn opt_str(event: &str, body: &Map, field: &'static str) -> Result<Option<String
 fn opt_f64(event: &str, body: &Map, field: &'static str) -> Result<Option<f64>, EventError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| EventError::Field { event: event.to_owned(), field, problem: "must be a number or null" }),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| EventError::Field {
+            event: event.to_owned(),
+            field,
+            problem: "must be a number or null",
+        }),
     }
 }
 
@@ -559,9 +560,9 @@ impl TypedEvent {
             }),
             "agent" => TypedEvent::Agent { text: opt_str(event, b, "text")?, data: any(b, "data") },
             "active_loop" => TypedEvent::ActiveLoop { name: opt_str(event, b, "name")? },
-            "loop_interrupted" => TypedEvent::LoopInterrupted {
-                is_interrupted: opt_bool(event, b, "is_interrupted")?.unwrap_or(false),
-            },
+            "loop_interrupted" => {
+                TypedEvent::LoopInterrupted { is_interrupted: opt_bool(event, b, "is_interrupted")?.unwrap_or(false) }
+            }
             "action_execution_rejected" => TypedEvent::ActionExecutionRejected {
                 name: opt_str(event, b, "name")?,
                 policy: opt_str(event, b, "policy")?,
@@ -661,9 +662,13 @@ mod tests {
     fn legacy_form_events_are_written_as_rasa_3_does() {
         let e = Event::from_json(br#"{"sender_id": "a", "event": "form", "timestamp": 1.0, "name": "f"}"#).unwrap();
         assert_eq!(e.to_json(), br#"{"sender_id": "a", "event": "active_loop", "timestamp": 1.0, "name": "f"}"#);
-        let e = Event::from_json(br#"{"sender_id": "a", "event": "form_validation", "timestamp": 1.0, "validate": false}"#)
-            .unwrap();
-        assert_eq!(e.to_json(), br#"{"sender_id": "a", "event": "loop_interrupted", "timestamp": 1.0, "is_interrupted": true}"#);
+        let e =
+            Event::from_json(br#"{"sender_id": "a", "event": "form_validation", "timestamp": 1.0, "validate": false}"#)
+                .unwrap();
+        assert_eq!(
+            e.to_json(),
+            br#"{"sender_id": "a", "event": "loop_interrupted", "timestamp": 1.0, "is_interrupted": true}"#
+        );
         assert_eq!(e.typed().unwrap(), TypedEvent::LoopInterrupted { is_interrupted: true });
     }
 
@@ -679,7 +684,10 @@ mod tests {
     fn rejects_non_events() {
         assert_eq!(Event::from_json(b"[1]"), Err(EventError::NotAnObject));
         assert_eq!(Event::from_json(br#"{"sender_id": "a"}"#), Err(EventError::MissingType));
-        assert!(matches!(Event::from_json(br#"{"event": "slot", "name": 3}"#).unwrap().typed(), Err(EventError::Field { .. })));
+        assert!(matches!(
+            Event::from_json(br#"{"event": "slot", "name": 3}"#).unwrap().typed(),
+            Err(EventError::Field { .. })
+        ));
     }
 
     #[test]

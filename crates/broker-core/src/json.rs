@@ -7,7 +7,6 @@
 //! reads; [`Value::write_rasa`] writes what `json.dumps(obj)` writes (`ensure_ascii`, separators
 //! `", "` and `": "`, floats in `repr` form).
 
-
 /// A JSON value as Python's `json` module sees it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Value {
@@ -968,6 +967,37 @@ static STRING_STOP: [bool; 256] = {
     t
 };
 
+/// The index of the first byte at or after `from` that is not plain printable ASCII (or the
+/// length). Eight bytes at a time: a word is all plain when no byte is a control character,
+/// non-ASCII, `"` or `\`.
+#[inline]
+fn scan_plain(s: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    #[inline]
+    fn has_byte(w: u64, b: u8) -> u64 {
+        let x = w ^ (ONES * b as u64);
+        x.wrapping_sub(ONES) & !x & HIGHS
+    }
+    let mut j = from;
+    while j + 8 <= s.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&s[j..j + 8]);
+        let w = u64::from_le_bytes(word);
+        // Bytes below 0x20 (control), 0x7f and above (DEL, non-ASCII), '"' and '\\'.
+        let low = w.wrapping_sub(ONES * 0x20) & !w & HIGHS;
+        let high = (w & HIGHS) | has_byte(w, 0x7f);
+        if (low | high | has_byte(w, b'"') | has_byte(w, b'\\')) != 0 {
+            break;
+        }
+        j += 8;
+    }
+    while j < s.len() && !STRING_STOP[s[j] as usize] {
+        j += 1;
+    }
+    j
+}
+
 impl Transcoder<'_, '_> {
     fn err(&self, message: &'static str) -> ParseError {
         ParseError { message, offset: self.i }
@@ -1127,10 +1157,7 @@ impl Transcoder<'_, '_> {
     /// Copies runs of plain ASCII as they are; anything else is decoded and re-encoded.
     fn string(&mut self) -> Result<(), ParseError> {
         let start = self.i;
-        let mut j = self.i + 1;
-        while j < self.s.len() && !STRING_STOP[self.s[j] as usize] {
-            j += 1;
-        }
+        let j = scan_plain(self.s, self.i + 1);
         if self.s.get(j) == Some(&b'"') {
             // The common case: nothing to escape or decode.
             self.out.extend_from_slice(&self.s[start..=j]);

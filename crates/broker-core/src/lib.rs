@@ -40,8 +40,8 @@ pub mod pipeline;
 pub mod registry;
 
 pub use broker::{
-    CloseReport, Delivered, EventBroker, EventBrokerExt, EventSource, Outcome, Receipt, Received, Settle, SourceOptions,
-    StartFrom,
+    CloseReport, Delivered, EventBroker, EventBrokerExt, EventSource, Outcome, Receipt, Received, Settle,
+    SourceOptions, StartFrom,
 };
 pub use config::{ConfigError, ConfigValue, DeliveryOptions, Location, Options, Secret, Spanned, Warning, WhenFull};
 pub use error::{Error, Position};

@@ -201,8 +201,10 @@ impl EventSource for MemorySource {
             if let Some(raw) = line {
                 let index = self.next;
                 self.next += 1;
-                let event = Event::from_json(&raw)
-                    .map_err(|e| Error::Malformed { position: Position::Offset(index as u64), reason: e.to_string() })?;
+                let event = Event::from_json(&raw).map_err(|e| Error::Malformed {
+                    position: Position::Offset(index as u64),
+                    reason: e.to_string(),
+                })?;
                 return Ok(Some(Received::new(event, raw, Position::Offset(index as u64), Some(self.next as u64))));
             }
             if !self.follow {

@@ -111,8 +111,9 @@ impl Registry {
             return f.configure(options);
         }
         if let Some((n, remedy)) = self.disabled.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
-            return Err(ConfigError::new(at, Some("type"), format!("the {n} event broker is not built in"))
-                .with_hint(*remedy));
+            return Err(
+                ConfigError::new(at, Some("type"), format!("the {n} event broker is not built in")).with_hint(*remedy)
+            );
         }
         let names = self.names();
         let hint = match crate::config::did_you_mean(name, &names) {

@@ -23,8 +23,11 @@ fn arb_string() -> impl Strategy<Value = String> {
     prop_oneof![
         "[a-z _]{0,12}",
         any::<String>(),
-        proptest::collection::vec(prop_oneof![Just('"'), Just('\\'), Just('\n'), Just('\u{7f}'), Just('\u{1F600}'), Just('é'), Just('\u{0}')], 0..6)
-            .prop_map(|v| v.into_iter().collect()),
+        proptest::collection::vec(
+            prop_oneof![Just('"'), Just('\\'), Just('\n'), Just('\u{7f}'), Just('\u{1F600}'), Just('é'), Just('\u{0}')],
+            0..6
+        )
+        .prop_map(|v| v.into_iter().collect()),
     ]
 }
 

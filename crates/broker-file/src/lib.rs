@@ -121,8 +121,17 @@ impl FileConfig {
     }
 
     /// The option keys `type: file` accepts.
-    pub const KEYS: &'static [&'static str] =
-        &["path", "fsync", "fsync_interval", "max_batch_events", "max_event_bytes", "linger_ms", "buffer_size", "when_full", "close_timeout"];
+    pub const KEYS: &'static [&'static str] = &[
+        "path",
+        "fsync",
+        "fsync_interval",
+        "max_batch_events",
+        "max_event_bytes",
+        "linger_ms",
+        "buffer_size",
+        "when_full",
+        "close_timeout",
+    ];
 
     /// Reads the options of an `event_broker:` section.
     pub fn from_options(mut options: Options) -> Result<(FileConfig, Vec<broker_core::Warning>), ConfigError> {
@@ -142,7 +151,11 @@ impl FileConfig {
         }
         if let Some(n) = options.take_u64("max_batch_events")? {
             if n == 0 {
-                return Err(ConfigError::new(options.location("max_batch_events"), Some("max_batch_events"), "must be at least 1"));
+                return Err(ConfigError::new(
+                    options.location("max_batch_events"),
+                    Some("max_batch_events"),
+                    "must be at least 1",
+                ));
             }
             config.max_batch_events = n as usize;
         }
@@ -210,7 +223,8 @@ impl Backend for FileBackend {
 
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let path = self.config.path.clone();
-        let mut file = OpenOptions::new().append(true).create(true).read(true).open(&path).map_err(|e| open_error(&path, e))?;
+        let mut file =
+            OpenOptions::new().append(true).create(true).read(true).open(&path).map_err(|e| open_error(&path, e))?;
         end_with_newline(&mut file).map_err(|e| open_error(&path, e))?;
         let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
         let healthy = Arc::new(AtomicBool::new(true));
@@ -247,7 +261,9 @@ fn end_with_newline(file: &mut File) -> io::Result<()> {
     file.seek(SeekFrom::Start(len - 1))?;
     file.read_exact(&mut last)?;
     if last[0] != b'\n' {
-        tracing::warn!("the last line of the event file was incomplete (a crash while writing?); starting on a new line");
+        tracing::warn!(
+            "the last line of the event file was incomplete (a crash while writing?); starting on a new line"
+        );
         file.write_all(b"\n")?;
     }
     Ok(())

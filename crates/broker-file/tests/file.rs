@@ -6,7 +6,7 @@ use broker_core::{
     Backend, BackendFactory, ConfigValue, Error, EventBroker, Options, Position, SourceOptions, StartFrom,
 };
 use broker_file::{FileBackend, FileConfig, FileFactory, Fsync};
-use broker_testkit::{rasa_sample_events, user_event, RASA_SAMPLE};
+use broker_testkit::{RASA_SAMPLE, rasa_sample_events, user_event};
 
 async fn publish_all(broker: &dyn EventBroker, events: Vec<broker_core::Event>) {
     let mut receipts = Vec::new();
@@ -60,13 +60,19 @@ async fn a_half_written_last_line_is_reported_and_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.log");
     // A crash left half an event at the end.
-    std::fs::write(&path, "{\"sender_id\": \"a\", \"event\": \"restart\", \"timestamp\": 1.0}\n{\"sender_id\": \"a\", \"ev").unwrap();
+    std::fs::write(
+        &path,
+        "{\"sender_id\": \"a\", \"event\": \"restart\", \"timestamp\": 1.0}\n{\"sender_id\": \"a\", \"ev",
+    )
+    .unwrap();
     let broker = FileBackend::new(FileConfig::new(&path)).connect().await.unwrap();
     publish_all(broker.as_ref(), vec![user_event("b", 7)]).await;
     broker.close().await.unwrap();
 
-    let mut source =
-        FileBackend::new(FileConfig::new(&path)).source(&SourceOptions::from(StartFrom::Beginning).follow(false)).await.unwrap();
+    let mut source = FileBackend::new(FileConfig::new(&path))
+        .source(&SourceOptions::from(StartFrom::Beginning).follow(false))
+        .await
+        .unwrap();
     let first = source.next().await.unwrap().unwrap();
     assert_eq!(first.event.event_type(), "restart");
     assert_eq!(first.position, Position::Line { line: 1, offset: 0 });
@@ -146,7 +152,8 @@ async fn write_failures_fail_each_event_and_clear_is_ready() {
 
 #[test]
 fn options_are_validated_with_hints() {
-    let opts = Options::from_pairs([("path", ConfigValue::Str("x.log".into())), ("fsync", ConfigValue::Str("BATCH".into()))]);
+    let opts =
+        Options::from_pairs([("path", ConfigValue::Str("x.log".into())), ("fsync", ConfigValue::Str("BATCH".into()))]);
     assert!(FileFactory.configure(opts).is_ok());
 
     let opts = Options::from_pairs([("paht", ConfigValue::Str("x.log".into()))]);

@@ -1,5 +1,5 @@
 //! The conformance suite: one set of checks, written once against the [`EventBroker`] and
-//! [`EventSource`] traits, that every backend runs from its own tests (ours and third-party ones).
+//! [`EventSource`](broker_core::EventSource) traits, that every backend runs from its own tests (ours and third-party ones).
 //!
 //! A backend implements [`Target`] (how to get a fresh, isolated backend: its own file, topic,
 //! queue or table) and calls [`run_all`]. Each check panics with a precise message on failure, and
@@ -32,8 +32,7 @@ use std::time::{Duration, Instant};
 
 use broker_core::json::{Map, Value};
 use broker_core::{
-    Backend, Error, Event, EventBroker, Received, SourceOptions, StartFrom, TypedEvent, async_trait,
-    event::UserUttered,
+    Backend, Error, Event, EventBroker, Received, SourceOptions, StartFrom, TypedEvent, async_trait, event::UserUttered,
 };
 
 /// The events of `data/rasa-events-sample.jsonl`, written by Rasa itself, one per line.
@@ -120,7 +119,12 @@ pub fn mixed_event(i: u64, senders: u64) -> Event {
                 hide_rule_turn: false,
             }),
         ),
-        _ => Event::new(&sender, ts, metadata, TypedEvent::Slot { name: Some("cuisine".into()), value: "italian".into() }),
+        _ => Event::new(
+            &sender,
+            ts,
+            metadata,
+            TypedEvent::Slot { name: Some("cuisine".into()), value: "italian".into() },
+        ),
     }
 }
 
@@ -221,14 +225,16 @@ pub async fn order_per_sender(t: &dyn Target) {
     let broker = connect(backend.as_ref()).await;
     for seq in 0..PER {
         for s in 0..SENDERS {
-            let _ = broker.publish(user_event(&format!("sender-{s}"), seq)).await.expect("publish");
+            drop(broker.publish(user_event(&format!("sender-{s}"), seq)).await.expect("publish"));
         }
     }
     broker.flush().await.expect("flush");
     let got = consume(backend.as_ref(), (SENDERS * PER) as usize, t.consume_timeout()).await;
     let mut seqs: HashMap<String, Vec<u64>> = HashMap::new();
     for r in got {
-        seqs.entry(r.event.sender_id().unwrap_or_default().to_owned()).or_default().push(seq_of(&r.event).unwrap_or(u64::MAX));
+        seqs.entry(r.event.sender_id().unwrap_or_default().to_owned())
+            .or_default()
+            .push(seq_of(&r.event).unwrap_or(u64::MAX));
     }
     assert_eq!(seqs.len(), SENDERS as usize);
     for (sender, s) in seqs {
@@ -262,8 +268,9 @@ pub async fn concurrent_publishers_lose_nothing(t: &dyn Target) {
     let got = consume(backend.as_ref(), (TASKS * PER) as usize, t.consume_timeout()).await;
     let mut seen: HashMap<(String, u64), usize> = HashMap::new();
     for r in got {
-        *seen.entry((r.event.sender_id().unwrap_or_default().to_owned(), seq_of(&r.event).unwrap_or(u64::MAX))).or_default() +=
-            1;
+        *seen
+            .entry((r.event.sender_id().unwrap_or_default().to_owned(), seq_of(&r.event).unwrap_or(u64::MAX)))
+            .or_default() += 1;
     }
     assert_eq!(seen.len(), (TASKS * PER) as usize, "distinct events");
     assert!(seen.values().all(|&n| n == 1), "no duplicates");
