@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use broker_config::{configure, default_registry, parse_str};
 use broker_core::memory::MemoryBackend;
 use broker_core::{
-    Backend, BackendFactory, ConfigError, Configured, Event, EventBroker, EventSource, Options, SourceOptions,
-    StartFrom, async_trait,
+    Backend, BackendFactory, ConfigError, Configured, Event, Options, SourceOptions, StartFrom, async_trait,
 };
 use broker_testkit::Target;
 
