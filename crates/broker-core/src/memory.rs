@@ -10,11 +10,11 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use crate::broker::{CloseReport, EventBroker, EventSource, Receipt, Received, SourceOptions, StartFrom};
+use crate::broker::{CloseReport, EventBroker, EventSource, Received, SourceOptions, StartFrom};
 use crate::config::{ConfigError, DeliveryOptions, Options};
 use crate::error::{Error, Position};
 use crate::event::Event;
-use crate::pipeline::{self, Command, Inbox, Outbox};
+use crate::pipeline::{self, Command, Inbox, QueuedBroker};
 use crate::registry::{Backend, BackendFactory, Configured};
 
 const NAME: &str = "memory";
@@ -90,7 +90,9 @@ impl Backend for MemoryBackend {
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let (outbox, inbox) = pipeline::channel(NAME, self.delivery.clone());
         tokio::spawn(write_loop(inbox, self.store.clone(), self.max_event_bytes));
-        Ok(Box::new(MemoryBroker { outbox }))
+        // Memory never becomes unavailable: only closing makes it not ready.
+        let (broker, _ready) = QueuedBroker::new(outbox);
+        Ok(Box::new(broker))
     }
 
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
@@ -101,29 +103,6 @@ impl Backend for MemoryBackend {
             _ => len,
         };
         Ok(Box::new(MemorySource { store: self.store.clone(), next, follow: options.follow }))
-    }
-}
-
-struct MemoryBroker {
-    outbox: Outbox,
-}
-
-#[async_trait]
-impl EventBroker for MemoryBroker {
-    fn backend(&self) -> &'static str {
-        NAME
-    }
-    async fn publish(&self, event: Event) -> Result<Receipt, Error> {
-        self.outbox.publish(event).await
-    }
-    async fn flush(&self) -> Result<(), Error> {
-        self.outbox.flush().await
-    }
-    async fn is_ready(&self) -> bool {
-        !self.outbox.is_closed()
-    }
-    async fn close(&self) -> Result<CloseReport, Error> {
-        self.outbox.close().await
     }
 }
 

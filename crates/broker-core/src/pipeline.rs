@@ -5,12 +5,15 @@
 //! [`Command`]s in publish order, in batches, so a writer does one write/commit/produce round per
 //! batch while every event keeps its own outcome.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::broker::{CloseReport, Receipt, Settle};
+use crate::broker::{CloseReport, EventBroker, Receipt, Settle};
 use crate::config::{DeliveryOptions, WhenFull};
 use crate::error::Error;
 use crate::event::{Event, EventId};
@@ -187,6 +190,57 @@ impl Inbox {
     /// Refuses further commands; queued ones can still be taken.
     pub fn close(&mut self) {
         self.rx.close();
+    }
+}
+
+/// Whether a backend's writer can deliver right now; the writer sets it, `is_ready` reads it.
+#[derive(Debug, Clone)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Records whether the last attempt to deliver worked.
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+
+    /// The last recorded state.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// An [`EventBroker`] that is an [`Outbox`] plus the writer's [`Readiness`]: what a backend built
+/// on this pipeline hands to its users.
+#[derive(Debug)]
+pub struct QueuedBroker {
+    outbox: Outbox,
+    ready: Readiness,
+}
+
+impl QueuedBroker {
+    /// A broker over `outbox`, ready until the writer says otherwise through the returned handle.
+    pub fn new(outbox: Outbox) -> (QueuedBroker, Readiness) {
+        let ready = Readiness(Arc::new(AtomicBool::new(true)));
+        (QueuedBroker { outbox, ready: ready.clone() }, ready)
+    }
+}
+
+#[async_trait]
+impl EventBroker for QueuedBroker {
+    fn backend(&self) -> &'static str {
+        self.outbox.backend()
+    }
+    async fn publish(&self, event: Event) -> Result<Receipt, Error> {
+        self.outbox.publish(event).await
+    }
+    async fn flush(&self) -> Result<(), Error> {
+        self.outbox.flush().await
+    }
+    async fn is_ready(&self) -> bool {
+        !self.outbox.is_closed() && self.ready.get()
+    }
+    async fn close(&self) -> Result<CloseReport, Error> {
+        self.outbox.close().await
     }
 }
 

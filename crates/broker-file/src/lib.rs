@@ -40,13 +40,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use broker_core::pipeline::{self, Command, Inbox, Outbox, Pending};
+use broker_core::pipeline::{self, Command, Inbox, Pending, QueuedBroker, Readiness};
 use broker_core::{
     Backend, BackendFactory, CloseReport, ConfigError, Configured, DeliveryOptions, Error, Event, EventBroker,
-    EventSource, Options, Position, Receipt, Received, Settle, SourceOptions, StartFrom, async_trait,
+    EventSource, Options, Position, Received, Settle, SourceOptions, StartFrom, async_trait,
 };
 
 const NAME: &str = "file";
@@ -227,7 +226,7 @@ impl Backend for FileBackend {
             OpenOptions::new().append(true).create(true).read(true).open(&path).map_err(|e| open_error(&path, e))?;
         end_with_newline(&mut file).map_err(|e| open_error(&path, e))?;
         let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
-        let healthy = Arc::new(AtomicBool::new(true));
+        let (broker, healthy) = QueuedBroker::new(outbox);
         let writer = Writer {
             file,
             path: path.display().to_string(),
@@ -242,7 +241,7 @@ impl Backend for FileBackend {
             .name("broker-file-writer".into())
             .spawn(move || writer.run(inbox))
             .map_err(|e| Error::io(NAME, "starting the writer thread", e))?;
-        Ok(Box::new(FileBroker { outbox, healthy }))
+        Ok(Box::new(broker))
     }
 
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
@@ -269,35 +268,11 @@ fn end_with_newline(file: &mut File) -> io::Result<()> {
     Ok(())
 }
 
-struct FileBroker {
-    outbox: Outbox,
-    healthy: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl EventBroker for FileBroker {
-    fn backend(&self) -> &'static str {
-        NAME
-    }
-    async fn publish(&self, event: Event) -> Result<Receipt, Error> {
-        self.outbox.publish(event).await
-    }
-    async fn flush(&self) -> Result<(), Error> {
-        self.outbox.flush().await
-    }
-    async fn is_ready(&self) -> bool {
-        !self.outbox.is_closed() && self.healthy.load(Ordering::Acquire)
-    }
-    async fn close(&self) -> Result<CloseReport, Error> {
-        self.outbox.close().await
-    }
-}
-
 struct Writer {
     file: File,
     path: String,
     config: FileConfig,
-    healthy: Arc<AtomicBool>,
+    healthy: Readiness,
     buf: Vec<u8>,
     /// Receipts of the events in `buf`, with each line's start within `buf`.
     settles: Vec<(Settle, usize)>,
@@ -364,13 +339,13 @@ impl Writer {
         let result = self.write_batch();
         match result {
             Ok(batch_start) => {
-                self.healthy.store(true, Ordering::Release);
+                self.healthy.set(true);
                 for (settle, start) in self.settles.drain(..) {
                     settle.delivered(Some(Position::Offset(batch_start + start as u64)));
                 }
             }
             Err(err) => {
-                self.healthy.store(false, Ordering::Release);
+                self.healthy.set(false);
                 tracing::error!("writing {}: {err}", self.path);
                 let error = Error::io(NAME, format!("writing {}", self.path), err);
                 for (settle, _) in self.settles.drain(..) {
@@ -415,7 +390,7 @@ impl Writer {
         if self.dirty && self.config.fsync != Fsync::Never {
             if let Err(err) = self.sync() {
                 tracing::error!("fsync {}: {err}", self.path);
-                self.healthy.store(false, Ordering::Release);
+                self.healthy.set(false);
             }
         }
     }
