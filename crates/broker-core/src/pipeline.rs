@@ -79,18 +79,24 @@ pub struct Outbox {
     tx: mpsc::Sender<Command>,
     options: DeliveryOptions,
     closed: AtomicBool,
+    close_deadline: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 /// The writer's side of a backend's queue.
 #[derive(Debug)]
 pub struct Inbox {
     rx: mpsc::Receiver<Command>,
+    close_deadline: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 /// A queue for `backend` with the bound and policy of `options`.
 pub fn channel(backend: &'static str, options: DeliveryOptions) -> (Outbox, Inbox) {
     let (tx, rx) = mpsc::channel(options.buffer_size.max(1));
-    (Outbox { backend, tx, options, closed: AtomicBool::new(false) }, Inbox { rx })
+    let close_deadline = Arc::new(std::sync::Mutex::new(None));
+    (
+        Outbox { backend, tx, options, closed: AtomicBool::new(false), close_deadline: close_deadline.clone() },
+        Inbox { rx, close_deadline },
+    )
 }
 
 impl Outbox {
@@ -136,6 +142,9 @@ impl Outbox {
         }
         let timeout = self.options.close_timeout;
         let deadline = Instant::now() + timeout;
+        // A writer busy retrying (the service is down) sees this before it reaches the Close
+        // command, and stops retrying at the deadline.
+        *self.close_deadline.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(deadline);
         let (reply, rx) = oneshot::channel();
         let send = self.tx.send(Command::Close { deadline, reply });
         match tokio::time::timeout(timeout + Duration::from_millis(100), send).await {
@@ -180,6 +189,11 @@ impl Inbox {
             }
         }
         n
+    }
+
+    /// The close deadline, once `close` was called: a writer that retries gives up at it.
+    pub fn close_deadline(&self) -> Option<Instant> {
+        *self.close_deadline.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Takes what is queued right now without waiting (used while closing).

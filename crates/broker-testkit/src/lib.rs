@@ -26,6 +26,8 @@
 //! # }
 //! ```
 
+pub mod services;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,0 +1,220 @@
+//! The SQL event broker (`type: sql`): SQLite and PostgreSQL, Rasa's `events` table, many
+//! events per transaction, and a consumer that follows the table by `id`.
+//!
+//! - **Configuration and table** (rasa-compat §5): `dialect` (`sqlite`, default, or
+//!   `postgresql`), `url` (host, `host:port`, or a full URL with `://`), `port`, `db` (default
+//!   `events.db`; for SQLite a path relative to the working directory, or `:memory:`), `username`,
+//!   `password`. The table `events(id, sender_id VARCHAR(255), data TEXT)` is created when missing
+//!   (`migrations/<dialect>/`); one Rasa created is used as is. `data` is the event's Rasa
+//!   encoding. Ours: `table` (validated identifier), `batch_size` (500), `max_event_bytes`,
+//!   `retry_delay_in_seconds` (longest reconnect wait, 5), `connect_timeout` (10), and the
+//!   delivery options `buffer_size`, `when_full`, `close_timeout`.
+//! - **Delivery** (contracts §A): a writer takes up to `batch_size` queued events and commits
+//!   them in one transaction; each event's receipt is settled by that commit, with its row id.
+//!   PostgreSQL outages are ridden out: reconnect with backoff, nothing accepted is lost, and a
+//!   batch whose commit outcome was lost is not inserted twice. SQLite runs in WAL mode.
+//! - **Consuming** (contracts §B): by `id` cursor, never skipping a row that a concurrent writer
+//!   committed after a higher id (see [`postgres`](crate) module docs for how).
+//! - A `sender_id` longer than the column's 255 characters is cut to fit *in that column*; `data`
+//!   keeps it whole. (Rasa's insert fails on PostgreSQL there.)
+//!
+//! ```
+//! use broker_core::{Backend, Event, EventBroker};
+//! use broker_sql::{SqlBackend, SqlConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), broker_core::Error> {
+//! let dir = tempfile::tempdir().expect("temp dir");
+//! let backend = SqlBackend::new(SqlConfig::sqlite(dir.path().join("events.db")));
+//! let broker = backend.connect().await?;
+//! let line = br#"{"sender_id": "a", "event": "restart", "timestamp": 1.5}"#;
+//! let delivered = broker.publish(Event::from_json(line).expect("valid")).await?.await?;
+//! assert_eq!(delivered.position, Some(broker_core::Position::Row(1)));
+//! broker.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod postgres;
+mod sqlite;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use broker_core::pipeline::{self, Pending, QueuedBroker};
+use broker_core::{
+    Backend, BackendFactory, ConfigError, Configured, Error, Event, EventBroker, EventSource, Position, Received,
+    SourceOptions, StartFrom, async_trait,
+};
+use diesel::sql_types::{BigInt, Nullable, Text};
+
+pub use config::{Database, PgTarget, SqlConfig, TableName};
+use config::NAME;
+
+/// How often a following consumer looks for new rows.
+pub(crate) const POLL: Duration = Duration::from_millis(50);
+
+/// One row to insert.
+pub(crate) struct Row<'a> {
+    pub(crate) sender_id: Option<&'a str>,
+    pub(crate) data: &'a str,
+}
+
+impl Row<'_> {
+    pub(crate) fn of(p: &Pending) -> Row<'_> {
+        // The column is VARCHAR(255): keep the first 255 characters there (data has it all).
+        let sender_id = p.sender_id.as_deref().map(|s| s.char_indices().nth(255).map_or(s, |(i, _)| &s[..i]));
+        // Rasa's encoding is ASCII, hence UTF-8.
+        let data = std::str::from_utf8(&p.json).unwrap_or_default();
+        Row { sender_id, data }
+    }
+}
+
+/// Splits `pending` into events to insert and events over `max_event_bytes`.
+pub(crate) fn rows_of(pending: &mut Vec<Pending>, max: Option<usize>) -> (Vec<Pending>, Vec<Pending>) {
+    match max {
+        None => (std::mem::take(pending), Vec::new()),
+        Some(m) => std::mem::take(pending).into_iter().partition(|p| p.json.len() <= m),
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+pub(crate) struct IdRow {
+    #[diesel(sql_type = BigInt)]
+    pub(crate) id: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+pub(crate) struct EventRow {
+    #[diesel(sql_type = BigInt)]
+    pub(crate) id: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    #[allow(dead_code)]
+    pub(crate) sender_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub(crate) data: Option<String>,
+}
+
+impl EventRow {
+    pub(crate) fn into_received(self) -> Result<Received, Error> {
+        let position = Position::Row(self.id);
+        let Some(data) = self.data else {
+            return Err(Error::Malformed { position, reason: "the data column is NULL".into() });
+        };
+        let raw = data.into_bytes();
+        match Event::from_json(&raw) {
+            Ok(event) => Ok(Received::new(event, raw, position, Some(self.id as u64))),
+            Err(e) => Err(Error::Malformed { position, reason: e.to_string() }),
+        }
+    }
+}
+
+/// A configured SQL backend.
+#[derive(Debug, Clone)]
+pub struct SqlBackend {
+    config: SqlConfig,
+}
+
+impl SqlBackend {
+    /// A backend with `config`.
+    pub fn new(config: SqlConfig) -> SqlBackend {
+        SqlBackend { config }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SqlConfig {
+        &self.config
+    }
+}
+
+/// Factory for `type: sql`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SqlFactory;
+
+impl BackendFactory for SqlFactory {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn configure(&self, options: broker_core::Options) -> Result<Configured, ConfigError> {
+        let (config, warnings) = SqlConfig::from_options(options)?;
+        Ok(Configured::new(Box::new(SqlBackend::new(config)), warnings))
+    }
+}
+
+#[async_trait]
+impl Backend for SqlBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn describe(&self) -> String {
+        match &self.config.database {
+            Database::Sqlite { path } => format!("sql sqlite {} table {}", path.display(), self.config.table.as_str()),
+            Database::Postgres(pg) => format!("sql {} table {}", pg.describe(), self.config.table.as_str()),
+        }
+    }
+
+    async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
+        let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
+        let (broker, ready) = QueuedBroker::new(outbox);
+        match &self.config.database {
+            Database::Sqlite { path } => {
+                let (path, table) = (path.clone(), self.config.table.clone());
+                let conn = tokio::task::spawn_blocking(move || sqlite::open(&path, &table))
+                    .await
+                    .map_err(|e| Error::Io { backend: NAME, operation: "opening".into(), reason: e.to_string(), cause: None })??;
+                let writer = sqlite::Writer {
+                    conn,
+                    config: self.config.clone(),
+                    path: match &self.config.database {
+                        Database::Sqlite { path } => path.clone(),
+                        Database::Postgres(_) => Default::default(),
+                    },
+                    ready,
+                };
+                std::thread::Builder::new()
+                    .name("broker-sqlite-writer".into())
+                    .spawn(move || writer.run(inbox))
+                    .map_err(|e| Error::io(NAME, "starting the writer thread", e))?;
+            }
+            Database::Postgres(target) => {
+                let writer = postgres::start_writer(target.clone(), self.config.clone(), ready).await?;
+                tokio::spawn(writer.run(inbox));
+            }
+        }
+        Ok(Box::new(broker))
+    }
+
+    async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
+        match &self.config.database {
+            Database::Sqlite { path } => {
+                let (path, table) = (path.clone(), self.config.table.clone());
+                let start = options.start.clone();
+                let (conn, cursor) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+                    let mut conn = sqlite::open(&path, &table)?;
+                    let cursor = match start {
+                        StartFrom::Beginning => 0,
+                        StartFrom::Offset(id) => id as i64,
+                        _ => sqlite::SqliteSource::max_id(&mut conn, &table)?,
+                    };
+                    Ok((conn, cursor))
+                })
+                .await
+                .map_err(|e| Error::Io { backend: NAME, operation: "opening".into(), reason: e.to_string(), cause: None })??;
+                Ok(Box::new(sqlite::SqliteSource {
+                    conn: Arc::new(Mutex::new(conn)),
+                    table: self.config.table.clone(),
+                    cursor,
+                    follow: options.follow,
+                    buffered: Default::default(),
+                }))
+            }
+            Database::Postgres(target) => {
+                let source = postgres::PgSource::open(target, &self.config, &options.start, options.follow).await?;
+                Ok(Box::new(source))
+            }
+        }
+    }
+}
