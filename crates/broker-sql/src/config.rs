@@ -60,7 +60,13 @@ impl PgTarget {
     pub fn describe(&self) -> String {
         match &self.url {
             Some(url) => redact_url(url.expose()),
-            None => format!("postgresql://{}{}:{}/{}", self.username.as_deref().map(|u| format!("{u}@")).unwrap_or_default(), self.host, self.port, self.db),
+            None => format!(
+                "postgresql://{}{}:{}/{}",
+                self.username.as_deref().map(|u| format!("{u}@")).unwrap_or_default(),
+                self.host,
+                self.port,
+                self.db
+            ),
         }
     }
 }
@@ -242,14 +248,7 @@ impl SqlConfig {
             }
             _ => {
                 let url_at = options.location("url");
-                let mut target = PgTarget {
-                    url: None,
-                    host: "localhost".into(),
-                    port: 5432,
-                    db,
-                    username,
-                    password,
-                };
+                let mut target = PgTarget { url: None, host: "localhost".into(), port: 5432, db, username, password };
                 if let Some(p) = port {
                     target.port = u16::try_from(p).map_err(|_| {
                         ConfigError::new(options.location("port"), Some("port"), format!("{p} is not a port number"))
@@ -265,7 +264,11 @@ impl SqlConfig {
                             Some((h, p)) if !h.is_empty() && !h.contains(':') => {
                                 target.host = h.to_owned();
                                 target.port = p.parse().map_err(|_| {
-                                    ConfigError::new(url_at.clone(), Some("url"), format!("{p:?} in {u:?} is not a port"))
+                                    ConfigError::new(
+                                        url_at.clone(),
+                                        Some("url"),
+                                        format!("{p:?} in {u:?} is not a port"),
+                                    )
                                 })?;
                             }
                             _ => target.host = u,
@@ -278,13 +281,19 @@ impl SqlConfig {
         };
         let mut config = SqlConfig::with(database);
         if let Some(t) = options.take_str("table")? {
-            config.table = TableName::new(&t)
-                .map_err(|e| ConfigError::new(options.location("table"), Some("table"), e).with_hint("letters, digits and _, starting with a letter or _"))?;
+            config.table = TableName::new(&t).map_err(|e| {
+                ConfigError::new(options.location("table"), Some("table"), e)
+                    .with_hint("letters, digits and _, starting with a letter or _")
+            })?;
         }
         if let Some(n) = options.take_u64("batch_size")? {
             if n == 0 || n > 100_000 {
-                return Err(ConfigError::new(options.location("batch_size"), Some("batch_size"), format!("{n} is out of range"))
-                    .with_hint("between 1 and 100000"));
+                return Err(ConfigError::new(
+                    options.location("batch_size"),
+                    Some("batch_size"),
+                    format!("{n} is out of range"),
+                )
+                .with_hint("between 1 and 100000"));
             }
             config.batch_size = n as usize;
         }
@@ -295,10 +304,16 @@ impl SqlConfig {
         if let Some(d) = options.take_seconds("connect_timeout")? {
             config.connect_timeout = d;
         }
-        if let Some(mode) = options.take_choice("sslmode", &["disable", "prefer", "require", "verify-ca", "verify-full"])? {
+        if let Some(mode) =
+            options.take_choice("sslmode", &["disable", "prefer", "require", "verify-ca", "verify-full"])?
+        {
             if mode != "disable" {
-                return Err(ConfigError::new(options.location("sslmode"), Some("sslmode"), format!("sslmode {mode} is not supported yet"))
-                    .with_hint("use sslmode: disable, or a TLS-terminating proxy"));
+                return Err(ConfigError::new(
+                    options.location("sslmode"),
+                    Some("sslmode"),
+                    format!("sslmode {mode} is not supported yet"),
+                )
+                .with_hint("use sslmode: disable, or a TLS-terminating proxy"));
             }
         }
         config.delivery = DeliveryOptions::take(&mut options)?;

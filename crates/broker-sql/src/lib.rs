@@ -49,8 +49,8 @@ use broker_core::{
 };
 use diesel::sql_types::{BigInt, Nullable, Text};
 
-pub use config::{Database, PgTarget, SqlConfig, TableName};
 use config::NAME;
+pub use config::{Database, PgTarget, SqlConfig, TableName};
 
 /// How often a following consumer looks for new rows.
 pub(crate) const POLL: Duration = Duration::from_millis(50);
@@ -162,9 +162,9 @@ impl Backend for SqlBackend {
         match &self.config.database {
             Database::Sqlite { path } => {
                 let (path, table) = (path.clone(), self.config.table.clone());
-                let conn = tokio::task::spawn_blocking(move || sqlite::open(&path, &table))
-                    .await
-                    .map_err(|e| Error::Io { backend: NAME, operation: "opening".into(), reason: e.to_string(), cause: None })??;
+                let conn = tokio::task::spawn_blocking(move || sqlite::open(&path, &table)).await.map_err(|e| {
+                    Error::Io { backend: NAME, operation: "opening".into(), reason: e.to_string(), cause: None }
+                })??;
                 let writer = sqlite::Writer {
                     conn,
                     config: self.config.clone(),
@@ -202,7 +202,12 @@ impl Backend for SqlBackend {
                     Ok((conn, cursor))
                 })
                 .await
-                .map_err(|e| Error::Io { backend: NAME, operation: "opening".into(), reason: e.to_string(), cause: None })??;
+                .map_err(|e| Error::Io {
+                    backend: NAME,
+                    operation: "opening".into(),
+                    reason: e.to_string(),
+                    cause: None,
+                })??;
                 Ok(Box::new(sqlite::SqliteSource {
                     conn: Arc::new(Mutex::new(conn)),
                     table: self.config.table.clone(),

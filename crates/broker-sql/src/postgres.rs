@@ -27,6 +27,9 @@ use crate::{EventRow, IdRow, Row, rows_of};
 
 const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_create_events.sql")];
 
+/// How often an idle writer checks its connection.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
 fn cannot_connect(target: &PgTarget, e: impl std::fmt::Display) -> Error {
     Error::Unavailable { backend: NAME, reason: format!("{}: {e}", target.describe()), cause: None }
 }
@@ -35,8 +38,11 @@ fn cannot_connect(target: &PgTarget, e: impl std::fmt::Display) -> Error {
 pub(crate) async fn connect(target: &PgTarget, timeout: Duration) -> Result<AsyncPgConnection, Error> {
     let config = target.pg_config().map_err(|e| cannot_connect(target, e))?;
     let attempt = async {
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| cannot_connect(target, e))?;
-        AsyncPgConnection::try_from_client_and_connection(client, connection).await.map_err(|e| cannot_connect(target, e))
+        let (client, connection) =
+            config.connect(tokio_postgres::NoTls).await.map_err(|e| cannot_connect(target, e))?;
+        AsyncPgConnection::try_from_client_and_connection(client, connection)
+            .await
+            .map_err(|e| cannot_connect(target, e))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -124,7 +130,15 @@ impl Writer {
         let mut pending: Vec<Pending> = Vec::with_capacity(self.config.batch_size);
         loop {
             batch.clear();
-            if inbox.recv_batch(&mut batch, self.config.batch_size).await == 0 {
+            let received = tokio::select! {
+                n = inbox.recv_batch(&mut batch, self.config.batch_size) => n,
+                // Idle: look at the connection, so `is_ready` tells the truth between events.
+                _ = tokio::time::sleep(HEALTH_INTERVAL) => {
+                    self.check_health().await;
+                    continue;
+                }
+            };
+            if received == 0 {
                 self.write(&mut pending, &inbox).await;
                 return;
             }
@@ -186,6 +200,29 @@ impl Writer {
             drop(conn);
         }
         CloseReport::new(undelivered)
+    }
+
+    /// While idle: pings the connection (or tries once to get one back) and records the result.
+    async fn check_health(&mut self) {
+        match self.conn.as_mut() {
+            Some(conn) => {
+                let ping =
+                    tokio::time::timeout(Duration::from_secs(2), diesel::sql_query("SELECT 1").execute(conn)).await;
+                if !matches!(ping, Ok(Ok(_))) {
+                    tracing::warn!("sql: lost the connection to {}", self.target.describe());
+                    self.conn = None;
+                    self.ready.set(false);
+                }
+            }
+            None => {
+                if let Ok(mut c) = connect(&self.target, self.config.connect_timeout).await {
+                    if migrate(&mut c, &self.config.table).await.is_ok() {
+                        self.conn = Some(c);
+                        self.ready.set(true);
+                    }
+                }
+            }
+        }
     }
 
     /// A live connection, reconnecting with exponential backoff and jitter until it works or
@@ -278,7 +315,12 @@ impl Writer {
             Ok(ids) => {
                 let reason = format!("inserted {} rows for {} events", ids.len(), ok.len());
                 for p in ok {
-                    p.settle.settle(Err(Error::Io { backend: NAME, operation: "inserting".into(), reason: reason.clone(), cause: None }));
+                    p.settle.settle(Err(Error::Io {
+                        backend: NAME,
+                        operation: "inserting".into(),
+                        reason: reason.clone(),
+                        cause: None,
+                    }));
                 }
             }
             Err(reason) if self.conn.is_none() => {
@@ -297,7 +339,11 @@ impl Writer {
         for p in ok {
             let row = [Row::of(&p)];
             let Some(conn) = self.conn.as_mut() else {
-                p.settle.settle(Err(Error::Unavailable { backend: NAME, reason: "connection lost".into(), cause: None }));
+                p.settle.settle(Err(Error::Unavailable {
+                    backend: NAME,
+                    reason: "connection lost".into(),
+                    cause: None,
+                }));
                 continue;
             };
             match insert(conn, &self.config.table, &row).await {
@@ -365,9 +411,16 @@ fn parse_snapshot(s: &str) -> (u64, u64) {
 }
 
 impl PgSource {
-    pub(crate) async fn open(target: &PgTarget, config: &SqlConfig, start: &broker_core::StartFrom, follow: bool) -> Result<PgSource, Error> {
+    pub(crate) async fn open(
+        target: &PgTarget,
+        config: &SqlConfig,
+        start: &broker_core::StartFrom,
+        follow: bool,
+    ) -> Result<PgSource, Error> {
         let mut conn = connect(target, config.connect_timeout).await?;
-        migrate(&mut conn, &config.table).await.map_err(|e| cannot_connect(target, format!("creating the table: {e}")))?;
+        migrate(&mut conn, &config.table)
+            .await
+            .map_err(|e| cannot_connect(target, format!("creating the table: {e}")))?;
         let cursor = match start {
             broker_core::StartFrom::Beginning => 0,
             broker_core::StartFrom::Offset(id) => *id as i64,
@@ -381,7 +434,10 @@ impl PgSource {
     }
 
     async fn snapshot(&mut self) -> Result<(u64, u64), Error> {
-        let s: Vec<Snapshot> = diesel::sql_query("SELECT pg_current_snapshot()::text AS snap").load(&mut self.conn).await.map_err(Self::io)?;
+        let s: Vec<Snapshot> = diesel::sql_query("SELECT pg_current_snapshot()::text AS snap")
+            .load(&mut self.conn)
+            .await
+            .map_err(Self::io)?;
         Ok(<[_]>::first(&s).map_or((0, 0), |s| parse_snapshot(&s.snap)))
     }
 

@@ -31,7 +31,8 @@ fn unavailable(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
 /// Opens the database with WAL, a busy timeout and full sync, and creates the table if missing.
 pub(crate) fn open(path: &Path, table: &TableName) -> Result<SqliteConnection, Error> {
     let url = path.to_string_lossy();
-    let mut conn = SqliteConnection::establish(&url).map_err(|e| unavailable(path, "cannot open SQLite database", e))?;
+    let mut conn =
+        SqliteConnection::establish(&url).map_err(|e| unavailable(path, "cannot open SQLite database", e))?;
     let memory = url == ":memory:";
     let pragmas = if memory {
         "PRAGMA busy_timeout = 5000;"
@@ -40,7 +41,8 @@ pub(crate) fn open(path: &Path, table: &TableName) -> Result<SqliteConnection, E
     };
     conn.batch_execute(pragmas).map_err(|e| unavailable(path, "cannot configure", e))?;
     for m in MIGRATIONS {
-        conn.batch_execute(&m.replace("{table}", &table.quoted())).map_err(|e| unavailable(path, "cannot create the table in", e))?;
+        conn.batch_execute(&m.replace("{table}", &table.quoted()))
+            .map_err(|e| unavailable(path, "cannot create the table in", e))?;
     }
     Ok(conn)
 }
@@ -220,7 +222,12 @@ impl SqliteSource {
     pub(crate) fn max_id(conn: &mut SqliteConnection, table: &TableName) -> Result<i64, Error> {
         let rows: Vec<IdRow> = diesel::sql_query(format!("SELECT COALESCE(MAX(id), 0) AS id FROM {}", table.quoted()))
             .load(conn)
-            .map_err(|e| Error::Io { backend: NAME, operation: "reading the last id".into(), reason: e.to_string(), cause: None })?;
+            .map_err(|e| Error::Io {
+                backend: NAME,
+                operation: "reading the last id".into(),
+                reason: e.to_string(),
+                cause: None,
+            })?;
         Ok(<[_]>::first(&rows).map_or(0, |r| r.id))
     }
 
@@ -234,7 +241,12 @@ impl SqliteSource {
         })
         .await
         .map_err(|e| Error::Io { backend: NAME, operation: "polling".into(), reason: e.to_string(), cause: None })?
-        .map_err(|e| Error::Io { backend: NAME, operation: "reading events".into(), reason: e.to_string(), cause: None })?;
+        .map_err(|e| Error::Io {
+            backend: NAME,
+            operation: "reading events".into(),
+            reason: e.to_string(),
+            cause: None,
+        })?;
         self.buffered.extend(rows);
         Ok(())
     }

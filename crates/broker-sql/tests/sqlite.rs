@@ -1,6 +1,8 @@
 //! The SQL backend on SQLite files: conformance, Rasa's table and rows, configuration.
 
-use broker_core::{Backend, BackendFactory, ConfigValue, Event, Options, Position, SourceOptions, StartFrom, async_trait};
+use broker_core::{
+    Backend, BackendFactory, ConfigValue, Event, Options, Position, SourceOptions, StartFrom, async_trait,
+};
 use broker_sql::{SqlBackend, SqlConfig, SqlFactory, TableName};
 use broker_testkit::Target;
 use diesel::prelude::*;
@@ -51,9 +53,11 @@ async fn rows_match_rasas_and_an_existing_rasa_table_is_used_as_is() {
     {
         // The table exactly as Rasa's SQLAlchemy model creates it, with a row Rasa wrote.
         let mut c = SqliteConnection::establish(&path.to_string_lossy()).unwrap();
-        diesel::sql_query("CREATE TABLE events (id INTEGER NOT NULL, sender_id VARCHAR(255), data TEXT, PRIMARY KEY (id))")
-            .execute(&mut c)
-            .unwrap();
+        diesel::sql_query(
+            "CREATE TABLE events (id INTEGER NOT NULL, sender_id VARCHAR(255), data TEXT, PRIMARY KEY (id))",
+        )
+        .execute(&mut c)
+        .unwrap();
         diesel::sql_query("INSERT INTO events (sender_id, data) VALUES ('old', '{\"sender_id\": \"old\", \"event\": \"restart\", \"timestamp\": 1.0}')")
             .execute(&mut c)
             .unwrap();

@@ -1,0 +1,136 @@
+//! The SQL backend on the real PostgreSQL (`BROKER_TEST_POSTGRES_URL`, or testcontainers).
+
+use std::time::Duration;
+
+use broker_core::{Backend, Event, Position, SourceOptions, StartFrom, async_trait};
+use broker_sql::{SqlBackend, SqlConfig, TableName};
+use broker_testkit::Target;
+
+/// Each backend gets its own table; all are dropped at the end.
+struct Postgres {
+    url: String,
+    tables: std::sync::Mutex<Vec<String>>,
+}
+
+impl Postgres {
+    fn backend(&self, prefix: &str) -> SqlBackend {
+        let table = format!("{prefix}_{}", broker_testkit::services::unique_suffix());
+        self.tables.lock().unwrap().push(table.clone());
+        SqlBackend::new(
+            SqlConfig::postgres_url(&self.url).table(TableName::new(&table).unwrap()).max_event_bytes(64 * 1024),
+        )
+    }
+
+    async fn drop_tables(&self) {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        for t in self.tables.lock().unwrap().drain(..) {
+            client.batch_execute(&format!("DROP TABLE IF EXISTS \"{t}\"")).await.unwrap();
+        }
+    }
+}
+
+#[async_trait]
+impl Target for Postgres {
+    fn name(&self) -> String {
+        "sql postgresql".into()
+    }
+    async fn fresh(&self) -> Box<dyn Backend> {
+        Box::new(self.backend("conformance"))
+    }
+    fn poison(&self) -> Option<Event> {
+        Some(broker_testkit::oversized_event(100_000))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_conforms() {
+    let Some(service) = broker_testkit::services::postgres("postgres_conforms").await else { return };
+    let target = Postgres { url: service.url.clone(), tables: Default::default() };
+    broker_testkit::run_all(&target).await;
+    target.drop_tables().await;
+}
+
+/// A row committed after a higher id is not skipped: an open transaction holds id N while the
+/// broker commits N+1; the consumer must hand over N before N+1, once N commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_id_cursor_never_skips_a_late_commit() {
+    let Some(service) = broker_testkit::services::postgres("the_id_cursor_never_skips_a_late_commit").await else {
+        return;
+    };
+    let target = Postgres { url: service.url.clone(), tables: Default::default() };
+    let backend = target.backend("gap");
+    let table = target.tables.lock().unwrap()[0].clone();
+    let broker = backend.connect().await.unwrap();
+    broker.publish(broker_testkit::user_event("s", 0)).await.unwrap().await.unwrap();
+
+    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning)).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), source.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.position, Position::Row(1));
+
+    // Another writer takes id 2 and keeps its transaction open.
+    let (slow, conn) = tokio_postgres::connect(&service.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let late = String::from_utf8(broker_testkit::user_event("late", 1).to_json()).unwrap();
+    slow.batch_execute("BEGIN").await.unwrap();
+    slow.execute(&format!("INSERT INTO \"{table}\" (sender_id, data) VALUES ('late', $1)"), &[&late]).await.unwrap();
+
+    // The broker commits id 3 meanwhile.
+    let third = broker.publish(broker_testkit::user_event("s", 2)).await.unwrap().await.unwrap();
+    assert_eq!(third.position, Some(Position::Row(3)));
+
+    // While id 2 is in flight, nothing is handed over.
+    let early = tokio::time::timeout(Duration::from_millis(700), source.next()).await;
+    assert!(early.is_err(), "handed over a row past an uncommitted one: {early:?}");
+
+    slow.batch_execute("COMMIT").await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), source.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(second.position, Position::Row(2));
+    assert_eq!(second.raw, late.as_bytes());
+    let next = tokio::time::timeout(Duration::from_secs(10), source.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next.position, Position::Row(3));
+
+    // A rolled-back insert leaves a gap for good; the cursor moves past it.
+    slow.batch_execute("BEGIN").await.unwrap();
+    slow.execute(&format!("INSERT INTO \"{table}\" (sender_id, data) VALUES ('gone', '{{}}')"), &[]).await.unwrap();
+    slow.batch_execute("ROLLBACK").await.unwrap();
+    broker.publish(broker_testkit::user_event("s", 3)).await.unwrap().await.unwrap();
+    let after_gap = tokio::time::timeout(Duration::from_secs(10), source.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(after_gap.position, Position::Row(5));
+
+    broker.close().await.unwrap();
+    target.drop_tables().await;
+}
+
+/// Rasa's sample: `data` is Rasa's encoding; a sender_id over 255 characters fits the column
+/// cut, and stays whole in `data`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_hold_rasas_bytes() {
+    let Some(service) = broker_testkit::services::postgres("rows_hold_rasas_bytes").await else { return };
+    let target = Postgres { url: service.url.clone(), tables: Default::default() };
+    let backend = target.backend("rows");
+    let table = target.tables.lock().unwrap()[0].clone();
+    let broker = backend.connect().await.unwrap();
+    let mut receipts = Vec::new();
+    for e in broker_testkit::rasa_sample_events() {
+        receipts.push(broker.publish(e).await.unwrap());
+    }
+    for r in receipts {
+        r.await.unwrap();
+    }
+    broker.close().await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&service.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rows = client.query(&format!("SELECT sender_id, data FROM \"{table}\" ORDER BY id"), &[]).await.unwrap();
+    let lines = broker_testkit::rasa_sample_lines();
+    assert_eq!(rows.len(), lines.len());
+    for (row, line) in rows.iter().zip(lines) {
+        let data: String = row.get(1);
+        assert_eq!(data, line);
+        let sender: Option<String> = row.get(0);
+        let want =
+            Event::from_json(line.as_bytes()).unwrap().sender_id().map(|s| s.chars().take(255).collect::<String>());
+        assert_eq!(sender, want);
+    }
+    target.drop_tables().await;
+}
