@@ -16,12 +16,15 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The embedded default's database (contracts §D).
+const DEFAULT_SQLITE: &str = "events.db";
+
 /// Publish, tail and check Rasa tracker events through the broker configured in endpoints.yml.
 #[derive(Debug, Parser)]
 #[command(name = "broker", version, about, long_about = None)]
 struct Cli {
     /// The endpoints file. Default: ./endpoints.yml when it exists, else the embedded default
-    /// (file backend, rasa_event.log in the working directory).
+    /// (SQLite database events.db in the working directory).
     #[arg(long, global = true, value_name = "PATH")]
     endpoints: Option<PathBuf>,
 
@@ -107,11 +110,10 @@ fn resolve_backend(endpoints: Option<&Path>) -> Result<Box<dyn Backend>> {
     };
     let Some(path) = path else {
         eprintln!(
-            "broker: no endpoints.yml here; using the embedded default: file backend, {} in the working directory",
-            broker_file::DEFAULT_PATH
+            "broker: no endpoints.yml here; using the embedded default: SQLite database {DEFAULT_SQLITE} in the \
+             working directory (type: sql)"
         );
-        let backend = broker_file::FileBackend::new(broker_file::FileConfig::new(broker_file::DEFAULT_PATH));
-        return Ok(Box::new(backend));
+        return Ok(Box::new(broker_sql::SqlBackend::new(broker_sql::SqlConfig::sqlite(DEFAULT_SQLITE))));
     };
     let configured = broker_config::load(&path, &registry)?
         .ok_or_else(|| anyhow!("{} has no event_broker section: no event broker is configured", path.display()))?;

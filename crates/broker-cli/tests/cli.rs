@@ -35,7 +35,7 @@ fn publish_then_tail_gives_back_rasas_bytes() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("embedded default"), "{}", stderr(&out));
     assert!(stderr(&out).contains("read 106 events, delivered 106, failed 0"), "{}", stderr(&out));
-    assert_eq!(std::fs::read_to_string(dir.path().join("rasa_event.log")).unwrap(), SAMPLE);
+    assert!(dir.path().join("events.db").exists(), "the embedded default is SQLite events.db");
 
     let out = broker(dir.path(), &["tail", "--from-beginning", "--timeout", "0.5"], None);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -52,6 +52,7 @@ fn publish_then_tail_gives_back_rasas_bytes() {
 fn an_invalid_line_stops_after_delivering_what_came_before() {
     let dir = tempfile::tempdir().unwrap();
     let input = "{\"sender_id\": \"a\", \"event\": \"restart\", \"timestamp\": 1.0}\n[1, 2]\n{\"sender_id\": \"a\", \"event\": \"undo\", \"timestamp\": 2.0}\n";
+    std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n").unwrap();
     let out = broker(dir.path(), &["publish"], Some(input));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("<stdin>:2: invalid event: an event must be a JSON object"), "{}", stderr(&out));

@@ -11,8 +11,8 @@
 //! string, and numeric strings work where numbers are expected), a quoted one stays literal, and an
 //! unset variable is an error; YAML 1.2 booleans, checked strictly by each backend.
 //!
-//! One cargo feature per backend (`file` is on by default); the in-memory reference backend
-//! (`type: memory`) is always there.
+//! One cargo feature per backend (`file` is on by default, `sql` is opt-in); the in-memory
+//! reference backend (`type: memory`) is always there.
 //!
 //! ```
 //! let yaml = "event_broker:\n  type: FILE\n  path: events.log\n";
@@ -145,7 +145,10 @@ pub fn default_registry() -> Registry {
     registry.note_disabled("file", "enable the cargo feature `file` of broker-config");
     registry.note_disabled("kafka", "the Kafka backend is not part of this release yet");
     registry.note_disabled("pika", "the RabbitMQ (pika) backend is not part of this release yet");
-    registry.note_disabled("sql", "the SQL backend is not part of this release yet");
+    #[cfg(feature = "sql")]
+    registry.register(broker_sql::SqlFactory);
+    #[cfg(not(feature = "sql"))]
+    registry.note_disabled("sql", "enable the cargo feature `sql` of broker-config");
     registry
 }
 

@@ -24,7 +24,8 @@ impl Postgres {
     async fn drop_tables(&self) {
         let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn);
-        for t in self.tables.lock().unwrap().drain(..) {
+        let tables: Vec<String> = self.tables.lock().unwrap().drain(..).collect();
+        for t in tables {
             client.batch_execute(&format!("DROP TABLE IF EXISTS \"{t}\"")).await.unwrap();
         }
     }

@@ -48,11 +48,11 @@ pub async fn postgres(test: &str) -> Option<Service> {
             Ok(node) => match node.get_host_port_ipv4(5432).await {
                 Ok(port) => {
                     let url = format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres");
-                    return Some(Service { url, origin: "testcontainers", _container: Some(Box::new(node)) });
+                    Some(Service { url, origin: "testcontainers", _container: Some(Box::new(node)) })
                 }
-                Err(e) => return unavailable(test, VAR, &format!("the container has no port: {e}")),
+                Err(e) => unavailable(test, VAR, &format!("the container has no port: {e}")),
             },
-            Err(e) => return unavailable(test, VAR, &format!("testcontainers could not start PostgreSQL: {e}")),
+            Err(e) => unavailable(test, VAR, &format!("testcontainers could not start PostgreSQL: {e}")),
         }
     }
     #[cfg(not(feature = "containers"))]
