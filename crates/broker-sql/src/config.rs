@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use broker_core::{ConfigError, DeliveryOptions, Options, Secret, Warning};
 
+use crate::tls::{SslMode, TlsSettings};
+
 pub(crate) const NAME: &str = "sql";
 
 /// Where the events table lives.
@@ -36,15 +38,28 @@ pub struct PgTarget {
     pub username: Option<String>,
     /// Password.
     pub password: Option<Secret>,
+    /// TLS (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
+    pub tls: TlsSettings,
 }
 
 impl PgTarget {
     /// The tokio-postgres configuration.
     pub(crate) fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
+        let ssl = match self.tls.mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        };
         if let Some(url) = &self.url {
-            return url.expose().parse::<tokio_postgres::Config>().map_err(|e| format!("invalid PostgreSQL URL: {e}"));
+            let mut c =
+                url.expose().parse::<tokio_postgres::Config>().map_err(|e| format!("invalid PostgreSQL URL: {e}"))?;
+            if self.tls.mode != SslMode::Disable {
+                c.ssl_mode(ssl);
+            }
+            return Ok(c);
         }
         let mut c = tokio_postgres::Config::new();
+        c.ssl_mode(ssl);
         c.host(&self.host).port(self.port).dbname(&self.db).application_name("rasa-event-broker");
         if let Some(u) = &self.username {
             c.user(u);
@@ -58,7 +73,7 @@ impl PgTarget {
 
     /// `host:port/db` for messages.
     pub fn describe(&self) -> String {
-        match &self.url {
+        let base = match &self.url {
             Some(url) => redact_url(url.expose()),
             None => format!(
                 "postgresql://{}{}:{}/{}",
@@ -67,6 +82,10 @@ impl PgTarget {
                 self.port,
                 self.db
             ),
+        };
+        match self.tls.mode {
+            SslMode::Disable => base,
+            mode => format!("{base} (TLS {mode:?})"),
         }
     }
 }
@@ -171,6 +190,9 @@ impl SqlConfig {
         "retry_delay_in_seconds",
         "connect_timeout",
         "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
         "buffer_size",
         "when_full",
         "close_timeout",
@@ -190,6 +212,7 @@ impl SqlConfig {
             db: String::new(),
             username: None,
             password: None,
+            tls: TlsSettings::default(),
         }))
     }
 
@@ -203,6 +226,14 @@ impl SqlConfig {
             connect_timeout: Duration::from_secs(10),
             delivery: DeliveryOptions::default(),
         }
+    }
+
+    /// Sets TLS for PostgreSQL (no effect on SQLite).
+    pub fn tls(mut self, tls: TlsSettings) -> SqlConfig {
+        if let Database::Postgres(pg) = &mut self.database {
+            pg.tls = tls;
+        }
+        self
     }
 
     /// Uses `table` instead of `events`.
@@ -248,7 +279,15 @@ impl SqlConfig {
             }
             _ => {
                 let url_at = options.location("url");
-                let mut target = PgTarget { url: None, host: "localhost".into(), port: 5432, db, username, password };
+                let mut target = PgTarget {
+                    url: None,
+                    host: "localhost".into(),
+                    port: 5432,
+                    db,
+                    username,
+                    password,
+                    tls: TlsSettings::default(),
+                };
                 if let Some(p) = port {
                     target.port = u16::try_from(p).map_err(|_| {
                         ConfigError::new(options.location("port"), Some("port"), format!("{p} is not a port number"))
@@ -304,16 +343,36 @@ impl SqlConfig {
         if let Some(d) = options.take_seconds("connect_timeout")? {
             config.connect_timeout = d;
         }
-        if let Some(mode) =
-            options.take_choice("sslmode", &["disable", "prefer", "require", "verify-ca", "verify-full"])?
-        {
-            if mode != "disable" {
-                return Err(ConfigError::new(
-                    options.location("sslmode"),
-                    Some("sslmode"),
-                    format!("sslmode {mode} is not supported yet"),
-                )
-                .with_hint("use sslmode: disable, or a TLS-terminating proxy"));
+        let mode = options.take_choice("sslmode", &["disable", "prefer", "require", "verify-ca", "verify-full"])?;
+        let tls = TlsSettings {
+            mode: mode.and_then(SslMode::parse).unwrap_or_default(),
+            root_cert: options.take_str("sslrootcert")?.map(PathBuf::from),
+            client_cert: options.take_str("sslcert")?.map(PathBuf::from),
+            client_key: options.take_str("sslkey")?.map(PathBuf::from),
+        };
+        match &mut config.database {
+            Database::Postgres(pg) => {
+                if matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull) && tls.root_cert.is_none() {
+                    return Err(ConfigError::new(
+                        options.location("sslmode"),
+                        Some("sslrootcert"),
+                        "is required with this sslmode",
+                    )
+                    .with_hint("the CA certificate (PEM) the server's certificate must chain to"));
+                }
+                if tls.client_cert.is_some() != tls.client_key.is_some() {
+                    return Err(ConfigError::new(
+                        options.location("sslcert"),
+                        Some("sslcert"),
+                        "`sslcert` and `sslkey` go together",
+                    ));
+                }
+                pg.tls = tls;
+            }
+            Database::Sqlite { .. } => {
+                if tls != TlsSettings::default() {
+                    options.warn("sslmode", "TLS settings have no effect with dialect sqlite");
+                }
             }
         }
         config.delivery = DeliveryOptions::take(&mut options)?;

@@ -7,14 +7,17 @@
 //!   `password`. The table `events(id, sender_id VARCHAR(255), data TEXT)` is created when missing
 //!   (`migrations/<dialect>/`); one Rasa created is used as is. `data` is the event's Rasa
 //!   encoding. Ours: `table` (validated identifier), `batch_size` (500), `max_event_bytes`,
-//!   `retry_delay_in_seconds` (longest reconnect wait, 5), `connect_timeout` (10), and the
+//!   `retry_delay_in_seconds` (longest reconnect wait, 5), `connect_timeout` (10), TLS for
+//!   PostgreSQL with libpq's names (`sslmode`: `disable` (default), `prefer`, `require`,
+//!   `verify-ca`, `verify-full`; `sslrootcert`, `sslcert`, `sslkey`; see [`tls`]), and the
 //!   delivery options `buffer_size`, `when_full`, `close_timeout`.
 //! - **Delivery** (contracts §A): a writer takes up to `batch_size` queued events and commits
 //!   them in one transaction; each event's receipt is settled by that commit, with its row id.
 //!   PostgreSQL outages are ridden out: reconnect with backoff, nothing accepted is lost, and a
 //!   batch whose commit outcome was lost is not inserted twice. SQLite runs in WAL mode.
 //! - **Consuming** (contracts §B): by `id` cursor, never skipping a row that a concurrent writer
-//!   committed after a higher id (see [`postgres`](crate) module docs for how).
+//!   committed after a higher id: it hands rows over while ids are contiguous, and at a gap waits
+//!   until every transaction that could fill it has ended.
 //! - A `sender_id` longer than the column's 255 characters is cut to fit *in that column*; `data`
 //!   keeps it whole. (Rasa's insert fails on PostgreSQL there.)
 //!
@@ -38,6 +41,7 @@
 mod config;
 mod postgres;
 mod sqlite;
+pub mod tls;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

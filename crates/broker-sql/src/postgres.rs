@@ -34,12 +34,20 @@ fn cannot_connect(target: &PgTarget, e: impl std::fmt::Display) -> Error {
     Error::Unavailable { backend: NAME, reason: format!("{}: {e}", target.describe()), cause: None }
 }
 
-/// Connects, without TLS, within `timeout`.
+/// Connects (with TLS per `sslmode`) within `timeout`.
 pub(crate) async fn connect(target: &PgTarget, timeout: Duration) -> Result<AsyncPgConnection, Error> {
     let config = target.pg_config().map_err(|e| cannot_connect(target, e))?;
     let attempt = async {
-        let (client, connection) =
-            config.connect(tokio_postgres::NoTls).await.map_err(|e| cannot_connect(target, e))?;
+        if target.tls.mode == crate::tls::SslMode::Disable {
+            let (client, connection) =
+                config.connect(tokio_postgres::NoTls).await.map_err(|e| cannot_connect(target, e))?;
+            return AsyncPgConnection::try_from_client_and_connection(client, connection)
+                .await
+                .map_err(|e| cannot_connect(target, e));
+        }
+        let tls = crate::tls::client_config(&target.tls).map_err(|e| cannot_connect(target, e))?;
+        let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+        let (client, connection) = config.connect(make).await.map_err(|e| cannot_connect(target, tls_reason(&e)))?;
         AsyncPgConnection::try_from_client_and_connection(client, connection)
             .await
             .map_err(|e| cannot_connect(target, e))
@@ -48,6 +56,18 @@ pub(crate) async fn connect(target: &PgTarget, timeout: Duration) -> Result<Asyn
         Ok(r) => r,
         Err(_) => Err(cannot_connect(target, format!("no answer within {timeout:?}"))),
     }
+}
+
+/// The error with its causes, so a TLS failure says why (unknown issuer, wrong name).
+fn tls_reason(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Creates the table when missing (an existing one, Rasa's included, is used as is).
