@@ -52,6 +52,7 @@ pub(crate) fn bench(events: u64, runs: usize) -> Result<()> {
                 ("sqlite-per-event", PER_EVENT),
                 ("pg-raw", events),
                 ("pg-ours", events),
+                ("pg-ours-pool2", events),
                 ("pg-per-event", PER_EVENT),
             ],
             comparisons: vec![
@@ -60,7 +61,7 @@ pub(crate) fn bench(events: u64, runs: usize) -> Result<()> {
                 ("pg-ours", "pg-raw", 0.7),
                 ("pg-ours", "pg-per-event", 20.0),
             ],
-            note: "raw: diesel, serde_json-encoded rows, 500 per transaction; per-event: diesel, one commit per event; ours: the sql backend (batch_size 500)",
+            note: "raw: diesel, serde_json-encoded rows, 500 per transaction; per-event: diesel, one commit per event; ours: the sql backend (batch_size 500; pool2: pool_size 2)",
         },
         runs,
     )
@@ -107,10 +108,10 @@ pub(crate) fn run(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value
             remove_db(&path);
             r
         }
-        "pg-ours" => {
-            let backend = SqlBackend::new(
-                SqlConfig::postgres_url(&pg_url()).table(TableName::new(&table).map_err(anyhow::Error::msg)?),
-            );
+        "pg-ours" | "pg-ours-pool2" => {
+            let pool = if variant == "pg-ours" { 1 } else { 2 };
+            let name = TableName::new(&table).map_err(anyhow::Error::msg)?;
+            let backend = SqlBackend::new(SqlConfig::postgres_url(&pg_url()).table(name).pool_size(pool));
             let r = publish_through(variant, Box::new(backend), dataset(n));
             drop_pg_table(&table)?;
             r

@@ -127,6 +127,15 @@ impl Outbox {
         Ok(receipt)
     }
 
+    /// Hands an already accepted event on (a router splitting one queue into several keeps the
+    /// event's receipt). Waits for room whatever the policy: the event was accepted upstream.
+    pub async fn forward(&self, pending: Pending) -> Result<(), Pending> {
+        self.tx.send(Command::Publish(pending)).await.map_err(|e| match e.0 {
+            Command::Publish(p) => p,
+            _ => unreachable!("we sent a Publish"),
+        })
+    }
+
     /// Waits until every event accepted before the call has its outcome.
     pub async fn flush(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();

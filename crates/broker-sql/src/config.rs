@@ -164,6 +164,9 @@ pub struct SqlConfig {
     pub table: TableName,
     /// Most events per transaction (`batch_size`, default 500).
     pub batch_size: usize,
+    /// PostgreSQL connections writing in parallel (`pool_size`, default 1). Events are spread
+    /// over them by `sender_id`, so each conversation keeps its order.
+    pub pool_size: usize,
     /// Events whose encoding is longer are rejected alone (`max_event_bytes`).
     pub max_event_bytes: Option<usize>,
     /// First and longest wait between reconnection attempts (`retry_delay_in_seconds`: the
@@ -186,6 +189,7 @@ impl SqlConfig {
         "password",
         "table",
         "batch_size",
+        "pool_size",
         "max_event_bytes",
         "retry_delay_in_seconds",
         "connect_timeout",
@@ -221,6 +225,7 @@ impl SqlConfig {
             database,
             table: TableName("events".into()),
             batch_size: 500,
+            pool_size: 1,
             max_event_bytes: None,
             retry_max_delay: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
@@ -233,6 +238,12 @@ impl SqlConfig {
         if let Database::Postgres(pg) = &mut self.database {
             pg.tls = tls;
         }
+        self
+    }
+
+    /// Sets the number of PostgreSQL writer connections.
+    pub fn pool_size(mut self, n: usize) -> SqlConfig {
+        self.pool_size = n.max(1);
         self
     }
 
@@ -335,6 +346,21 @@ impl SqlConfig {
                 .with_hint("between 1 and 100000"));
             }
             config.batch_size = n as usize;
+        }
+        if let Some(n) = options.take_u64("pool_size")? {
+            if n == 0 || n > 64 {
+                return Err(ConfigError::new(
+                    options.location("pool_size"),
+                    Some("pool_size"),
+                    format!("{n} is out of range"),
+                )
+                .with_hint("between 1 and 64 connections"));
+            }
+            if matches!(config.database, Database::Sqlite { .. }) && n > 1 {
+                options.warn("pool_size", "SQLite has one writer at a time; `pool_size` is ignored");
+            } else {
+                config.pool_size = n as usize;
+            }
         }
         config.max_event_bytes = options.take_u64("max_event_bytes")?.map(|n| n as usize);
         if let Some(d) = options.take_seconds("retry_delay_in_seconds")? {

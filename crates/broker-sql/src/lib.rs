@@ -7,7 +7,8 @@
 //!   `password`. The table `events(id, sender_id VARCHAR(255), data TEXT)` is created when missing
 //!   (`migrations/<dialect>/`); one Rasa created is used as is. `data` is the event's Rasa
 //!   encoding. Ours: `table` (validated identifier), `batch_size` (500), `max_event_bytes`,
-//!   `retry_delay_in_seconds` (longest reconnect wait, 5), `connect_timeout` (10), TLS for
+//!   `pool_size` (PostgreSQL writer connections, default 1; events are spread by `sender_id`, so
+//!   each conversation keeps its order), `retry_delay_in_seconds` (longest reconnect wait, 5), `connect_timeout` (10), TLS for
 //!   PostgreSQL with libpq's names (`sslmode`: `disable` (default), `prefer`, `require`,
 //!   `verify-ca`, `verify-full`; `sslrootcert`, `sslcert`, `sslkey`; see [`tls`]), and the
 //!   delivery options `buffer_size`, `when_full`, `close_timeout`.
@@ -114,6 +115,57 @@ impl EventRow {
     }
 }
 
+/// Spreads one queue over several writers by `sender_id`, keeping flush and close semantics.
+async fn route(mut inbox: pipeline::Inbox, outboxes: Vec<pipeline::Outbox>) {
+    let outboxes: Vec<Arc<pipeline::Outbox>> = outboxes.into_iter().map(Arc::new).collect();
+    use std::hash::{Hash, Hasher};
+    let mut batch = Vec::with_capacity(512);
+    loop {
+        batch.clear();
+        let n = inbox.recv_batch(&mut batch, 512).await;
+        for cmd in batch.drain(..) {
+            match cmd {
+                pipeline::Command::Publish(p) => {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    p.sender_id.hash(&mut h);
+                    let target = &outboxes[(h.finish() % outboxes.len() as u64) as usize];
+                    if let Err(p) = target.forward(p).await {
+                        p.settle.settle(Err(Error::Closed));
+                    }
+                }
+                pipeline::Command::Flush(tx) => {
+                    for o in &outboxes {
+                        let _ = o.flush().await;
+                    }
+                    let _ = tx.send(());
+                }
+                pipeline::Command::Close { reply, .. } => {
+                    // All writers close at once, each within the same deadline.
+                    let closing: Vec<_> = outboxes
+                        .iter()
+                        .map(|o| {
+                            let o = o.clone();
+                            tokio::spawn(async move { o.close().await })
+                        })
+                        .collect();
+                    let mut undelivered = Vec::new();
+                    for c in closing {
+                        if let Ok(Ok(mut report)) = c.await {
+                            undelivered.append(&mut report.undelivered);
+                        }
+                    }
+                    let _ = reply.send(broker_core::CloseReport::new(undelivered));
+                    return;
+                }
+                _ => {}
+            }
+        }
+        if n == 0 {
+            return;
+        }
+    }
+}
+
 /// A configured SQL backend.
 #[derive(Debug, Clone)]
 pub struct SqlBackend {
@@ -183,9 +235,24 @@ impl Backend for SqlBackend {
                     .spawn(move || writer.run(inbox))
                     .map_err(|e| Error::io(NAME, "starting the writer thread", e))?;
             }
-            Database::Postgres(target) => {
+            Database::Postgres(target) if self.config.pool_size <= 1 => {
                 let writer = postgres::start_writer(target.clone(), self.config.clone(), ready).await?;
                 tokio::spawn(writer.run(inbox));
+            }
+            Database::Postgres(target) => {
+                // One writer per connection, each with its own queue; a router sends each event
+                // to the writer its sender_id hashes to.
+                let n = self.config.pool_size;
+                let mut sub = self.config.delivery.clone();
+                sub.buffer_size = (sub.buffer_size / n).max(1);
+                let mut outboxes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (o, i) = pipeline::channel(NAME, sub.clone());
+                    let writer = postgres::start_writer(target.clone(), self.config.clone(), ready.clone()).await?;
+                    tokio::spawn(writer.run(i));
+                    outboxes.push(o);
+                }
+                tokio::spawn(route(inbox, outboxes));
             }
         }
         Ok(Box::new(broker))

@@ -10,6 +10,7 @@ use broker_testkit::Target;
 struct Postgres {
     url: String,
     tables: std::sync::Mutex<Vec<String>>,
+    pool_size: usize,
 }
 
 impl Postgres {
@@ -17,7 +18,10 @@ impl Postgres {
         let table = format!("{prefix}_{}", broker_testkit::services::unique_suffix());
         self.tables.lock().unwrap().push(table.clone());
         SqlBackend::new(
-            SqlConfig::postgres_url(&self.url).table(TableName::new(&table).unwrap()).max_event_bytes(64 * 1024),
+            SqlConfig::postgres_url(&self.url)
+                .table(TableName::new(&table).unwrap())
+                .max_event_bytes(64 * 1024)
+                .pool_size(self.pool_size),
         )
     }
 
@@ -34,7 +38,7 @@ impl Postgres {
 #[async_trait]
 impl Target for Postgres {
     fn name(&self) -> String {
-        "sql postgresql".into()
+        format!("sql postgresql (pool_size {})", self.pool_size)
     }
     async fn fresh(&self) -> Box<dyn Backend> {
         Box::new(self.backend("conformance"))
@@ -47,7 +51,18 @@ impl Target for Postgres {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_conforms() {
     let Some(service) = broker_testkit::services::postgres("postgres_conforms").await else { return };
-    let target = Postgres { url: service.url.clone(), tables: Default::default() };
+    let target = Postgres { url: service.url.clone(), tables: Default::default(), pool_size: 1 };
+    broker_testkit::run_all(&target).await;
+    target.drop_tables().await;
+}
+
+/// Several writer connections: order per sender still holds, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_with_a_pool_of_writers_conforms() {
+    let Some(service) = broker_testkit::services::postgres("postgres_with_a_pool_of_writers_conforms").await else {
+        return;
+    };
+    let target = Postgres { url: service.url.clone(), tables: Default::default(), pool_size: 3 };
     broker_testkit::run_all(&target).await;
     target.drop_tables().await;
 }
@@ -59,7 +74,7 @@ async fn the_id_cursor_never_skips_a_late_commit() {
     let Some(service) = broker_testkit::services::postgres("the_id_cursor_never_skips_a_late_commit").await else {
         return;
     };
-    let target = Postgres { url: service.url.clone(), tables: Default::default() };
+    let target = Postgres { url: service.url.clone(), tables: Default::default(), pool_size: 1 };
     let backend = target.backend("gap");
     let table = target.tables.lock().unwrap()[0].clone();
     let broker = backend.connect().await.unwrap();
@@ -108,7 +123,7 @@ async fn the_id_cursor_never_skips_a_late_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_hold_rasas_bytes() {
     let Some(service) = broker_testkit::services::postgres("rows_hold_rasas_bytes").await else { return };
-    let target = Postgres { url: service.url.clone(), tables: Default::default() };
+    let target = Postgres { url: service.url.clone(), tables: Default::default(), pool_size: 1 };
     let backend = target.backend("rows");
     let table = target.tables.lock().unwrap()[0].clone();
     let broker = backend.connect().await.unwrap();

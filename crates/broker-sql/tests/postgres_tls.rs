@@ -21,7 +21,8 @@ fn ca(test: &str) -> Option<String> {
 
 /// Port, database and user from `BROKER_TEST_POSTGRES_URL` (default the local test database).
 fn parts() -> (i64, String, String) {
-    let url = std::env::var("BROKER_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url =
+        std::env::var("BROKER_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let config: tokio_postgres::Config = url.parse().unwrap();
     let port = config.get_ports().first().copied().unwrap_or(5432) as i64;
     (port, config.get_dbname().unwrap_or("test").to_owned(), config.get_user().unwrap_or("postgres").to_owned())
@@ -47,7 +48,8 @@ fn backend(host: &str, mode: &str, ca: Option<&str>, table: &str) -> Box<dyn bro
 }
 
 async fn plain_client() -> tokio_postgres::Client {
-    let url = std::env::var("BROKER_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url =
+        std::env::var("BROKER_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     client
@@ -96,13 +98,18 @@ async fn a_wrong_ca_or_host_name_fails_clearly() {
         .expect("openssl");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let started = std::time::Instant::now();
-    let err = backend("localhost", "verify-full", Some(other.to_str().unwrap()), &table).connect().await.err().expect("wrong CA must fail");
+    let err = backend("localhost", "verify-full", Some(other.to_str().unwrap()), &table)
+        .connect()
+        .await
+        .err()
+        .expect("wrong CA must fail");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && text.to_lowercase().contains("certificate"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // The certificate names `localhost`; 127.0.0.1 is not in it.
-    let err = backend("127.0.0.1", "verify-full", Some(&ca), &table).connect().await.err().expect("wrong name must fail");
+    let err =
+        backend("127.0.0.1", "verify-full", Some(&ca), &table).connect().await.err().expect("wrong name must fail");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && text.to_lowercase().contains("name"), "{text}");
 
