@@ -59,6 +59,32 @@ pub async fn postgres(test: &str) -> Option<Service> {
     unavailable(test, VAR, "the `containers` feature of broker-testkit is off")
 }
 
+/// Kafka: `BROKER_TEST_KAFKA_BOOTSTRAP` (e.g. `127.0.0.1:9092`; `.ci/run` starts tansu there), or
+/// a container. `None` means skipped (never under CI).
+pub async fn kafka(test: &str) -> Option<Service> {
+    const VAR: &str = "BROKER_TEST_KAFKA_BOOTSTRAP";
+    if let Ok(url) = std::env::var(VAR) {
+        return Some(Service { url, origin: VAR, _container: None });
+    }
+    #[cfg(feature = "containers")]
+    {
+        use testcontainers_modules::kafka::apache::Kafka;
+        use testcontainers_modules::testcontainers::runners::AsyncRunner;
+        match Kafka::default().start().await {
+            Ok(node) => match node.get_host_port_ipv4(testcontainers_modules::kafka::apache::KAFKA_PORT).await {
+                Ok(port) => {
+                    let url = format!("127.0.0.1:{port}");
+                    Some(Service { url, origin: "testcontainers", _container: Some(Box::new(node)) })
+                }
+                Err(e) => unavailable(test, VAR, &format!("the container has no port: {e}")),
+            },
+            Err(e) => unavailable(test, VAR, &format!("testcontainers could not start Kafka: {e}")),
+        }
+    }
+    #[cfg(not(feature = "containers"))]
+    unavailable(test, VAR, "the `containers` feature of broker-testkit is off")
+}
+
 /// A suffix unique to this process and call, for per-test tables, topics and queues.
 pub fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
