@@ -29,11 +29,14 @@ start)
     sqlite) url=sqlite://tansu.db ;;   # relative to KAFKA_DIR (tansu takes no absolute path here)
     *) echo "engine must be memory or sqlite" >&2; exit 2 ;;
   esac
-  # setsid sh -c 'echo $$ > pidfile; exec tansu' records the broker's own PID ($! would not).
-  (cd "$KAFKA_DIR" && setsid sh -c 'echo $$ > "$0"; exec "$@"' "$PIDFILE" \
-      "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  # `setsid bash -c 'echo $$ > pidfile; exec tansu'` records the broker's own PID ($! would not).
+  # `exec` leaves no shell waiting on the broker, and descriptors above 2 are closed: a process
+  # holding the caller's stdout would keep a test harness's pipe open forever.
+  (cd "$KAFKA_DIR" && exec setsid bash -c \
+      'echo $$ > "$0"; for fd in $(ls /proc/$$/fd); do [ "$fd" -gt 2 ] && eval "exec $fd>&-"; done; exec "$@"' \
+      "$PIDFILE" "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
       --advertised-listener-url "$KAFKA_ADVERTISED" --storage-engine "$url" --silent "$@" \
-      >> "$KAFKA_DIR/tansu.log" 2>&1 < /dev/null &)
+      >> "$KAFKA_DIR/tansu.log" 2>&1 < /dev/null) &
   for _ in $(seq 1 100); do
     if [ -s "$PIDFILE" ] && port_open "$KAFKA_PORT"; then
       echo "tansu ($engine) ready on 127.0.0.1:$KAFKA_PORT, pid $(cat "$PIDFILE")"; exit 0

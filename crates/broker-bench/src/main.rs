@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod kafka;
 mod sql;
 
 use anyhow::{Context, Result, bail};
@@ -43,7 +44,8 @@ fn main() -> Result<()> {
         }
         Some("file") => bench_file(events, runs),
         Some("sql") => sql::bench(flag(&args, "--events").unwrap_or(100_000), runs),
-        Some(other) => bail!("unknown backend {other:?}: this build benchmarks: file, sql"),
+        Some("kafka") => kafka::bench(events, runs),
+        Some(other) => bail!("unknown backend {other:?}: this build benchmarks: file, sql, kafka"),
         None => bench_file(events, runs),
     }
 }
@@ -107,6 +109,7 @@ fn run_variant(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
         "encode-only" => encode_only(variant, &path, n),
         "parse-only" => parse_only(variant, n),
         other if other.starts_with("sqlite-") || other.starts_with("pg-") => sql::run(other, dir, n),
+        other if other.starts_with("kafka-") => kafka::run(other, n),
         other => bail!("unknown variant {other}"),
     }
 }

@@ -48,7 +48,7 @@ use broker_core::{
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
@@ -110,6 +110,19 @@ struct Reports {
 }
 
 impl ClientContext for Reports {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!("librdkafka {fac}: {message}"),
+            L::Warning => tracing::warn!("librdkafka {fac}: {message}"),
+            L::Notice | L::Info => tracing::info!("librdkafka {fac}: {message}"),
+            L::Debug => tracing::debug!("librdkafka {fac}: {message}"),
+        }
+        if std::env::var_os("BROKER_KAFKA_TRACE").is_some() {
+            eprintln!("librdkafka {level:?} {fac}: {message}");
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
             self.ready.store(false, Ordering::Release);
@@ -355,15 +368,25 @@ impl EventBroker for KafkaBroker {
 /// A consumer-group reader. Offsets are committed for events acknowledged with `ack`.
 pub struct KafkaSource {
     consumer: Arc<BaseConsumer>,
+    topic: String,
     follow: bool,
-    pending: Option<Received>,
+    buffered: std::collections::VecDeque<Polled>,
+}
+
+/// A message taken from librdkafka, not yet handed over.
+enum Polled {
+    Message { payload: Vec<u8>, partition: i32, offset: i64, id: Option<EventId> },
+    Failed(String),
 }
 
 impl KafkaSource {
     fn open(config: &KafkaConfig, options: &SourceOptions) -> Result<KafkaSource, Error> {
         let mut c = config.client_config();
         c.set("group.id", options.group.as_deref().unwrap_or("broker-cli"));
-        c.set("enable.auto.commit", "false");
+        // Offsets are stored when an event is acknowledged (after it was handed over) and
+        // committed by librdkafka every second and when the consumer closes.
+        c.set("enable.auto.commit", "true");
+        c.set("auto.commit.interval.ms", "1000");
         c.set("enable.auto.offset.store", "false");
         c.set("auto.offset.reset", "earliest");
         let consumer: BaseConsumer = c.create().map_err(|e| unavailable(format!("{}: {e}", config.bootstrap)))?;
@@ -393,7 +416,12 @@ impl KafkaSource {
                     .map_err(|e| unavailable(format!("subscribing to {}: {e}", config.topic)))?;
             }
         }
-        Ok(KafkaSource { consumer: Arc::new(consumer), follow: options.follow, pending: None })
+        Ok(KafkaSource {
+            consumer: Arc::new(consumer),
+            topic: config.topic.clone(),
+            follow: options.follow,
+            buffered: Default::default(),
+        })
     }
 }
 
@@ -404,61 +432,71 @@ impl EventSource for KafkaSource {
     }
 
     async fn next(&mut self) -> Result<Option<Received>, Error> {
-        if let Some(r) = self.pending.take() {
-            return Ok(Some(r));
-        }
         let mut idle_polls = 0u32;
         loop {
+            if let Some(item) = self.buffered.pop_front() {
+                return match item {
+                    Polled::Message { payload, partition, offset, id } => {
+                        let position = Position::Partition { partition, offset };
+                        match Event::from_json(&payload) {
+                            Ok(event) => {
+                                let event = match id {
+                                    Some(id) => event.with_id(id),
+                                    None => event,
+                                };
+                                Ok(Some(Received::new(event, payload, position, Some(offset as u64 + 1))))
+                            }
+                            Err(e) => {
+                                // Skip past it for the group too: a bad message must not stop us.
+                                self.commit(partition, offset);
+                                Err(Error::Malformed { position, reason: e.to_string() })
+                            }
+                        }
+                    }
+                    Polled::Failed(e) => {
+                        Err(Error::Io { backend: NAME, operation: "consuming".into(), reason: e, cause: None })
+                    }
+                };
+            }
             let consumer = self.consumer.clone();
-            // Polling blocks; keep it off the async threads, in short slices.
-            let polled = tokio::task::spawn_blocking(move || {
-                consumer.poll(Duration::from_millis(200)).map(|r| {
-                    r.map(|m| {
-                        let id = m
-                            .headers()
-                            .and_then(|h| h.iter().find(|x| x.key == EVENT_ID_HEADER).and_then(|x| x.value))
-                            .and_then(|v| std::str::from_utf8(v).ok())
-                            .and_then(EventId::parse_hex);
-                        (m.payload().map(<[u8]>::to_vec), m.partition(), m.offset(), id)
-                    })
-                })
+            // Polling blocks: do it off the async threads, a batch per hop.
+            let batch = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                let mut wait = Duration::from_millis(200);
+                while out.len() < 500 {
+                    match consumer.poll(wait) {
+                        None => break,
+                        Some(Err(e)) => {
+                            out.push(Polled::Failed(e.to_string()));
+                            break;
+                        }
+                        Some(Ok(m)) => {
+                            let id = m
+                                .headers()
+                                .and_then(|h| h.iter().find(|x| x.key == EVENT_ID_HEADER).and_then(|x| x.value))
+                                .and_then(|v| std::str::from_utf8(v).ok())
+                                .and_then(EventId::parse_hex);
+                            out.push(Polled::Message {
+                                payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                                partition: m.partition(),
+                                offset: m.offset(),
+                                id,
+                            });
+                        }
+                    }
+                    wait = Duration::ZERO;
+                }
+                out
             })
             .await
             .map_err(unavailable)?;
-            match polled {
-                None => {
-                    idle_polls += 1;
-                    if !self.follow && idle_polls >= 10 {
-                        return Ok(None);
-                    }
-                }
-                Some(Err(e)) => {
-                    return Err(Error::Io {
-                        backend: NAME,
-                        operation: "consuming".into(),
-                        reason: e.to_string(),
-                        cause: None,
-                    });
-                }
-                Some(Ok((payload, partition, offset, id))) => {
-                    let position = Position::Partition { partition, offset };
-                    let raw = payload.unwrap_or_default();
-                    return match Event::from_json(&raw) {
-                        Ok(event) => {
-                            let event = match id {
-                                Some(id) => event.with_id(id),
-                                None => event,
-                            };
-                            Ok(Some(Received::new(event, raw, position, Some(offset as u64 + 1))))
-                        }
-                        Err(e) => {
-                            // Skip past it for the group too: a bad message must not stop us.
-                            self.commit(partition, offset);
-                            Err(Error::Malformed { position, reason: e.to_string() })
-                        }
-                    };
+            if batch.is_empty() {
+                idle_polls += 1;
+                if !self.follow && idle_polls >= 10 {
+                    return Ok(None);
                 }
             }
+            self.buffered.extend(batch);
         }
     }
 
@@ -471,17 +509,10 @@ impl EventSource for KafkaSource {
 }
 
 impl KafkaSource {
+    /// Marks `offset` as handed over; librdkafka commits it with the next auto-commit.
     fn commit(&self, partition: i32, offset: i64) {
-        let topic = self.consumer.subscription().ok().and_then(|s| s.elements().first().map(|e| e.topic().to_owned()));
-        let topic = topic.or_else(|| {
-            self.consumer.assignment().ok().and_then(|a| a.elements().first().map(|e| e.topic().to_owned()))
-        });
-        let Some(topic) = topic else { return };
-        let mut tpl = TopicPartitionList::new();
-        if tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1)).is_ok() {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-                tracing::warn!("kafka: committing {topic}/{partition}@{offset}: {e}");
-            }
+        if let Err(e) = self.consumer.store_offset(&self.topic, partition, offset) {
+            tracing::warn!("kafka: storing the offset {}/{partition}@{offset}: {e}", self.topic);
         }
     }
 }

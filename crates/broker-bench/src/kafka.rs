@@ -1,0 +1,133 @@
+//! `broker-bench kafka`: the Kafka backend against an rdkafka producer with the same settings
+//! (acks=all, idempotence, key = sender_id, the same headers), both confirming every event by its
+//! delivery report.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use broker_kafka::{KafkaBackend, KafkaConfig};
+use rdkafka::ClientContext;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+
+use crate::{Plan, dataset, peak_rss_mib, publish_through, result, run_plan};
+
+fn bootstrap() -> String {
+    std::env::var("BROKER_TEST_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub(crate) fn bench(events: u64, runs: usize) -> Result<()> {
+    run_plan(
+        Plan {
+            backend: "kafka",
+            describe: format!(
+                "{events} events, 1000 conversations keyed by sender_id, 6 partitions, broker at {}",
+                bootstrap()
+            ),
+            variants: vec![("kafka-raw", events), ("kafka-ours", events)],
+            comparisons: vec![("kafka-ours", "kafka-raw", 0.8)],
+            note: "raw: rdkafka ThreadedProducer, serde_json values, delivery callbacks; ours: the kafka backend; both acks=all, idempotence, key=sender_id",
+        },
+        runs,
+    )
+}
+
+fn create_topic(name: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let admin: AdminClient<DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap()).create()?;
+        let topic = NewTopic::new(name, 6, TopicReplication::Fixed(1));
+        let r = admin.create_topics([&topic], &AdminOptions::new()).await?;
+        for t in r {
+            t.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+        }
+        Ok(())
+    })
+}
+
+pub(crate) fn run(variant: &str, n: u64) -> Result<serde_json::Value> {
+    let topic = format!("bench-{variant}-{}", std::process::id());
+    create_topic(&topic)?;
+    match variant {
+        "kafka-ours" => {
+            let config = KafkaConfig::plaintext(bootstrap(), &topic).partition_by_sender(true);
+            publish_through(variant, Box::new(KafkaBackend::new(config)), dataset(n))
+        }
+        "kafka-raw" => raw(variant, &topic, n),
+        other => bail!("unknown variant {other}"),
+    }
+}
+
+/// Records each confirmed message's latency from the time stamp it carries.
+struct Reports {
+    latencies: Mutex<Vec<u64>>,
+    failed: AtomicU64,
+}
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<Instant>;
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Instant>) {
+        match result {
+            Ok(_) => self.latencies.lock().map(|mut l| l.push(sent.elapsed().as_nanos() as u64 / 1000)).unwrap_or(()),
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn raw(variant: &str, topic: &str, n: u64) -> Result<serde_json::Value> {
+    let values: Vec<serde_json::Value> =
+        dataset(n).iter().map(|e| serde_json::from_slice(&e.to_json()).context("dataset")).collect::<Result<_>>()?;
+    let context = Reports { latencies: Mutex::new(Vec::with_capacity(n as usize)), failed: AtomicU64::new(0) };
+    let producer: Arc<ThreadedProducer<Reports>> = Arc::new(
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "0")
+            .set("queue.buffering.max.messages", "10000")
+            .create_with_context(context)?,
+    );
+    let environment = "RASA_ENVIRONMENT_NOT_SET";
+    let started = Instant::now();
+    for (i, v) in values.iter().enumerate() {
+        let payload = serde_json::to_vec(v)?;
+        let key = v["sender_id"].as_str().unwrap_or_default().to_owned();
+        let id = format!("{i:032x}");
+        let mut opaque = Box::new(Instant::now());
+        loop {
+            let headers = OwnedHeaders::new_with_capacity(2)
+                .insert(Header { key: "RASA_ENVIRONMENT", value: Some(environment) })
+                .insert(Header { key: "rasa-event-id", value: Some(id.as_str()) });
+            let record: BaseRecord<'_, str, [u8], Box<Instant>> =
+                BaseRecord::with_opaque_to(topic, opaque).payload(&payload[..]).key(&key[..]).headers(headers);
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    opaque = r.delivery_opaque;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => bail!("send: {e}"),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let elapsed = started.elapsed();
+    let failed = producer.context().failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} messages failed");
+    }
+    let lat = std::mem::take(&mut *producer.context().latencies.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    Ok(result(variant, n, elapsed, lat, peak_rss_mib()))
+}
