@@ -38,8 +38,8 @@
 
 mod config;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use broker_core::{
@@ -100,13 +100,46 @@ fn unavailable(what: impl std::fmt::Display) -> Error {
     Error::Unavailable { backend: NAME, reason: what.to_string(), cause: None }
 }
 
-/// Receives delivery reports on librdkafka's polling thread and settles receipts there.
-struct Reports {
+/// State shared by the broker and the delivery reports of every producer it creates.
+#[derive(Default)]
+struct Shared {
     /// Set while closing: failed events are kept for the close report.
     closing: AtomicBool,
     undelivered: Mutex<Vec<Event>>,
-    /// Cleared on "all brokers down", set on every successful delivery.
+    /// Cleared on "all brokers down", set by successful deliveries and probes.
     ready: AtomicBool,
+    /// Events a producer failed for a reason that is not theirs (an unknown or fatal broker
+    /// error, a purge during a reset): they go again, in publish order, through a new producer.
+    resend: Mutex<Vec<Resend>>,
+    reset_needed: AtomicBool,
+    resetting: AtomicBool,
+}
+
+/// What travels with each message to its delivery report.
+struct Tracked {
+    settle: Settle,
+    /// Publish order, so re-sent events keep it.
+    seq: u64,
+    /// How many producer resets this event went through.
+    attempts: u32,
+}
+
+struct Resend {
+    payload: Vec<u8>,
+    key: Option<Vec<u8>>,
+    tracked: Box<Tracked>,
+}
+
+/// After this many producer resets an event fails with the last error.
+const MAX_RESETS_PER_EVENT: u32 = 5;
+
+fn io_error(e: impl std::fmt::Display) -> Error {
+    Error::Io { backend: NAME, operation: "producing".into(), reason: e.to_string(), cause: None }
+}
+
+/// Receives delivery reports on librdkafka's polling thread and settles receipts there.
+struct Reports {
+    shared: Arc<Shared>,
 }
 
 impl ClientContext for Reports {
@@ -118,67 +151,146 @@ impl ClientContext for Reports {
             L::Notice | L::Info => tracing::info!("librdkafka {fac}: {message}"),
             L::Debug => tracing::debug!("librdkafka {fac}: {message}"),
         }
-        if std::env::var_os("BROKER_KAFKA_TRACE").is_some() {
-            eprintln!("librdkafka {level:?} {fac}: {message}");
-        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
-            self.ready.store(false, Ordering::Release);
-        }
-        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::BrokerTransportFailure)) {
-            tracing::debug!("kafka: transport failure (librdkafka reconnects): {reason}");
-            return;
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AllBrokersDown) => self.shared.ready.store(false, Ordering::Release),
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                tracing::debug!("kafka: transport failure (librdkafka reconnects): {reason}");
+                return;
+            }
+            _ => {}
         }
         tracing::warn!("kafka: {error}: {reason}");
     }
 }
 
 impl ProducerContext for Reports {
-    type DeliveryOpaque = Box<Settle>;
+    type DeliveryOpaque = Box<Tracked>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, settle: Box<Settle>) {
-        match result {
+    fn delivery(&self, result: &DeliveryResult<'_>, tracked: Box<Tracked>) {
+        let shared = &self.shared;
+        let (e, m) = match result {
             Ok(m) => {
-                self.ready.store(true, Ordering::Release);
-                settle.delivered(Some(Position::Partition { partition: m.partition(), offset: m.offset() }));
+                shared.ready.store(true, Ordering::Release);
+                tracked.settle.delivered(Some(Position::Partition { partition: m.partition(), offset: m.offset() }));
+                return;
             }
-            Err((e, m)) => {
-                let event_id = settle.id().to_string();
-                let error = match e.rdkafka_error_code() {
-                    Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessage) => {
-                        Error::Rejected { backend: NAME, event_id, reason: e.to_string() }
-                    }
-                    Some(RDKafkaErrorCode::PurgeQueue) | Some(RDKafkaErrorCode::PurgeInflight) => {
-                        if self.closing.load(Ordering::Acquire) {
-                            if let Some(event) = m.payload().and_then(|p| Event::from_json(p).ok()) {
-                                self.undelivered
-                                    .lock()
-                                    .unwrap_or_else(PoisonError::into_inner)
-                                    .push(event.with_id(settle.id()));
-                            }
-                        }
-                        Error::Timeout(Duration::ZERO)
-                    }
-                    _ => Error::Io { backend: NAME, operation: "producing".into(), reason: e.to_string(), cause: None },
-                };
-                settle.settle(Err(error));
+            Err((e, m)) => (e, m),
+        };
+        let code = e.rdkafka_error_code();
+        if matches!(code, Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessage)) {
+            let event_id = tracked.settle.id().to_string();
+            tracked.settle.settle(Err(Error::Rejected { backend: NAME, event_id, reason: e.to_string() }));
+            return;
+        }
+        let purged = matches!(code, Some(RDKafkaErrorCode::PurgeQueue) | Some(RDKafkaErrorCode::PurgeInflight));
+        if shared.closing.load(Ordering::Acquire) {
+            if let Some(event) = m.payload().and_then(|p| Event::from_json(p).ok()) {
+                shared
+                    .undelivered
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(event.with_id(tracked.settle.id()));
             }
+            tracked.settle.settle(Err(if purged { Error::Timeout(Duration::ZERO) } else { io_error(e) }));
+            return;
+        }
+        if tracked.attempts >= MAX_RESETS_PER_EVENT {
+            tracked.settle.settle(Err(io_error(format!("{e} (after {} producer resets)", tracked.attempts))));
+            return;
+        }
+        // Not this event's fault: it goes again, in order, through a new producer.
+        if !purged {
+            tracing::warn!("kafka: {e}; the producer is replaced and the event sent again");
+        }
+        let resend =
+            Resend { payload: m.payload().unwrap_or_default().to_vec(), key: m.key().map(<[u8]>::to_vec), tracked };
+        shared.resend.lock().unwrap_or_else(PoisonError::into_inner).push(resend);
+        if !purged {
+            shared.reset_needed.store(true, Ordering::Release);
         }
     }
 }
 
+type KafkaProducer = ThreadedProducer<Reports>;
+
 struct KafkaBroker {
-    producer: Arc<ThreadedProducer<Reports>>,
+    /// The producer; replaced (under the write lock) after an error that is not an event's.
+    producer: Arc<RwLock<Arc<KafkaProducer>>>,
+    shared: Arc<Shared>,
     config: KafkaConfig,
-    environment: String,
-    closed: AtomicBool,
+    environment: Arc<str>,
+    closed: Arc<AtomicBool>,
+    seq: AtomicU64,
 }
 
 /// `RASA_ENVIRONMENT` as Rasa sends it.
 fn rasa_environment() -> String {
     std::env::var("RASA_ENVIRONMENT").unwrap_or_else(|_| "RASA_ENVIRONMENT_NOT_SET".to_owned())
+}
+
+fn headers(environment: &str, id: &str) -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(2)
+        .insert(Header { key: "RASA_ENVIRONMENT", value: Some(environment.as_bytes()) })
+        .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_bytes()) })
+}
+
+fn new_producer(config: &KafkaConfig, shared: &Arc<Shared>) -> Result<KafkaProducer, Error> {
+    config
+        .producer_config()
+        .create_with_context(Reports { shared: shared.clone() })
+        .map_err(|e| unavailable(format!("{}: {e}", config.bootstrap)))
+}
+
+/// Replaces the producer: publishers wait on the lock, the old producer's queue is purged into
+/// the resend list, and everything there goes again, in publish order, through a new producer.
+fn reset(producer: &RwLock<Arc<KafkaProducer>>, shared: &Arc<Shared>, config: &KafkaConfig, environment: &str) {
+    let mut guard = producer.write().unwrap_or_else(PoisonError::into_inner);
+    shared.resetting.store(true, Ordering::Release);
+    shared.reset_needed.store(false, Ordering::Release);
+    guard.purge(PurgeConfig::default().queue().inflight());
+    let _ = guard.flush(Duration::from_secs(10));
+    let fresh = match new_producer(config, shared) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            tracing::error!("kafka: cannot create a new producer: {e}");
+            shared.reset_needed.store(true, Ordering::Release);
+            shared.resetting.store(false, Ordering::Release);
+            return;
+        }
+    };
+    let mut pending = std::mem::take(&mut *shared.resend.lock().unwrap_or_else(PoisonError::into_inner));
+    pending.sort_by_key(|r| r.tracked.seq);
+    tracing::warn!("kafka: new producer; sending {} events again, in order", pending.len());
+    for r in pending {
+        let id = r.tracked.settle.id().to_string();
+        let mut tracked = r.tracked;
+        tracked.attempts += 1;
+        loop {
+            let mut record: BaseRecord<'_, [u8], [u8], Box<Tracked>> =
+                BaseRecord::with_opaque_to(&config.topic, tracked)
+                    .payload(&r.payload[..])
+                    .headers(headers(environment, &id));
+            if let Some(k) = r.key.as_deref() {
+                record = record.key(k);
+            }
+            match fresh.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
+                    tracked = record.delivery_opaque;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, record)) => {
+                    record.delivery_opaque.settle.settle(Err(io_error(e)));
+                    break;
+                }
+            }
+        }
+    }
+    *guard = fresh;
+    shared.resetting.store(false, Ordering::Release);
 }
 
 async fn ensure_topic(config: &KafkaConfig) -> Result<(), Error> {
@@ -213,17 +325,8 @@ impl Backend for KafkaBackend {
 
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         ensure_topic(&self.config).await?;
-        let context = Reports {
-            closing: AtomicBool::new(false),
-            undelivered: Mutex::new(Vec::new()),
-            ready: AtomicBool::new(true),
-        };
-        let producer: ThreadedProducer<Reports> = self
-            .config
-            .producer_config()
-            .create_with_context(context)
-            .map_err(|e| unavailable(format!("{}: {e}", self.config.bootstrap)))?;
-        let producer = Arc::new(producer);
+        let shared = Arc::new(Shared { ready: AtomicBool::new(true), ..Shared::default() });
+        let producer = Arc::new(new_producer(&self.config, &shared)?);
         // Fail fast when nothing answers at start (Rasa waits; we say why).
         let probe = producer.clone();
         let topic = self.config.topic.clone();
@@ -241,16 +344,54 @@ impl Backend for KafkaBackend {
             }
             Err(e) => return Err(unavailable(format!("{}: {e}", self.config.bootstrap))),
         }
-        Ok(Box::new(KafkaBroker {
-            producer,
+        let broker = KafkaBroker {
+            producer: Arc::new(RwLock::new(producer)),
+            shared,
             config: self.config.clone(),
-            environment: rasa_environment(),
-            closed: AtomicBool::new(false),
-        }))
+            environment: rasa_environment().into(),
+            closed: Arc::new(AtomicBool::new(false)),
+            seq: AtomicU64::new(0),
+        };
+        // The supervisor that replaces the producer when a delivery report asks for it.
+        let (producer, shared, config, environment, closed) = (
+            broker.producer.clone(),
+            broker.shared.clone(),
+            broker.config.clone(),
+            broker.environment.clone(),
+            broker.closed.clone(),
+        );
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            while !closed.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if !shared.reset_needed.load(Ordering::Acquire) {
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let (p, s, c, e) = (producer.clone(), shared.clone(), config.clone(), environment.clone());
+                let _ = tokio::task::spawn_blocking(move || reset(&p, &s, &c, &e)).await;
+            }
+        });
+        Ok(Box::new(broker))
     }
 
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
         KafkaSource::open(&self.config, options).map(|s| Box::new(s) as Box<dyn EventSource>)
+    }
+}
+
+impl KafkaBroker {
+    fn current(&self) -> Arc<KafkaProducer> {
+        self.producer.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Whether events wait to go again through a new producer.
+    fn resending(&self) -> bool {
+        self.shared.resetting.load(Ordering::Acquire)
+            || self.shared.reset_needed.load(Ordering::Acquire)
+            || !self.shared.resend.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
     }
 }
 
@@ -268,27 +409,31 @@ impl EventBroker for KafkaBroker {
         let (receipt, settle) = Receipt::channel(id);
         let (json, sender) = event.into_parts();
         let id_text = id.to_string();
-        let mut settle = Box::new(settle);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut tracked = Box::new(Tracked { settle, seq, attempts: 0 });
         loop {
-            let headers = OwnedHeaders::new_with_capacity(2)
-                .insert(Header { key: "RASA_ENVIRONMENT", value: Some(self.environment.as_bytes()) })
-                .insert(Header { key: EVENT_ID_HEADER, value: Some(id_text.as_bytes()) });
-            let mut record: BaseRecord<'_, str, [u8], Box<Settle>> =
-                BaseRecord::with_opaque_to(&self.config.topic, settle).payload(&json[..]).headers(headers);
-            if self.config.partition_by_sender {
-                if let Some(key) = sender.as_deref() {
-                    record = record.key(key);
+            let sent = {
+                // A reset holds the write side: no event slips into a producer being replaced.
+                let producer = self.producer.read().unwrap_or_else(PoisonError::into_inner);
+                let mut record: BaseRecord<'_, str, [u8], Box<Tracked>> =
+                    BaseRecord::with_opaque_to(&self.config.topic, tracked)
+                        .payload(&json[..])
+                        .headers(headers(&self.environment, &id_text));
+                if self.config.partition_by_sender {
+                    if let Some(key) = sender.as_deref() {
+                        record = record.key(key);
+                    }
                 }
-            }
-            match self.producer.send(record) {
+                producer.send(record).map_err(|(e, record)| (e, record.delivery_opaque))
+            };
+            match sent {
                 Ok(()) => return Ok(receipt),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
-                    settle = record.delivery_opaque;
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    tracked = back;
                     if !self.config.blocks_when_full() {
-                        return Err(Error::BufferFull {
-                            capacity: self.config.queue_size.unwrap_or(self.config.delivery.buffer_size as u64)
-                                as usize,
-                        });
+                        let capacity =
+                            self.config.queue_size.unwrap_or(self.config.delivery.buffer_size as u64) as usize;
+                        return Err(Error::BufferFull { capacity });
                     }
                     if self.closed.load(Ordering::Acquire) {
                         return Err(Error::Closed);
@@ -296,19 +441,14 @@ impl EventBroker for KafkaBroker {
                     // Back-pressure without blocking the caller's thread.
                     tokio::time::sleep(FULL_WAIT).await;
                 }
-                Err((e, record)) => {
+                Err((e, back)) => {
                     let error = match e.rdkafka_error_code() {
                         Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
                             Error::Rejected { backend: NAME, event_id: id_text.clone(), reason: e.to_string() }
                         }
-                        _ => Error::Io {
-                            backend: NAME,
-                            operation: "producing".into(),
-                            reason: e.to_string(),
-                            cause: None,
-                        },
+                        _ => io_error(e),
                     };
-                    record.delivery_opaque.settle(Err(error));
+                    back.settle.settle(Err(error));
                     return Ok(receipt);
                 }
             }
@@ -316,30 +456,37 @@ impl EventBroker for KafkaBroker {
     }
 
     async fn flush(&self) -> Result<(), Error> {
-        let producer = self.producer.clone();
-        let result = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(3600)))
-            .await
-            .map_err(unavailable)?;
-        result.map_err(|e| Error::Io {
-            backend: NAME,
-            operation: "flushing".into(),
-            reason: e.to_string(),
-            cause: None,
-        })
+        // Through resets too: until nothing is queued, in flight or waiting to go again.
+        loop {
+            let producer = self.current();
+            let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(3600)))
+                .await
+                .map_err(unavailable)?;
+            flushed.map_err(|e| Error::Io {
+                backend: NAME,
+                operation: "flushing".into(),
+                reason: e.to_string(),
+                cause: None,
+            })?;
+            if !self.resending() && self.current().in_flight_count() == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn is_ready(&self) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return false;
         }
-        let producer = self.producer.clone();
+        let producer = self.current();
         let topic = self.config.topic.clone();
         let probe =
             tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)))
                 .await;
         // A metadata round trip is the truth about the broker right now.
         let up = matches!(probe, Ok(Ok(_)));
-        self.producer.context().ready.store(up, Ordering::Release);
+        self.shared.ready.store(up, Ordering::Release);
         up
     }
 
@@ -347,20 +494,27 @@ impl EventBroker for KafkaBroker {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(CloseReport::default());
         }
-        let producer = self.producer.clone();
         let deadline = self.config.delivery.close_timeout;
-        tokio::task::spawn_blocking(move || {
-            if producer.flush(deadline).is_err() {
-                // What is still queued or in flight at the deadline is handed back.
-                producer.context().closing.store(true, Ordering::Release);
+        if !matches!(tokio::time::timeout(deadline, self.flush()).await, Ok(Ok(()))) {
+            // What is queued, in flight or waiting to go again at the deadline is handed back.
+            self.shared.closing.store(true, Ordering::Release);
+            let producer = self.current();
+            tokio::task::spawn_blocking(move || {
                 producer.purge(PurgeConfig::default().queue().inflight());
                 let _ = producer.flush(Duration::from_secs(5));
+            })
+            .await
+            .map_err(unavailable)?;
+            let waiting = std::mem::take(&mut *self.shared.resend.lock().unwrap_or_else(PoisonError::into_inner));
+            let mut undelivered = self.shared.undelivered.lock().unwrap_or_else(PoisonError::into_inner);
+            for r in waiting {
+                if let Ok(event) = Event::from_json(&r.payload) {
+                    undelivered.push(event.with_id(r.tracked.settle.id()));
+                }
+                r.tracked.settle.settle(Err(Error::Timeout(deadline)));
             }
-        })
-        .await
-        .map_err(unavailable)?;
-        let undelivered =
-            std::mem::take(&mut *self.producer.context().undelivered.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        let undelivered = std::mem::take(&mut *self.shared.undelivered.lock().unwrap_or_else(PoisonError::into_inner));
         Ok(CloseReport::new(undelivered))
     }
 }
