@@ -48,6 +48,15 @@ impl Pending {
         Event::from_json(&self.json).ok().map(|e| e.with_id(self.id))
     }
 
+    /// Gives up on this event at a close deadline: fails its receipt with [`Error::Timeout`] and
+    /// hands the event back in `into` for the close report.
+    pub fn give_up(self, after: Duration, into: &mut Vec<Event>) {
+        if let Some(e) = self.to_event() {
+            into.push(e);
+        }
+        self.settle.settle(Err(Error::Timeout(after)));
+    }
+
     /// Fails this event alone: the service refused it.
     pub fn reject(self, backend: &'static str, reason: impl Into<String>) {
         let event_id = self.id.to_string();
@@ -273,12 +282,7 @@ pub fn drain_undelivered(inbox: &mut Inbox, after: Duration, into: &mut Vec<Even
     inbox.close();
     while let Some(cmd) = inbox.try_recv() {
         match cmd {
-            Command::Publish(p) => {
-                if let Some(e) = p.to_event() {
-                    into.push(e);
-                }
-                p.settle.settle(Err(Error::Timeout(after)));
-            }
+            Command::Publish(p) => p.give_up(after, into),
             Command::Flush(tx) => {
                 let _ = tx.send(());
             }

@@ -217,19 +217,11 @@ impl Backend for SqlBackend {
         let (broker, ready) = QueuedBroker::new(outbox);
         match &self.config.database {
             Database::Sqlite { path } => {
-                let (path, table) = (path.clone(), self.config.table.clone());
-                let conn = tokio::task::spawn_blocking(move || sqlite::open(&path, &table)).await.map_err(|e| {
+                let (db, table) = (path.clone(), self.config.table.clone());
+                let conn = tokio::task::spawn_blocking(move || sqlite::open(&db, &table)).await.map_err(|e| {
                     Error::Io { backend: NAME, operation: "opening".into(), reason: e.to_string(), cause: None }
                 })??;
-                let writer = sqlite::Writer {
-                    conn,
-                    config: self.config.clone(),
-                    path: match &self.config.database {
-                        Database::Sqlite { path } => path.clone(),
-                        Database::Postgres(_) => Default::default(),
-                    },
-                    ready,
-                };
+                let writer = sqlite::Writer { conn, config: self.config.clone(), path: path.clone(), ready };
                 std::thread::Builder::new()
                     .name("broker-sqlite-writer".into())
                     .spawn(move || writer.run(inbox))

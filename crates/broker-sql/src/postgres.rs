@@ -210,10 +210,7 @@ impl Writer {
         self.write(&mut pending, inbox).await;
         // Whatever the deadline left behind (the write above gives up at the deadline too).
         for p in pending.drain(..) {
-            if let Some(e) = p.to_event() {
-                undelivered.push(e);
-            }
-            p.settle.settle(Err(Error::Timeout(self.config.delivery.close_timeout)));
+            p.give_up(self.config.delivery.close_timeout, &mut undelivered);
         }
         pipeline::drain_undelivered(inbox, self.config.delivery.close_timeout, &mut undelivered);
         if let Some(conn) = self.conn.take() {

@@ -112,11 +112,11 @@ impl Writer {
     fn finish(&mut self, inbox: &mut Inbox, deadline: Instant) -> CloseReport {
         inbox.close();
         let mut undelivered = Vec::new();
-        let mut pending = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
         while let Some(cmd) = inbox.try_recv() {
             if Instant::now() >= deadline {
                 for p in pending.drain(..) {
-                    fail_timeout(p, &mut undelivered, self.config.delivery.close_timeout);
+                    p.give_up(self.config.delivery.close_timeout, &mut undelivered);
                 }
                 pipeline::drain_undelivered(inbox, self.config.delivery.close_timeout, &mut undelivered);
                 break;
@@ -199,13 +199,6 @@ impl Writer {
             }
         }
     }
-}
-
-fn fail_timeout(p: Pending, undelivered: &mut Vec<broker_core::Event>, after: Duration) {
-    if let Some(e) = p.to_event() {
-        undelivered.push(e);
-    }
-    p.settle.settle(Err(Error::Timeout(after)));
 }
 
 /// Reads rows in `id` order, polling for new ones when following.
