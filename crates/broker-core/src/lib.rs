@@ -7,6 +7,7 @@
 //! - [`Error`]: the one error type, telling temporary failures from permanent ones.
 //! - [`Registry`]: backend factories by `type` name, open to third-party backends.
 //! - [`pipeline`]: the bounded queue between `publish` and a backend's writer.
+//! - [`backoff`]: exponential backoff with jitter for writers that reconnect.
 //! - [`memory`]: an in-memory reference backend.
 //!
 //! No backend-specific code lives here.
@@ -30,6 +31,7 @@
 //! # }
 //! ```
 
+pub mod backoff;
 pub mod broker;
 pub mod config;
 pub mod error;

@@ -31,6 +31,9 @@ pub struct Pending {
     pub json: Vec<u8>,
     /// Its `sender_id`, when a string (Kafka key, SQL column).
     pub sender_id: Option<String>,
+    /// Extra message headers given with this publish (`rasa export`'s process id); empty for most
+    /// events. Backends without headers (file, SQL) ignore them.
+    pub headers: Vec<(String, String)>,
     /// Settles its receipt.
     pub settle: Settle,
 }
@@ -40,7 +43,7 @@ impl Pending {
     pub fn new(event: Event, settle: Settle) -> Pending {
         let id = event.id();
         let (json, sender_id) = event.into_parts();
-        Pending { id, json, sender_id, settle }
+        Pending { id, json, sender_id, headers: Vec::new(), settle }
     }
 
     /// The event again (parsed back from its encoding), for reports of what was not delivered.
@@ -121,11 +124,19 @@ impl Outbox {
 
     /// Hands `event` to the writer, applying the buffer policy.
     pub async fn publish(&self, event: Event) -> Result<Receipt, Error> {
+        self.publish_with_headers(event, Vec::new()).await
+    }
+
+    /// Like [`Outbox::publish`], with extra message headers for this event (for backends whose
+    /// messages carry headers).
+    pub async fn publish_with_headers(&self, event: Event, headers: Vec<(String, String)>) -> Result<Receipt, Error> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         let (receipt, settle) = Receipt::channel(event.id());
-        let cmd = Command::Publish(Pending::new(event, settle));
+        let mut pending = Pending::new(event, settle);
+        pending.headers = headers;
+        let cmd = Command::Publish(pending);
         match self.options.when_full {
             WhenFull::Block => self.tx.send(cmd).await.map_err(|_| Error::Closed)?,
             WhenFull::Error => self.tx.try_send(cmd).map_err(|e| match e {
@@ -254,6 +265,11 @@ impl QueuedBroker {
     pub fn new(outbox: Outbox) -> (QueuedBroker, Readiness) {
         let ready = Readiness(Arc::new(AtomicBool::new(true)));
         (QueuedBroker { outbox, ready: ready.clone() }, ready)
+    }
+
+    /// Publishes with extra message headers for this event (see [`Outbox::publish_with_headers`]).
+    pub async fn publish_with_headers(&self, event: Event, headers: Vec<(String, String)>) -> Result<Receipt, Error> {
+        self.outbox.publish_with_headers(event, headers).await
     }
 }
 

@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use broker_core::backoff::Backoff;
 use broker_core::pipeline::{self, Command, Inbox, Pending, Readiness};
 use broker_core::{CloseReport, Error, EventSource, Position, Received, async_trait};
 use diesel::sql_types::{Array, BigInt, Nullable, Text};
@@ -245,8 +246,9 @@ impl Writer {
     /// A live connection, reconnecting with exponential backoff and jitter until it works or
     /// the close deadline passes.
     async fn connection(&mut self, inbox: &Inbox) -> Option<&mut AsyncPgConnection> {
-        let mut delay = self.config.retry_max_delay / 10;
+        let mut backoff = Backoff::new(self.config.retry_max_delay / 10, self.config.retry_max_delay);
         while self.conn.is_none() {
+            let delay = backoff.next_delay();
             match connect(&self.target, self.config.connect_timeout).await {
                 Ok(mut c) => {
                     if let Err(e) = migrate(&mut c, &self.config.table).await {
@@ -266,8 +268,7 @@ impl Writer {
             if inbox.close_deadline().is_some_and(|d| Instant::now() + delay >= d) {
                 return None;
             }
-            tokio::time::sleep(jitter(delay)).await;
-            delay = (delay * 2).min(self.config.retry_max_delay);
+            tokio::time::sleep(delay).await;
         }
         self.conn.as_mut()
     }
@@ -375,15 +376,6 @@ impl Writer {
             }
         }
     }
-}
-
-/// `d` scaled by a factor in [0.5, 1.5) so reconnecting clients do not move in step.
-fn jitter(d: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(d.as_nanos() as u64);
-    let f = 0.5 + (h.finish() % 1000) as f64 / 1000.0;
-    d.mul_f64(f)
 }
 
 /// Starts a writer: connects (failing fast when the first connection does not work), creates the

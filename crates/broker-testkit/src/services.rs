@@ -85,6 +85,32 @@ pub async fn kafka(test: &str) -> Option<Service> {
     unavailable(test, VAR, "the `containers` feature of broker-testkit is off")
 }
 
+/// RabbitMQ: `BROKER_TEST_AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`), or a
+/// container. `None` means skipped (never under CI).
+pub async fn rabbitmq(test: &str) -> Option<Service> {
+    const VAR: &str = "BROKER_TEST_AMQP_URL";
+    if let Ok(url) = std::env::var(VAR) {
+        return Some(Service { url, origin: VAR, _container: None });
+    }
+    #[cfg(feature = "containers")]
+    {
+        use testcontainers_modules::rabbitmq::RabbitMq;
+        use testcontainers_modules::testcontainers::runners::AsyncRunner;
+        match RabbitMq::default().start().await {
+            Ok(node) => match node.get_host_port_ipv4(5672).await {
+                Ok(port) => {
+                    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+                    Some(Service { url, origin: "testcontainers", _container: Some(Box::new(node)) })
+                }
+                Err(e) => unavailable(test, VAR, &format!("the container has no port: {e}")),
+            },
+            Err(e) => unavailable(test, VAR, &format!("testcontainers could not start RabbitMQ: {e}")),
+        }
+    }
+    #[cfg(not(feature = "containers"))]
+    unavailable(test, VAR, "the `containers` feature of broker-testkit is off")
+}
+
 /// A suffix unique to this process and call, for per-test tables, topics and queues.
 pub fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,190 @@
+//! The consuming side (contracts §B): one named queue, manual acks, a prefetch window, and a
+//! reconnect when the broker goes away (unacknowledged messages come again: at-least-once).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amqprs::channel::{
+    BasicAckArguments, BasicConsumeArguments, BasicQosArguments, BasicRejectArguments, Channel, ConsumerMessage,
+};
+use amqprs::connection::Connection;
+use broker_core::backoff::Backoff;
+use broker_core::{Error, Event, EventSource, Position, Received, SourceOptions, async_trait};
+use tokio::sync::mpsc;
+
+use crate::config::{NAME, PikaConfig};
+use crate::writer::{declare_topology, open};
+
+struct Consumer {
+    connection: Connection,
+    channel: Channel,
+    rx: mpsc::UnboundedReceiver<ConsumerMessage>,
+    /// Delivery tags handed out on this channel and not yet acknowledged.
+    unacked: HashSet<u64>,
+}
+
+/// Reads one queue of a RabbitMQ backend.
+pub struct PikaSource {
+    config: Arc<PikaConfig>,
+    queue: String,
+    options: SourceOptions,
+    consumer: Option<Consumer>,
+    /// Without `follow`: the messages the queue held at open that are still to come.
+    remaining: Option<u64>,
+    backoff: Backoff,
+}
+
+impl std::fmt::Debug for PikaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PikaSource").field("queue", &self.queue).finish_non_exhaustive()
+    }
+}
+
+/// Without `follow`, the stream also ends after this long without a message.
+const IDLE_END: Duration = Duration::from_secs(1);
+
+impl PikaSource {
+    pub(crate) async fn open(
+        config: Arc<PikaConfig>,
+        queue: String,
+        options: SourceOptions,
+    ) -> Result<PikaSource, Error> {
+        let backoff = Backoff::new(Duration::from_millis(100), config.retry_delay.max(Duration::from_millis(100)));
+        let mut source = PikaSource { config, queue, options, consumer: None, remaining: None, backoff };
+        let count = source.subscribe().await?;
+        if !source.options.follow {
+            source.remaining = Some(count);
+        }
+        Ok(source)
+    }
+
+    /// Connects, declares the topology (so a consumer may start before the first publish) and
+    /// starts consuming with manual acks. Returns the queue's message count.
+    async fn subscribe(&mut self) -> Result<u64, Error> {
+        let target = &self.config.target;
+        let fail = |what: &str, e: amqprs::error::Error| Error::Unavailable {
+            backend: NAME,
+            reason: format!("{}: {what} {:?}: {e}", target.describe(), self.queue),
+            cause: None,
+        };
+        let (connection, channel) = open(target, "rasa-event-broker (consumer)").await?;
+        declare_topology(&channel, &self.config).await?;
+        let count = channel
+            .queue_declare(amqprs::channel::QueueDeclareArguments::durable_client_named(&self.queue))
+            .await
+            .map_err(|e| fail("declaring the queue", e))?
+            .map_or(0, |(_, n, _)| u64::from(n));
+        channel
+            .basic_qos(BasicQosArguments::new(0, self.options.prefetch.max(1), false))
+            .await
+            .map_err(|e| fail("setting the prefetch window on", e))?;
+        let (_, rx) = channel
+            .basic_consume_rx(BasicConsumeArguments::new(&self.queue, "").manual_ack(true).finish())
+            .await
+            .map_err(|e| fail("consuming", e))?;
+        self.consumer = Some(Consumer { connection, channel, rx, unacked: HashSet::new() });
+        Ok(count)
+    }
+
+    async fn resubscribe(&mut self) -> Result<(), Error> {
+        loop {
+            match self.subscribe().await {
+                Ok(_) => {
+                    self.backoff.reset();
+                    return Ok(());
+                }
+                Err(e) if !self.options.follow => return Err(e),
+                Err(e) => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!("pika: consumer: {e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventSource for PikaSource {
+    fn backend(&self) -> &'static str {
+        NAME
+    }
+
+    async fn next(&mut self) -> Result<Option<Received>, Error> {
+        loop {
+            if self.remaining == Some(0) {
+                return Ok(None);
+            }
+            if self.consumer.is_none() {
+                self.resubscribe().await?;
+            }
+            let Some(consumer) = self.consumer.as_mut() else { continue };
+            let msg = if self.options.follow {
+                consumer.rx.recv().await
+            } else {
+                match tokio::time::timeout(IDLE_END, consumer.rx.recv()).await {
+                    Ok(m) => m,
+                    Err(_) => return Ok(None),
+                }
+            };
+            let Some(msg) = msg else {
+                // The channel or connection closed: unacked messages will come again.
+                tracing::warn!("pika: consumer lost its channel on {:?}; reconnecting", self.queue);
+                if let Some(c) = self.consumer.take() {
+                    drop(c.channel);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), c.connection.close()).await;
+                }
+                if !self.options.follow {
+                    return Ok(None);
+                }
+                continue;
+            };
+            let (Some(deliver), Some(raw)) = (msg.deliver, msg.content) else { continue };
+            let tag = deliver.delivery_tag();
+            if let Some(r) = self.remaining.as_mut() {
+                *r = r.saturating_sub(1);
+            }
+            let position = Position::DeliveryTag(tag);
+            match Event::from_json(&raw) {
+                Ok(event) => {
+                    let event = match msg
+                        .basic_properties
+                        .as_ref()
+                        .and_then(|p| p.message_id())
+                        .and_then(|m| broker_core::EventId::parse_hex(m))
+                    {
+                        Some(id) => event.with_id(id),
+                        None => event,
+                    };
+                    consumer.unacked.insert(tag);
+                    return Ok(Some(Received::new(event, raw, position, None)));
+                }
+                Err(e) => {
+                    // Not ours to keep in the prefetch window forever: rejected without requeue
+                    // (dead-lettered when the queue has a dead-letter exchange), and reported.
+                    let _ = consumer.channel.basic_reject(BasicRejectArguments::new(tag, false)).await;
+                    return Err(Error::Malformed {
+                        position,
+                        reason: format!("{e} (rejected without requeue from queue {:?})", self.queue),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn ack(&mut self, received: &Received) -> Result<(), Error> {
+        let Position::DeliveryTag(tag) = received.position else { return Ok(()) };
+        let Some(consumer) = self.consumer.as_mut() else { return Ok(()) };
+        // A tag from a channel that has since closed: RabbitMQ delivers that message again.
+        if !consumer.unacked.remove(&tag) {
+            return Ok(());
+        }
+        consumer.channel.basic_ack(BasicAckArguments::new(tag, false)).await.map_err(|e| Error::Io {
+            backend: NAME,
+            operation: format!("acknowledging delivery tag {tag}"),
+            reason: e.to_string(),
+            cause: None,
+        })
+    }
+}

@@ -1,0 +1,229 @@
+//! Helpers shared by the RabbitMQ tests: configs on per-test queues and exchanges, a raw amqprs
+//! client to look at what landed (and to clean up), and a TCP proxy on loopback that can cut or
+//! stall the connection to the real RabbitMQ.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use amqprs::channel::{BasicGetArguments, Channel, ExchangeDeleteArguments, QueueDeleteArguments};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use broker_core::{ConfigValue, Options};
+use broker_pika::PikaConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+/// A unique name for this test's queue or exchange.
+pub fn name(prefix: &str) -> String {
+    format!("{prefix}-{}", broker_testkit::services::unique_suffix())
+}
+
+/// `url` with extra keys, read like an `event_broker:` section.
+pub fn config_with(url: &str, queues: &[&str], exchange: &str, extra: &[(&str, ConfigValue)]) -> PikaConfig {
+    let mut pairs = vec![
+        ("url".to_owned(), ConfigValue::Str(url.into())),
+        (
+            "queues".to_owned(),
+            ConfigValue::List(
+                queues
+                    .iter()
+                    .map(|q| broker_core::Spanned { value: ConfigValue::Str((*q).into()), at: Default::default() })
+                    .collect(),
+            ),
+        ),
+        ("exchange_name".to_owned(), ConfigValue::Str(exchange.into())),
+    ];
+    pairs.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    PikaConfig::from_options_with_env(Options::from_pairs(pairs), &|_| None).expect("valid config").0
+}
+
+/// A config on a fresh queue and exchange of its own.
+pub fn fresh_config(url: &str, extra: &[(&str, ConfigValue)]) -> (PikaConfig, String, String) {
+    let queue = name("q");
+    let exchange = name("x");
+    (config_with(url, &[&queue], &exchange, extra), queue, exchange)
+}
+
+/// A raw amqprs connection to the service at `url`.
+pub async fn raw(url: &str) -> (Connection, Channel) {
+    let t = config_with(url, &["unused"], "unused", &[]).target;
+    let mut args = OpenConnectionArguments::new(&t.host, t.port, &t.username, t.password.expose());
+    args.virtual_host(&t.vhost);
+    let connection = Connection::open(&args).await.expect("raw connection");
+    let channel = connection.open_channel(None).await.expect("raw channel");
+    (connection, channel)
+}
+
+/// A message as it sits in a queue.
+pub struct Got {
+    pub body: Vec<u8>,
+    pub properties: amqprs::BasicProperties,
+}
+
+/// Takes up to `n` messages from `queue` with basic.get (auto-ack), waiting up to 10 s.
+pub async fn get(channel: &Channel, queue: &str, n: usize) -> Vec<Got> {
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        if out.len() >= n {
+            break;
+        }
+        match channel.basic_get(BasicGetArguments::new(queue).no_ack(true).finish()).await.expect("basic.get") {
+            Some((_, properties, body)) => out.push(Got { body, properties }),
+            None => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    out
+}
+
+/// Deletes the queues and exchanges a test made.
+pub async fn cleanup(url: &str, queues: &[&str], exchanges: &[&str]) {
+    let (connection, channel) = raw(url).await;
+    for q in queues {
+        let _ = channel.queue_delete(QueueDeleteArguments::new(q)).await;
+    }
+    for x in exchanges {
+        let _ = channel.exchange_delete(ExchangeDeleteArguments::new(x)).await;
+    }
+    let _ = channel.close().await;
+    let _ = connection.close().await;
+}
+
+/// A TCP proxy on 127.0.0.1 in front of the real RabbitMQ: `cut` closes every connection and
+/// refuses new ones until `restore`; `stall` stops moving bytes (a broker that stopped reading,
+/// as under a memory alarm) until `restore`.
+pub struct Proxy {
+    pub port: u16,
+    down: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        if let Ok(conns) = self.conns.try_lock() {
+            for c in conns.iter() {
+                c.abort();
+            }
+        }
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Bounded by the connection: it ends when either side closes or the task is aborted.
+        while stalled.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Proxy {
+    /// A proxy to the RabbitMQ of `url`.
+    pub async fn start(url: &str) -> Proxy {
+        let t = config_with(url, &["unused"], "unused", &[]).target;
+        let upstream = format!("{}:{}", t.host, t.port);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let port = listener.local_addr().expect("address").port();
+        let down = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let (down, stalled, conns) = (down.clone(), stalled.clone(), conns.clone());
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    if down.load(Ordering::Acquire) {
+                        drop(client);
+                        continue;
+                    }
+                    let Ok(server) = TcpStream::connect(&upstream).await else { continue };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let mut conns = conns.lock().await;
+                    conns.push(tokio::spawn(pump(cr, sw, stalled.clone())));
+                    conns.push(tokio::spawn(pump(sr, cw, stalled.clone())));
+                }
+            })
+        };
+        Proxy { port, down, stalled, conns, accept }
+    }
+
+    /// The service URL with the proxy's port.
+    pub fn url(&self, url: &str) -> String {
+        let t = config_with(url, &["unused"], "unused", &[]).target;
+        format!("amqp://{}:{}@127.0.0.1:{}/%2f", t.username, t.password.expose(), self.port)
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub async fn cut(&self) {
+        self.down.store(true, Ordering::Release);
+        for c in self.conns.lock().await.drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Stops moving bytes in both directions.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::Release);
+    }
+
+    /// Accepts and forwards again.
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::Release);
+        self.stalled.store(false, Ordering::Release);
+    }
+}
+
+/// What a consumer saw of events published as [`broker_testkit::user_event`]s.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Per sender, each `seq` in the order first seen.
+    pub order: std::collections::BTreeMap<String, Vec<u64>>,
+    /// Copies beyond the first (at-least-once delivery after a reconnect).
+    pub duplicates: usize,
+    /// Distinct events.
+    pub distinct: usize,
+}
+
+/// Reads `backend`'s queue (acking each message) until `n` distinct events arrived or `timeout`.
+pub async fn consume_distinct(backend: &dyn broker_core::Backend, n: usize, timeout: Duration) -> Seen {
+    use broker_core::{SourceOptions, StartFrom};
+    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning)).await.expect("open a source");
+    let deadline = std::time::Instant::now() + timeout;
+    let mut seen = Seen::default();
+    let mut ids = std::collections::HashSet::new();
+    while seen.distinct < n {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let r = match tokio::time::timeout(left, source.next()).await {
+            Ok(Ok(Some(r))) => r,
+            Ok(other) => panic!("the source stopped after {} distinct events: {other:?}", seen.distinct),
+            Err(_) => break,
+        };
+        source.ack(&r).await.expect("ack");
+        let sender = r.event.sender_id().unwrap_or_default().to_owned();
+        let seq = broker_testkit::seq_of(&r.event).expect("a seq");
+        if ids.insert((sender.clone(), seq)) {
+            seen.distinct += 1;
+            seen.order.entry(sender).or_default().push(seq);
+        } else {
+            seen.duplicates += 1;
+        }
+    }
+    seen
+}

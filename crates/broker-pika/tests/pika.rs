@@ -1,0 +1,325 @@
+//! The RabbitMQ backend against the real RabbitMQ (`BROKER_TEST_AMQP_URL`; `.ci/run` uses the
+//! machine's on 127.0.0.1:5672), each test on a queue and exchange of its own.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use amqprs::channel::{ExchangeDeclareArguments, QueueDeclareArguments};
+use broker_core::{Backend, ConfigValue, Error, Event, EventBroker, Position};
+use broker_pika::PikaBackend;
+use broker_testkit::Target;
+use common::{cleanup, fresh_config, get, raw};
+
+struct Rabbit {
+    url: String,
+    made: Mutex<Vec<(String, String)>>,
+}
+
+#[broker_core::async_trait]
+impl Target for Rabbit {
+    fn name(&self) -> String {
+        "pika".into()
+    }
+    async fn fresh(&self) -> Box<dyn Backend> {
+        let (config, q, x) = fresh_config(&self.url, &[("max_event_bytes", ConfigValue::Int(64 * 1024))]);
+        self.made.lock().unwrap().push((q, x));
+        Box::new(PikaBackend::new(config))
+    }
+    fn poison(&self) -> Option<Event> {
+        Some(broker_testkit::oversized_event(100_000))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pika_conforms() {
+    let Some(service) = broker_testkit::services::rabbitmq("pika_conforms").await else { return };
+    let target = Rabbit { url: service.url.clone(), made: Mutex::default() };
+    broker_testkit::run_all(&target).await;
+    let made = target.made.lock().unwrap().clone();
+    for (q, x) in made {
+        cleanup(&service.url, &[&q], &[&x]).await;
+    }
+}
+
+/// Rasa's topology and message properties, checked on what RabbitMQ holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_and_messages_are_rasas() {
+    let Some(service) = broker_testkit::services::rabbitmq("topology_and_messages_are_rasas").await else { return };
+    let (q1, q2, x) = (common::name("q"), common::name("q"), common::name("x"));
+    let mut config = common::config_with(&service.url, &[&q1, &q2], &x, &[]);
+    config.app_id = None;
+    let config = config.header("rasa-export-process-id", "0123456789abcdef0123456789abcdef");
+    let broker = PikaBackend::new(config.clone()).open().await.expect("connect");
+    let events = broker_testkit::rasa_sample_events();
+    let first_id = events[0].id();
+    for e in events.iter().take(5).cloned() {
+        broker.publish(e).await.unwrap().await.expect("confirmed");
+    }
+    let extra = vec![("x-trace".to_owned(), "abc".to_owned())];
+    broker.publish_with_headers(events[5].clone(), extra).await.unwrap().await.expect("confirmed");
+    broker.close().await.unwrap();
+
+    let (connection, channel) = raw(&service.url).await;
+    for q in [&q1, &q2] {
+        let got = get(&channel, q, 6).await;
+        assert_eq!(got.len(), 6, "fanout: each bound queue gets every event");
+        for (g, line) in got.iter().zip(broker_testkit::rasa_sample_lines()) {
+            assert_eq!(g.body, line.as_bytes(), "body = Rasa's bytes");
+            assert_eq!(g.properties.delivery_mode(), Some(2), "persistent");
+            assert_eq!(g.properties.content_type(), None, "no content type");
+            assert_eq!(g.properties.app_id(), None, "no app_id without RASA_ENVIRONMENT");
+            let id = g.properties.message_id().expect("message_id");
+            assert_eq!(id.len(), 32);
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        assert_eq!(got[0].properties.message_id(), Some(&first_id.to_string()));
+        let headers = format!("{:?}", got[5].properties.headers());
+        assert!(headers.contains("rasa-export-process-id") && headers.contains("x-trace"), "{headers}");
+    }
+    // The exchange is a non-durable fanout and the queues are durable: declaring them otherwise
+    // is refused by RabbitMQ (PRECONDITION_FAILED), which proves how they were declared.
+    let durable_exchange = ExchangeDeclareArguments::new(&x, "fanout").durable(true).finish();
+    assert!(channel.exchange_declare(durable_exchange).await.is_err(), "the exchange must be non-durable");
+    let channel = connection.open_channel(None).await.unwrap();
+    assert!(channel.exchange_declare(ExchangeDeclareArguments::new(&x, "fanout")).await.is_ok());
+    assert!(channel.queue_declare(QueueDeclareArguments::new(&q1)).await.is_err(), "the queue must be durable");
+    let _ = connection.close().await;
+    cleanup(&service.url, &[&q1, &q2], &[&x]).await;
+}
+
+/// The consumer Rasa's documentation shows, in Python with pika, reads our messages unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_pika_consumer_reads_our_messages() {
+    let Some(service) = broker_testkit::services::rabbitmq("a_python_pika_consumer_reads_our_messages").await else {
+        return;
+    };
+    let has_pika =
+        std::process::Command::new("python3").args(["-c", "import pika"]).status().is_ok_and(|s| s.success());
+    if !has_pika {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true needs python3 with pika");
+        eprintln!("SKIPPED: python3 with pika is not installed");
+        return;
+    }
+    let (mut config, q, x) = fresh_config(&service.url, &[]);
+    config.app_id = Some("staging".into());
+    let broker = PikaBackend::new(config.clone()).open().await.expect("connect");
+    let lines = broker_testkit::rasa_sample_lines();
+    for e in broker_testkit::rasa_sample_events() {
+        drop(broker.publish(e).await.unwrap());
+    }
+    broker.flush().await.unwrap();
+    broker.close().await.unwrap();
+    let script = r#"
+import sys, pika
+url, queue, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+connection = pika.BlockingConnection(pika.URLParameters(url))
+channel = connection.channel()
+out = sys.stdout.buffer
+count = 0
+for method, properties, body in channel.consume(queue, inactivity_timeout=10):
+    if method is None:
+        break
+    assert properties.delivery_mode == 2 and properties.app_id == "staging", properties
+    assert properties.content_type is None, properties
+    out.write(body + b"\n")
+    channel.basic_ack(method.delivery_tag)
+    count += 1
+    if count == n:
+        break
+connection.close()
+"#;
+    let output = std::process::Command::new("python3")
+        .args(["-c", script, &service.url, &q, &lines.len().to_string()])
+        .output()
+        .expect("run python3");
+    assert!(output.status.success(), "python: {}", String::from_utf8_lossy(&output.stderr));
+    let got: Vec<&[u8]> = output.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    let want: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+    assert_eq!(got, want, "pika reads Rasa's bytes, in order");
+    cleanup(&service.url, &[&q], &[&x]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_failures_are_clear_and_quick() {
+    let Some(service) = broker_testkit::services::rabbitmq("connection_failures_are_clear_and_quick").await else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let started = std::time::Instant::now();
+    let closed = format!("amqp://guest:guest@127.0.0.1:{port}");
+    let (config, ..) = fresh_config(
+        &closed,
+        &[("connection_attempts", ConfigValue::Int(1)), ("retry_delay_in_seconds", ConfigValue::Int(0))],
+    );
+    let err = PikaBackend::new(config).connect().await.err().expect("a closed port fails");
+    let text = err.to_string();
+    assert!(text.contains("cannot connect") && text.contains(&port.to_string()), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let t = common::config_with(&service.url, &["q"], "x", &[]).target;
+    let wrong = format!("amqp://{}:wrong-password-123@{}:{}/%2f", t.username, t.host, t.port);
+    let (config, ..) = fresh_config(&wrong, &[("connection_attempts", ConfigValue::Int(1))]);
+    let err = PikaBackend::new(config).connect().await.err().expect("a wrong password fails");
+    let text = err.to_string();
+    assert!(text.contains("cannot connect") && !text.contains("wrong-password-123"), "{text}");
+}
+
+/// A connection cut by the network (a proxy on loopback): unconfirmed and new events wait, are
+/// re-sent in order after the reconnect, and `is_ready` tells the truth meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_loses_nothing_and_is_reported_by_is_ready() {
+    let Some(service) = broker_testkit::services::rabbitmq("an_outage_loses_nothing").await else { return };
+    let proxy = common::Proxy::start(&service.url).await;
+    let (config, q, x) = fresh_config(&proxy.url(&service.url), &[("retry_delay_in_seconds", ConfigValue::Float(0.5))]);
+    let backend = PikaBackend::new(config);
+    let broker = std::sync::Arc::new(backend.open().await.expect("connect"));
+    let mut receipts = Vec::new();
+    for seq in 0..500 {
+        receipts.push(broker.publish(broker_testkit::user_event("outage", seq)).await.unwrap());
+    }
+    proxy.cut().await;
+    for seq in 500..1000 {
+        receipts.push(broker.publish(broker_testkit::user_event("outage", seq)).await.unwrap());
+    }
+    let mut saw_not_ready = false;
+    for _ in 0..50 {
+        if !broker.is_ready().await {
+            saw_not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_not_ready, "is_ready must be false while RabbitMQ is unreachable");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!broker.is_ready().await);
+    proxy.restore();
+    for r in receipts {
+        tokio::time::timeout(Duration::from_secs(30), r).await.expect("in time").expect("delivered after the outage");
+    }
+    assert!(broker.is_ready().await, "ready again");
+    broker.close().await.unwrap();
+    let seen = common::consume_distinct(&backend, 1000, Duration::from_secs(30)).await;
+    println!("outage: {} distinct events, {} duplicates", seen.distinct, seen.duplicates);
+    assert_eq!(seen.distinct, 1000, "every event arrived");
+    assert!(seen.order["outage"].iter().copied().eq(0..1000), "in publish order (first copies)");
+    cleanup(&service.url, &[&q], &[&x]).await;
+}
+
+/// `should_keep_unpublished_messages: false` and `raise_on_failure: true` do what they say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_unpublished_false_and_raise_on_failure() {
+    let Some(service) = broker_testkit::services::rabbitmq("keep_unpublished_false_and_raise_on_failure").await else {
+        return;
+    };
+    let proxy = common::Proxy::start(&service.url).await;
+    let (config, q, x) = fresh_config(
+        &proxy.url(&service.url),
+        &[
+            ("should_keep_unpublished_messages", ConfigValue::Bool(false)),
+            ("raise_on_failure", ConfigValue::Bool(true)),
+            ("retry_delay_in_seconds", ConfigValue::Float(0.3)),
+        ],
+    );
+    let broker = PikaBackend::new(config).open().await.expect("connect");
+    broker.publish(broker_testkit::user_event("k", 0)).await.unwrap().await.expect("delivered while up");
+    proxy.cut().await;
+    let mut raised = false;
+    for seq in 1..200 {
+        match broker.publish(broker_testkit::user_event("k", seq)).await {
+            Err(Error::Unavailable { reason, .. }) => {
+                assert!(reason.contains("raise_on_failure"), "{reason}");
+                raised = true;
+                break;
+            }
+            Ok(r) => {
+                // Accepted before the writer saw the cut: it fails rather than waits.
+                if let Ok(out) = tokio::time::timeout(Duration::from_secs(5), r).await {
+                    assert!(out.is_err() || seq < 5, "event {seq} after the cut: {out:?}");
+                }
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(raised, "publish must fail while disconnected with raise_on_failure");
+    proxy.restore();
+    let mut back = false;
+    for _ in 0..100 {
+        if broker.is_ready().await {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "reconnects");
+    broker.publish(broker_testkit::user_event("k", 999)).await.unwrap().await.expect("delivered after");
+    broker.close().await.unwrap();
+    cleanup(&service.url, &[&q], &[&x]).await;
+}
+
+/// A broker that stops reading and confirming (what a memory or disk alarm does to publishers;
+/// amqprs never receives `connection.blocked`): after `confirm_timeout` it is not ready, new
+/// events wait (here `when_full: error` shows the back-pressure), and all are confirmed later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_broker_is_detected_by_confirm_timeouts() {
+    let Some(service) = broker_testkit::services::rabbitmq("a_stalled_broker_is_detected").await else { return };
+    let proxy = common::Proxy::start(&service.url).await;
+    let (config, q, x) = fresh_config(
+        &proxy.url(&service.url),
+        &[
+            ("confirm_timeout", ConfigValue::Float(0.5)),
+            ("max_inflight", ConfigValue::Int(50)),
+            ("buffer_size", ConfigValue::Int(100)),
+            ("when_full", ConfigValue::Str("error".into())),
+        ],
+    );
+    let broker = PikaBackend::new(config).open().await.expect("connect");
+    broker.publish(broker_testkit::user_event("s", 0)).await.unwrap().await.expect("delivered");
+    proxy.stall();
+    let mut receipts = Vec::new();
+    let mut full = false;
+    for seq in 1..1000 {
+        match broker.publish(broker_testkit::user_event("s", seq)).await {
+            Ok(r) => receipts.push(r),
+            Err(Error::BufferFull { .. }) => {
+                full = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(full, "a bounded window and buffer push back");
+    assert!(receipts.len() <= 150, "at most window + buffer accepted: {}", receipts.len());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!broker.is_ready().await, "not ready once confirms stop");
+    proxy.restore();
+    for r in receipts {
+        tokio::time::timeout(Duration::from_secs(30), r).await.expect("in time").expect("delivered");
+    }
+    assert!(broker.is_ready().await);
+    broker.close().await.unwrap();
+    cleanup(&service.url, &[&q], &[&x]).await;
+}
+
+/// Delivery tags are the position of a confirmed event; unroutable messages (no queue bound)
+/// fail alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirms_carry_tags_and_unroutable_messages_fail() {
+    let Some(service) = broker_testkit::services::rabbitmq("confirms_carry_tags").await else { return };
+    let (config, q, x) = fresh_config(&service.url, &[]);
+    let broker = PikaBackend::new(config).open().await.expect("connect");
+    let d = broker.publish(broker_testkit::user_event("t", 0)).await.unwrap().await.unwrap();
+    assert_eq!(d.position, Some(Position::DeliveryTag(1)));
+    // Unbind by deleting the queue: the exchange now routes nowhere.
+    cleanup(&service.url, &[&q], &[]).await;
+    match broker.publish(broker_testkit::user_event("t", 1)).await.unwrap().await {
+        Err(Error::Rejected { reason, .. }) => assert!(reason.contains("unroutable"), "{reason}"),
+        other => panic!("an unroutable message must be rejected: {other:?}"),
+    }
+    broker.close().await.unwrap();
+    cleanup(&service.url, &[], &[&x]).await;
+}
