@@ -11,7 +11,7 @@
 //! string, and numeric strings work where numbers are expected), a quoted one stays literal, and an
 //! unset variable is an error; YAML 1.2 booleans, checked strictly by each backend.
 //!
-//! One cargo feature per backend (`file` is on by default, `sql` and `kafka` are opt-in); the in-memory
+//! One cargo feature per backend (`file` is on by default, `sql`, `kafka` and `pika` are opt-in); the in-memory
 //! reference backend (`type: memory`) is always there.
 //!
 //! ```
@@ -147,7 +147,10 @@ pub fn default_registry() -> Registry {
     registry.register(broker_kafka::KafkaFactory);
     #[cfg(not(feature = "kafka"))]
     registry.note_disabled("kafka", "enable the cargo feature `kafka` of broker-config");
-    registry.note_disabled("pika", "the RabbitMQ (pika) backend is not part of this release yet");
+    #[cfg(feature = "pika")]
+    registry.register(broker_pika::PikaFactory);
+    #[cfg(not(feature = "pika"))]
+    registry.note_disabled("pika", "enable the cargo feature `pika` of broker-config");
     #[cfg(feature = "sql")]
     registry.register(broker_sql::SqlFactory);
     #[cfg(not(feature = "sql"))]

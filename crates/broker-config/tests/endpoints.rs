@@ -66,7 +66,10 @@ fn rasa_types_are_read_for_every_file() {
 
 #[test]
 fn types_this_release_lacks_say_so_clearly() {
-    let mut files = vec!["pika_endpoint.yml"];
+    let mut files = vec![];
+    if cfg!(not(feature = "pika")) {
+        files.push("pika_endpoint.yml");
+    }
     if cfg!(not(feature = "kafka")) {
         files.push("kafka_plaintext_endpoint.yml");
     }
@@ -219,4 +222,52 @@ fn rasa_kafka_endpoints() {
         text.contains("needs `sasl_username` and `sasl_password`"),
         "Rasa's default protocol is SASL_PLAINTEXT: {text}"
     );
+}
+
+#[cfg(feature = "pika")]
+#[test]
+fn rasa_pika_endpoints() {
+    let registry = default_registry();
+    let ok = |file: &str| load(&rasa(file), &registry).unwrap_or_else(|e| panic!("{file}: {e}")).unwrap();
+
+    let c = ok("pika_endpoint.yml");
+    assert_eq!(c.backend.describe(), "pika amqp://username@localhost:5672 exchange exchange queues queue-1");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let debug = format!("{:?}", c.backend);
+    assert!(debug.contains("connection_attempts: 20") && debug.contains("retry_delay: 5s"), "{debug}");
+    assert!(!debug.contains("password\""), "no secret in Debug: {debug}");
+
+    // No type: pika; the legacy `queue` key is named in a warning and Rasa's default queue used.
+    let c = ok("event_broker_endpoint.yml");
+    assert_eq!(c.backend.describe(), "pika amqp://username@localhost:5672 exchange rasa-exchange queues rasa_core_events");
+    let warned: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(warned.iter().any(|w| w.contains("`queue` is not supported")), "{warned:?}");
+    assert!(warned.iter().any(|w| w.contains("no `queues` given")), "{warned:?}");
+
+    let c = ok("connexion_error_pika_endpoint.yml");
+    let debug = format!("{:?}", c.backend);
+    assert!(debug.contains("connection_attempts: 1") && debug.contains("retry_delay: 0ns"), "{debug}");
+
+    // A string port works; anything else is Rasa's message, with the file and line.
+    let section = parse("event_broker:\n  url: localhost\n  username: u\n  password: p\n  queues: q\n  port: \"5673\"\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(configure(section, &registry).unwrap().backend.describe(), "pika amqp://u@localhost:5673 exchange rasa-exchange queues q");
+    let section = parse("event_broker:\n  url: localhost\n  username: u\n  password: p\n  port: abc\n").unwrap().unwrap();
+    let text = configure(section, &registry).unwrap_err().to_string();
+    assert!(text.contains("Port could not be converted to integer.") && text.starts_with("endpoints.yml:5:"), "{text}");
+    // Pro keys are named in warnings; booleans are strict.
+    let section =
+        parse("event_broker:\n  url: localhost\n  username: u\n  password: p\n  queues: [q]\n  anonymization_queues: [a]\n")
+            .unwrap()
+            .unwrap();
+    let c = configure(section, &registry).unwrap();
+    assert!(c.warnings.iter().any(|w| w.message.contains("anonymization_queues")), "{:?}", c.warnings);
+    let section = parse(
+        "event_broker:\n  url: localhost\n  username: u\n  password: p\n  queues: [q]\n  raise_on_failure: \"false\"\n",
+    )
+    .unwrap()
+    .unwrap();
+    let text = configure(section, &registry).unwrap_err().to_string();
+    assert!(text.contains("raise_on_failure") && text.contains("expected a boolean"), "{text}");
 }
