@@ -239,7 +239,10 @@ fn rasa_pika_endpoints() {
 
     // No type: pika; the legacy `queue` key is named in a warning and Rasa's default queue used.
     let c = ok("event_broker_endpoint.yml");
-    assert_eq!(c.backend.describe(), "pika amqp://username@localhost:5672 exchange rasa-exchange queues rasa_core_events");
+    assert_eq!(
+        c.backend.describe(),
+        "pika amqp://username@localhost:5672 exchange rasa-exchange queues rasa_core_events"
+    );
     let warned: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
     assert!(warned.iter().any(|w| w.contains("`queue` is not supported")), "{warned:?}");
     assert!(warned.iter().any(|w| w.contains("no `queues` given")), "{warned:?}");
@@ -249,18 +252,24 @@ fn rasa_pika_endpoints() {
     assert!(debug.contains("connection_attempts: 1") && debug.contains("retry_delay: 0ns"), "{debug}");
 
     // A string port works; anything else is Rasa's message, with the file and line.
-    let section = parse("event_broker:\n  url: localhost\n  username: u\n  password: p\n  queues: q\n  port: \"5673\"\n")
-        .unwrap()
-        .unwrap();
-    assert_eq!(configure(section, &registry).unwrap().backend.describe(), "pika amqp://u@localhost:5673 exchange rasa-exchange queues q");
-    let section = parse("event_broker:\n  url: localhost\n  username: u\n  password: p\n  port: abc\n").unwrap().unwrap();
+    let section =
+        parse("event_broker:\n  url: localhost\n  username: u\n  password: p\n  queues: q\n  port: \"5673\"\n")
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        configure(section, &registry).unwrap().backend.describe(),
+        "pika amqp://u@localhost:5673 exchange rasa-exchange queues q"
+    );
+    let section =
+        parse("event_broker:\n  url: localhost\n  username: u\n  password: p\n  port: abc\n").unwrap().unwrap();
     let text = configure(section, &registry).unwrap_err().to_string();
     assert!(text.contains("Port could not be converted to integer.") && text.starts_with("endpoints.yml:5:"), "{text}");
     // Pro keys are named in warnings; booleans are strict.
-    let section =
-        parse("event_broker:\n  url: localhost\n  username: u\n  password: p\n  queues: [q]\n  anonymization_queues: [a]\n")
-            .unwrap()
-            .unwrap();
+    let section = parse(
+        "event_broker:\n  url: localhost\n  username: u\n  password: p\n  queues: [q]\n  anonymization_queues: [a]\n",
+    )
+    .unwrap()
+    .unwrap();
     let c = configure(section, &registry).unwrap();
     assert!(c.warnings.iter().any(|w| w.message.contains("anonymization_queues")), "{:?}", c.warnings);
     let section = parse(

@@ -21,7 +21,8 @@ fn run(what: &str, command: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_restarts_lose_no_event() {
     let Some(service) = broker_testkit::services::rabbitmq("rabbitmq_restarts_lose_no_event").await else { return };
-    let (Ok(stop), Ok(start)) = (std::env::var("BROKER_TEST_RABBITMQ_STOP"), std::env::var("BROKER_TEST_RABBITMQ_START"))
+    let (Ok(stop), Ok(start)) =
+        (std::env::var("BROKER_TEST_RABBITMQ_STOP"), std::env::var("BROKER_TEST_RABBITMQ_START"))
     else {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -46,7 +47,8 @@ async fn rabbitmq_restarts_lose_no_event() {
             let mut receipts = Vec::with_capacity(N as usize);
             for i in 0..N {
                 let sender = format!("restart-{}", i % SENDERS);
-                receipts.push(broker.publish(broker_testkit::user_event(&sender, i / SENDERS)).await.expect("accepted"));
+                receipts
+                    .push(broker.publish(broker_testkit::user_event(&sender, i / SENDERS)).await.expect("accepted"));
                 progress.store(i + 1, std::sync::atomic::Ordering::Relaxed);
                 if i % 100 == 99 {
                     // A tracker's pace (1,000 events/s): RabbitMQ takes seconds to stop and

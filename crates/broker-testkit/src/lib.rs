@@ -27,6 +27,7 @@
 //! ```
 
 pub mod services;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
