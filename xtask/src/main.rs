@@ -12,10 +12,10 @@ use anyhow::{Context, Result, bail};
 
 const USAGE: &str = "usage: cargo xtask <ci | bench [BACKEND...]>\n\
     ci     rustfmt --check, clippy -D warnings, the whole test suite, docs with -D warnings\n\
-    bench  benchmark backends (default: all that this release has: file, sql, kafka)";
+    bench  benchmark backends (default: all that this release has: file, sql, kafka, pika)";
 
 /// The backends `bench` knows.
-const BACKENDS: &[&str] = &["file", "sql", "kafka"];
+const BACKENDS: &[&str] = &["file", "sql", "kafka", "pika"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

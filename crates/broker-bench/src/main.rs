@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod kafka;
+mod pika;
 mod sql;
 
 use anyhow::{Context, Result, bail};
@@ -45,7 +46,8 @@ fn main() -> Result<()> {
         Some("file") => bench_file(events, runs),
         Some("sql") => sql::bench(flag(&args, "--events").unwrap_or(100_000), runs),
         Some("kafka") => kafka::bench(events, runs),
-        Some(other) => bail!("unknown backend {other:?}: this build benchmarks: file, sql, kafka"),
+        Some("pika") => pika::bench(flag(&args, "--events").unwrap_or(100_000), runs),
+        Some(other) => bail!("unknown backend {other:?}: this build benchmarks: file, sql, kafka, pika"),
         None => bench_file(events, runs),
     }
 }
@@ -110,6 +112,7 @@ fn run_variant(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
         "parse-only" => parse_only(variant, n),
         other if other.starts_with("sqlite-") || other.starts_with("pg-") => sql::run(other, dir, n),
         other if other.starts_with("kafka-") => kafka::run(other, n),
+        other if other.starts_with("pika-") => pika::run(other, n),
         other => bail!("unknown variant {other}"),
     }
 }
