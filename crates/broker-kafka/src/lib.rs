@@ -42,12 +42,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use broker_core::backoff::Backoff;
 use broker_core::{
     Backend, BackendFactory, CloseReport, ConfigError, Configured, Error, Event, EventBroker, EventId, EventSource,
     Position, Receipt, Received, Settle, SourceOptions, StartFrom, async_trait,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -100,9 +100,45 @@ fn unavailable(what: impl std::fmt::Display) -> Error {
     Error::Unavailable { backend: NAME, reason: what.to_string(), cause: None }
 }
 
+/// The last error librdkafka reported on a client (an SSL handshake or SASL failure), so a
+/// connection failure can say why instead of only "timed out".
+#[derive(Default)]
+struct LastError(Mutex<Option<String>>);
+
+impl LastError {
+    fn record(&self, error: &KafkaError, reason: &str) {
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // "All brokers are down" follows the error that says why (an SSL or SASL failure): keep that.
+        if last.is_some() && error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            return;
+        }
+        *last = Some(format!("{error}: {reason}"));
+    }
+
+    /// `what`, with the last reported error when there is one.
+    fn explain(&self, what: impl std::fmt::Display) -> String {
+        match self.0.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            Some(last) => format!("{what} (last broker error: {last})"),
+            None => what.to_string(),
+        }
+    }
+}
+
+/// The admin client's context: records errors like the producer's.
+struct AdminContext(Arc<LastError>);
+
+impl ClientContext for AdminContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.record(&error, reason);
+        tracing::warn!("kafka: {error}: {reason}");
+    }
+}
+
 /// State shared by the broker and the delivery reports of every producer it creates.
 #[derive(Default)]
 struct Shared {
+    /// The last error librdkafka reported.
+    last_error: Arc<LastError>,
     /// Set while closing: failed events are kept for the close report.
     closing: AtomicBool,
     undelivered: Mutex<Vec<Event>>,
@@ -113,6 +149,8 @@ struct Shared {
     resend: Mutex<Vec<Resend>>,
     reset_needed: AtomicBool,
     resetting: AtomicBool,
+    /// How many times the producer was replaced.
+    resets: AtomicU64,
 }
 
 /// What travels with each message to its delivery report.
@@ -154,6 +192,7 @@ impl ClientContext for Reports {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.shared.last_error.record(&error, reason);
         match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::AllBrokersDown) => self.shared.ready.store(false, Ordering::Release),
             Some(RDKafkaErrorCode::BrokerTransportFailure) => {
@@ -216,7 +255,8 @@ impl ProducerContext for Reports {
 
 type KafkaProducer = ThreadedProducer<Reports>;
 
-struct KafkaBroker {
+/// A connected Kafka broker (what [`KafkaBackend::open`] returns; `connect` boxes it).
+pub struct KafkaBroker {
     /// The producer; replaced (under the write lock) after an error that is not an event's.
     producer: Arc<RwLock<Arc<KafkaProducer>>>,
     shared: Arc<Shared>,
@@ -290,19 +330,23 @@ fn reset(producer: &RwLock<Arc<KafkaProducer>>, shared: &Arc<Shared>, config: &K
         }
     }
     *guard = fresh;
+    shared.resets.fetch_add(1, Ordering::Relaxed);
     shared.resetting.store(false, Ordering::Release);
 }
 
-async fn ensure_topic(config: &KafkaConfig) -> Result<(), Error> {
+async fn ensure_topic(config: &KafkaConfig, last_error: &Arc<LastError>) -> Result<(), Error> {
     let Some((partitions, replication)) = config.create_topic else { return Ok(()) };
-    let admin: AdminClient<DefaultClientContext> =
-        config.client_config().create().map_err(|e| unavailable(format!("{}: {e}", config.bootstrap)))?;
+    let admin: AdminClient<AdminContext> = config
+        .client_config()
+        .create_with_context(AdminContext(last_error.clone()))
+        .map_err(|e| unavailable(format!("{}: {e}", config.bootstrap)))?;
     let topic = NewTopic::new(&config.topic, partitions, TopicReplication::Fixed(replication));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .create_topics([&topic], &opts)
-        .await
-        .map_err(|e| unavailable(format!("creating topic {}: {e}", config.topic)))?;
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics([&topic], &opts).await.map_err(|e| {
+        unavailable(last_error.explain(format!("{}: creating topic {}: {e}", config.bootstrap, config.topic)))
+    })?;
     for r in results {
         match r {
             Ok(_) => {}
@@ -324,8 +368,20 @@ impl Backend for KafkaBackend {
     }
 
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
-        ensure_topic(&self.config).await?;
+        Ok(Box::new(self.open().await?))
+    }
+
+    async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
+        KafkaSource::open(&self.config, options).map(|s| Box::new(s) as Box<dyn EventSource>)
+    }
+}
+
+impl KafkaBackend {
+    /// Creates the topic when configured, checks that the broker answers, and starts the
+    /// producer; the typed broker (`connect` boxes it).
+    pub async fn open(&self) -> Result<KafkaBroker, Error> {
         let shared = Arc::new(Shared { ready: AtomicBool::new(true), ..Shared::default() });
+        ensure_topic(&self.config, &shared.last_error).await?;
         let producer = Arc::new(new_producer(&self.config, &shared)?);
         // Fail fast when nothing answers at start (Rasa waits; we say why).
         let probe = producer.clone();
@@ -342,7 +398,7 @@ impl Backend for KafkaBackend {
                     self.config.bootstrap, self.config.topic
                 )));
             }
-            Err(e) => return Err(unavailable(format!("{}: {e}", self.config.bootstrap))),
+            Err(e) => return Err(unavailable(shared.last_error.explain(format!("{}: {e}", self.config.bootstrap)))),
         }
         let broker = KafkaBroker {
             producer: Arc::new(RwLock::new(producer)),
@@ -361,28 +417,35 @@ impl Backend for KafkaBackend {
             broker.closed.clone(),
         );
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             while !closed.load(Ordering::Acquire) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 if !shared.reset_needed.load(Ordering::Acquire) {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     continue;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next_delay()).await;
                 let (p, s, c, e) = (producer.clone(), shared.clone(), config.clone(), environment.clone());
                 let _ = tokio::task::spawn_blocking(move || reset(&p, &s, &c, &e)).await;
             }
         });
-        Ok(Box::new(broker))
+        Ok(broker)
     }
+}
 
-    async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
-        KafkaSource::open(&self.config, options).map(|s| Box::new(s) as Box<dyn EventSource>)
+impl std::fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBroker").field("topic", &self.config.topic).finish_non_exhaustive()
     }
 }
 
 impl KafkaBroker {
+    /// How many times the producer was replaced after an error that was not an event's own
+    /// (an unknown or fatal broker error); the affected events went again, in order.
+    pub fn producer_resets(&self) -> u64 {
+        self.shared.resets.load(Ordering::Relaxed)
+    }
+
     fn current(&self) -> Arc<KafkaProducer> {
         self.producer.read().unwrap_or_else(PoisonError::into_inner).clone()
     }

@@ -1,74 +1,26 @@
 //! The Kafka broker restarts (sqlite storage, so it keeps its data) in the middle of 20,000
 //! events: every event arrives, in order per sender; duplicates are counted and reported.
 //!
-//! The test starts its own broker on 127.0.0.1:19094 with `.ci/kafka-broker.sh` and the tansu
+//! The test starts its own broker on a free loopback port with `.ci/kafka-broker.sh` and the tansu
 //! binary under `BROKER_TEST_TANSU_ROOT` (`.ci/run` sets it), and stops it by PID.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use broker_core::{Backend, EventBroker};
 use broker_kafka::{KafkaBackend, KafkaConfig};
-
-const PORT: &str = "19094";
-
-struct Broker {
-    dir: tempfile::TempDir,
-    root: String,
-}
-
-impl Broker {
-    fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.ci/kafka-broker.sh")
-    }
-
-    fn run(&self, args: &[&str]) {
-        let out = Command::new("bash")
-            .arg(Self::script())
-            .args(args)
-            .env("TANSU_ROOT", &self.root)
-            .env("KAFKA_DIR", self.dir.path())
-            .env("KAFKA_PORT", PORT)
-            .output()
-            .expect("run kafka-broker.sh");
-        assert!(
-            out.status.success(),
-            "kafka-broker.sh {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(Self::script())
-            .arg("stop")
-            .env("TANSU_ROOT", &self.root)
-            .env("KAFKA_DIR", self.dir.path())
-            .env("KAFKA_PORT", PORT)
-            .output();
-    }
-}
+use common::Tansu;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open (issue 5): passes 3 of 3 runs since the producer reset landed, but the reset path \
-            (after tansu's occasional unknown broker error on restart) has no deterministic test \
-            yet; run with --ignored (BROKER_TEST_TANSU_ROOT=/opt/tansu)"]
 async fn a_broker_restart_loses_nothing() {
-    let Ok(root) = std::env::var("BROKER_TEST_TANSU_ROOT") else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true needs BROKER_TEST_TANSU_ROOT");
-        eprintln!("SKIPPED a_broker_restart_loses_nothing: BROKER_TEST_TANSU_ROOT is not set");
-        return;
-    };
-    let broker_process = Broker { dir: tempfile::tempdir().unwrap(), root };
+    let Some(root) = Tansu::root("a_broker_restart_loses_nothing") else { return };
+    let broker_process = std::sync::Arc::new(Tansu::new(root, None));
     broker_process.run(&["start", "sqlite"]);
 
     const N: u64 = 20_000;
-    let bootstrap = format!("127.0.0.1:{PORT}");
+    let bootstrap = format!("127.0.0.1:{}", broker_process.port);
     let config = KafkaConfig::plaintext(&bootstrap, "restart").partition_by_sender(true).create_topic(3, 1);
     let backend = KafkaBackend::new(config);
     let broker: std::sync::Arc<dyn EventBroker> = std::sync::Arc::from(backend.connect().await.unwrap());
@@ -76,28 +28,14 @@ async fn a_broker_restart_loses_nothing() {
     let (third, at_third) = tokio::sync::oneshot::channel::<()>();
     let restart = {
         let broker = broker.clone();
-        let dir = broker_process.dir.path().to_owned();
-        let root = broker_process.root.clone();
+        let process = broker_process.clone();
         tokio::spawn(async move {
             at_third.await.unwrap();
-            let run = move |arg: &'static str| {
-                let (dir, root) = (dir.clone(), root.clone());
-                move || {
-                    let out = Command::new("bash")
-                        .arg(Broker::script())
-                        .args(arg.split(' '))
-                        .env("TANSU_ROOT", root)
-                        .env("KAFKA_DIR", dir)
-                        .env("KAFKA_PORT", PORT)
-                        .output()
-                        .unwrap();
-                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                }
-            };
-            tokio::task::spawn_blocking(run("stop")).await.unwrap();
+            let p = process.clone();
+            tokio::task::spawn_blocking(move || p.run(&["stop"])).await.unwrap();
             tokio::time::sleep(Duration::from_millis(1500)).await;
             let ready_during = broker.is_ready().await;
-            tokio::task::spawn_blocking(run("start sqlite")).await.unwrap();
+            tokio::task::spawn_blocking(move || process.run(&["start", "sqlite"])).await.unwrap();
             ready_during
         })
     };

@@ -138,6 +138,11 @@ impl Stunnel {
     pub fn start(ca: &TestCa, connect: &str, require_client_cert: bool) -> Result<Stunnel, String> {
         let port =
             std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+        Stunnel::start_on(ca, port, connect, require_client_cert)
+    }
+
+    /// Like [`Stunnel::start`], on a given port (when the service must advertise it first).
+    pub fn start_on(ca: &TestCa, port: u16, connect: &str, require_client_cert: bool) -> Result<Stunnel, String> {
         let verify = if require_client_cert { "verify = 2\n" } else { "" };
         let conf = format!(
             "foreground = yes\npid =\ndebug = 4\noutput = {log}\n[service]\naccept = 127.0.0.1:{port}\nconnect = {connect}\ncert = {cert}\nkey = {key}\nCAfile = {cafile}\n{verify}",
