@@ -185,15 +185,10 @@ async fn an_outage_loses_nothing_and_is_reported_by_is_ready() {
     for seq in 500..1000 {
         receipts.push(broker.publish(broker_testkit::user_event("outage", seq)).await.unwrap());
     }
-    let mut saw_not_ready = false;
-    for _ in 0..50 {
-        if !broker.is_ready().await {
-            saw_not_ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(saw_not_ready, "is_ready must be false while RabbitMQ is unreachable");
+    assert!(
+        common::becomes_ready(broker.as_ref(), false, Duration::from_secs(1)).await,
+        "is_ready must be false while RabbitMQ is unreachable"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!broker.is_ready().await);
     proxy.restore();
@@ -247,15 +242,7 @@ async fn keep_unpublished_false_and_raise_on_failure() {
     }
     assert!(raised, "publish must fail while disconnected with raise_on_failure");
     proxy.restore();
-    let mut back = false;
-    for _ in 0..100 {
-        if broker.is_ready().await {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(back, "reconnects");
+    assert!(common::becomes_ready(&broker, true, Duration::from_secs(5)).await, "reconnects");
     broker.publish(broker_testkit::user_event("k", 999)).await.unwrap().await.expect("delivered after");
     broker.close().await.unwrap();
     cleanup(&service.url, &[&q], &[&x]).await;

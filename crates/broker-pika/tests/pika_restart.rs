@@ -71,15 +71,10 @@ async fn rabbitmq_restarts_lose_no_event() {
         println!("restart test: stopping RabbitMQ after {published} events were accepted");
         assert!(published < N, "restart {round} must land mid-stream");
         run(&format!("stop {round}"), &stop);
-        let mut saw_not_ready = false;
-        for _ in 0..40 {
-            if !broker.is_ready().await {
-                saw_not_ready = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(saw_not_ready, "is_ready must turn false while RabbitMQ is down");
+        assert!(
+            common::becomes_ready(broker.as_ref(), false, Duration::from_secs(2)).await,
+            "is_ready must turn false while RabbitMQ is down"
+        );
         tokio::time::sleep(Duration::from_millis(1000)).await;
         run(&format!("start {round}"), &start);
     }

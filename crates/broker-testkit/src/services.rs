@@ -33,82 +33,81 @@ fn unavailable(test: &str, var: &str, why: &str) -> Option<Service> {
     None
 }
 
+/// What a container start gives: the service's URL and the handle that keeps it running.
+#[cfg(feature = "containers")]
+type Started = Result<(String, Box<dyn Any + Send>), String>;
+
+/// The service from `var` when set; else the container `start` gives (feature `containers`);
+/// else skipped with the reason (a failure under `CI=true`).
+#[cfg(feature = "containers")]
+async fn resolve(test: &str, var: &str, start: impl std::future::Future<Output = Started>) -> Option<Service> {
+    if let Ok(url) = std::env::var(var) {
+        return Some(Service { url, origin: "environment", _container: None });
+    }
+    match start.await {
+        Ok((url, node)) => Some(Service { url, origin: "testcontainers", _container: Some(node) }),
+        Err(why) => unavailable(test, var, &why),
+    }
+}
+
+#[cfg(not(feature = "containers"))]
+async fn resolve<F>(test: &str, var: &str, _start: F) -> Option<Service> {
+    if let Ok(url) = std::env::var(var) {
+        return Some(Service { url, origin: "environment", _container: None });
+    }
+    unavailable(test, var, "the `containers` feature of broker-testkit is off")
+}
+
+/// Starts `image` with testcontainers and builds the URL from its host port for `port`.
+#[cfg(feature = "containers")]
+async fn container<I>(image: I, what: &str, port: u16, url: impl Fn(u16) -> String) -> Started
+where
+    I: testcontainers_modules::testcontainers::Image + 'static,
+{
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    let node = image.start().await.map_err(|e| format!("testcontainers could not start {what}: {e}"))?;
+    let host_port = node.get_host_port_ipv4(port).await.map_err(|e| format!("the container has no port: {e}"))?;
+    Ok((url(host_port), Box::new(node)))
+}
+
 /// PostgreSQL: `BROKER_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`), or a
 /// container. `None` means skipped (never under CI).
 pub async fn postgres(test: &str) -> Option<Service> {
-    const VAR: &str = "BROKER_TEST_POSTGRES_URL";
-    if let Ok(url) = std::env::var(VAR) {
-        return Some(Service { url, origin: VAR, _container: None });
-    }
-    #[cfg(feature = "containers")]
-    {
-        use testcontainers_modules::postgres::Postgres;
-        use testcontainers_modules::testcontainers::runners::AsyncRunner;
-        match Postgres::default().start().await {
-            Ok(node) => match node.get_host_port_ipv4(5432).await {
-                Ok(port) => {
-                    let url = format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres");
-                    Some(Service { url, origin: "testcontainers", _container: Some(Box::new(node)) })
-                }
-                Err(e) => unavailable(test, VAR, &format!("the container has no port: {e}")),
-            },
-            Err(e) => unavailable(test, VAR, &format!("testcontainers could not start PostgreSQL: {e}")),
+    resolve(test, "BROKER_TEST_POSTGRES_URL", async {
+        #[cfg(feature = "containers")]
+        {
+            let image = testcontainers_modules::postgres::Postgres::default();
+            container(image, "PostgreSQL", 5432, |p| format!("postgres://postgres:postgres@127.0.0.1:{p}/postgres"))
+                .await
         }
-    }
-    #[cfg(not(feature = "containers"))]
-    unavailable(test, VAR, "the `containers` feature of broker-testkit is off")
+    })
+    .await
 }
 
 /// Kafka: `BROKER_TEST_KAFKA_BOOTSTRAP` (e.g. `127.0.0.1:9092`; `.ci/run` starts tansu there), or
 /// a container. `None` means skipped (never under CI).
 pub async fn kafka(test: &str) -> Option<Service> {
-    const VAR: &str = "BROKER_TEST_KAFKA_BOOTSTRAP";
-    if let Ok(url) = std::env::var(VAR) {
-        return Some(Service { url, origin: VAR, _container: None });
-    }
-    #[cfg(feature = "containers")]
-    {
-        use testcontainers_modules::kafka::apache::Kafka;
-        use testcontainers_modules::testcontainers::runners::AsyncRunner;
-        match Kafka::default().start().await {
-            Ok(node) => match node.get_host_port_ipv4(testcontainers_modules::kafka::apache::KAFKA_PORT).await {
-                Ok(port) => {
-                    let url = format!("127.0.0.1:{port}");
-                    Some(Service { url, origin: "testcontainers", _container: Some(Box::new(node)) })
-                }
-                Err(e) => unavailable(test, VAR, &format!("the container has no port: {e}")),
-            },
-            Err(e) => unavailable(test, VAR, &format!("testcontainers could not start Kafka: {e}")),
+    resolve(test, "BROKER_TEST_KAFKA_BOOTSTRAP", async {
+        #[cfg(feature = "containers")]
+        {
+            use testcontainers_modules::kafka::apache::{KAFKA_PORT, Kafka};
+            container(Kafka::default(), "Kafka", KAFKA_PORT.as_u16(), |p| format!("127.0.0.1:{p}")).await
         }
-    }
-    #[cfg(not(feature = "containers"))]
-    unavailable(test, VAR, "the `containers` feature of broker-testkit is off")
+    })
+    .await
 }
 
 /// RabbitMQ: `BROKER_TEST_AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`), or a
 /// container. `None` means skipped (never under CI).
 pub async fn rabbitmq(test: &str) -> Option<Service> {
-    const VAR: &str = "BROKER_TEST_AMQP_URL";
-    if let Ok(url) = std::env::var(VAR) {
-        return Some(Service { url, origin: VAR, _container: None });
-    }
-    #[cfg(feature = "containers")]
-    {
-        use testcontainers_modules::rabbitmq::RabbitMq;
-        use testcontainers_modules::testcontainers::runners::AsyncRunner;
-        match RabbitMq::default().start().await {
-            Ok(node) => match node.get_host_port_ipv4(5672).await {
-                Ok(port) => {
-                    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
-                    Some(Service { url, origin: "testcontainers", _container: Some(Box::new(node)) })
-                }
-                Err(e) => unavailable(test, VAR, &format!("the container has no port: {e}")),
-            },
-            Err(e) => unavailable(test, VAR, &format!("testcontainers could not start RabbitMQ: {e}")),
+    resolve(test, "BROKER_TEST_AMQP_URL", async {
+        #[cfg(feature = "containers")]
+        {
+            let image = testcontainers_modules::rabbitmq::RabbitMq::default();
+            container(image, "RabbitMQ", 5672, |p| format!("amqp://guest:guest@127.0.0.1:{p}/%2f")).await
         }
-    }
-    #[cfg(not(feature = "containers"))]
-    unavailable(test, VAR, "the `containers` feature of broker-testkit is off")
+    })
+    .await
 }
 
 /// A suffix unique to this process and call, for per-test tables, topics and queues.

@@ -227,3 +227,17 @@ pub async fn consume_distinct(backend: &dyn broker_core::Backend, n: usize, time
     }
     seen
 }
+
+/// Whether `broker.is_ready()` becomes `want` within `within` (polled every 20 ms).
+pub async fn becomes_ready(broker: &dyn broker_core::EventBroker, want: bool, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if broker.is_ready().await == want {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
