@@ -354,6 +354,7 @@ async fn tail(
                 let written = out.write_all(&received.raw).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush());
                 if let Err(e) = written {
                     if e.kind() == io::ErrorKind::BrokenPipe {
+                        source.close().await?;
                         return Ok(ExitCode::SUCCESS);
                     }
                     return Err(e).context("writing to stdout");
@@ -366,6 +367,8 @@ async fn tail(
             Err(e) => return Err(e).context("consuming"),
         }
     }
+    // Acknowledgements must reach the service before the process ends.
+    source.close().await.context("closing the consumer")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -109,3 +109,36 @@ fn help_and_version() {
         assert!(!out.stdout.is_empty());
     }
 }
+
+/// With RabbitMQ (`type: pika`, Rasa's no-type section): what `publish` sends, `tail` gives back
+/// byte for byte, and its acknowledgements stick (a second `tail` finds the queue empty).
+#[test]
+fn publish_then_tail_through_rabbitmq() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let Some(service) = runtime.block_on(broker_testkit::services::rabbitmq("publish_then_tail_through_rabbitmq"))
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let suffix = broker_testkit::services::unique_suffix();
+    let (queue, exchange) = (format!("q-{suffix}"), format!("x-cli-{suffix}"));
+    let endpoints =
+        format!("event_broker:\n  url: {}\n  queues: [{queue}]\n  exchange_name: {exchange}\n", service.url);
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), SAMPLE).unwrap();
+    let out = broker(dir.path(), &["publish", "in.jsonl"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("delivered 106, failed 0"), "{}", stderr(&out));
+
+    let out = broker(dir.path(), &["tail", "--from-beginning", "--limit", "106", "--timeout", "10"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), SAMPLE, "Rasa's bytes, in order");
+    let out = broker(dir.path(), &["tail", "--timeout", "1"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "acknowledged events do not come again: {}", String::from_utf8_lossy(&out.stdout));
+    // The queue is durable and would outlive the test: remove it.
+    let out = Command::new("rabbitmqctl").args(["-q", "delete_queue", &queue]).output();
+    if !out.is_ok_and(|o| o.status.success()) {
+        eprintln!("note: could not delete the queue {queue} (rabbitmqctl unavailable)");
+    }
+}

@@ -269,4 +269,11 @@ pub trait EventSource: Send {
     async fn ack(&mut self, _received: &Received) -> Result<(), Error> {
         Ok(())
     }
+
+    /// Ends consuming cleanly: acknowledgements sent so far reach the service before the
+    /// connection closes (RabbitMQ would otherwise deliver those events again). Dropping a source
+    /// without `close` is allowed; unacknowledged events then come again.
+    async fn close(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }

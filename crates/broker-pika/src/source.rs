@@ -173,6 +173,25 @@ impl EventSource for PikaSource {
         }
     }
 
+    /// Closes the channel (which waits for RabbitMQ's close-ok, so every ack sent before it was
+    /// processed) and the connection.
+    async fn close(&mut self) -> Result<(), Error> {
+        self.remaining = Some(0);
+        if let Some(c) = self.consumer.take() {
+            let closed = tokio::time::timeout(Duration::from_secs(5), c.channel.close()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.connection.close()).await;
+            if !matches!(closed, Ok(Ok(()))) {
+                return Err(Error::Io {
+                    backend: NAME,
+                    operation: format!("closing the consumer of {:?}", self.queue),
+                    reason: "RabbitMQ did not confirm the channel close; unacknowledged events will come again".into(),
+                    cause: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
     async fn ack(&mut self, received: &Received) -> Result<(), Error> {
         let Position::DeliveryTag(tag) = received.position else { return Ok(()) };
         let Some(consumer) = self.consumer.as_mut() else { return Ok(()) };
