@@ -524,7 +524,16 @@ impl Writer {
 
     async fn reconnect(&mut self) {
         let id = self.link_id + 1;
-        match open_link(&self.config, id, &self.signals_tx).await {
+        // While closing, an attempt may not outlast the close deadline.
+        let attempt = open_link(&self.config, id, &self.signals_tx);
+        let opened = match self.closing.as_ref().map(|(d, _)| *d) {
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Timeout(self.config.delivery.close_timeout)),
+            },
+            None => attempt.await,
+        };
+        match opened {
             Ok(link) => {
                 self.link_id = id;
                 self.link = Some(link);

@@ -377,3 +377,30 @@ async fn the_consumer_acks_manually_within_a_prefetch_window() {
     let _ = connection.close().await;
     cleanup(&service.url, &[&q], &[&x]).await;
 }
+
+/// Contracts §A.6: closing while RabbitMQ is unreachable gives up at the deadline and hands back
+/// every event it could not deliver, in publish order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_during_an_outage_reports_what_was_not_delivered() {
+    let Some(service) = broker_testkit::services::rabbitmq("close_during_an_outage").await else { return };
+    let proxy = common::Proxy::start(&service.url).await;
+    let (config, q, x) = fresh_config(&proxy.url(&service.url), &[("close_timeout", ConfigValue::Float(1.0))]);
+    let broker = PikaBackend::new(config).open().await.expect("connect");
+    broker.publish(broker_testkit::user_event("z", 0)).await.unwrap().await.expect("delivered while up");
+    proxy.cut().await;
+    assert!(common::becomes_ready(&broker, false, Duration::from_secs(2)).await);
+    let mut receipts = Vec::new();
+    for seq in 1..=10 {
+        receipts.push(broker.publish(broker_testkit::user_event("z", seq)).await.unwrap());
+    }
+    let started = std::time::Instant::now();
+    let report = broker.close().await.expect("close returns a report");
+    assert!(started.elapsed() < Duration::from_secs(5), "close keeps its deadline: {:?}", started.elapsed());
+    let seqs: Vec<u64> = report.undelivered.iter().filter_map(broker_testkit::seq_of).collect();
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "the undelivered events, in order");
+    for r in receipts {
+        assert!(matches!(r.await, Err(Error::Timeout(_))));
+    }
+    drop(proxy);
+    cleanup(&service.url, &[&q], &[&x]).await;
+}
