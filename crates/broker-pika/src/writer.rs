@@ -201,6 +201,12 @@ pub(crate) async fn first_link(config: &PikaConfig, tx: &Signals) -> Result<Link
     }
 }
 
+/// The limit in RabbitMQ's "message size N is larger than configured max size M" channel error.
+fn server_size_limit(why: &str) -> Option<u64> {
+    let rest = &why[why.find("larger than configured max size ")? + "larger than configured max size ".len()..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
 /// An event published and waiting for its confirm.
 struct Flight {
     seq: u64,
@@ -237,6 +243,8 @@ pub(crate) struct Writer {
     stalled: bool,
     closing: Option<(Instant, oneshot::Sender<CloseReport>)>,
     properties: BasicProperties,
+    /// `max_event_bytes`, lowered to RabbitMQ's `max_message_size` once a channel close reveals it.
+    max_bytes: u64,
 }
 
 const TICK: Duration = Duration::from_millis(200);
@@ -274,6 +282,7 @@ impl Writer {
             stalled: false,
             closing: None,
             properties,
+            max_bytes: config.max_event_bytes,
             config,
         }
     }
@@ -337,9 +346,8 @@ impl Writer {
             Command::Publish(p) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                if p.json.len() as u64 > self.config.max_event_bytes {
-                    let len = p.json.len();
-                    p.reject(NAME, format!("{len} bytes is over max_event_bytes {}", self.config.max_event_bytes));
+                if p.json.len() as u64 > self.max_bytes {
+                    self.reject_oversize(p);
                 } else if self.link.is_none() && !self.config.keep_unpublished {
                     p.settle.settle(Err(Error::Unavailable {
                         backend: NAME,
@@ -358,8 +366,21 @@ impl Writer {
         }
     }
 
+    fn reject_oversize(&self, p: Pending) {
+        let len = p.json.len();
+        let limit = if self.max_bytes < self.config.max_event_bytes {
+            format!("RabbitMQ's max_message_size {}", self.max_bytes)
+        } else {
+            format!("max_event_bytes {}", self.max_bytes)
+        };
+        p.reject(NAME, format!("{len} bytes is over {limit}"));
+    }
+
     /// Publishes one event on the live link (the caller checked there is one with room).
     async fn send(&mut self, q: Queued) {
+        if q.pending.json.len() as u64 > self.max_bytes {
+            return self.reject_oversize(q.pending);
+        }
         let Some(link) = &self.link else {
             self.queue.push_front(q);
             return;
@@ -469,6 +490,11 @@ impl Writer {
         let Some(link) = self.link.take() else { return };
         self.ready.set(false);
         self.link_id += 1;
+        // RabbitMQ closes the channel on a message over its max_message_size: learn the limit, so
+        // that event fails alone instead of closing every channel it is sent on.
+        if let Some(limit) = server_size_limit(&why) {
+            self.max_bytes = self.max_bytes.min(limit);
+        }
         let unconfirmed: Vec<Flight> = self.inflight.drain(..).flatten().collect();
         tracing::warn!("pika: {why}; {} unconfirmed events will be re-sent after reconnecting", unconfirmed.len());
         self.base_tag = 1;
