@@ -306,6 +306,10 @@ impl PikaConfig {
             config.max_event_bytes = n;
         }
         config.app_id = env("RASA_ENVIRONMENT");
+        if config.app_id.as_ref().is_some_and(|a| a.len() > 255) {
+            return Err(ConfigError::new(section, None, "the variable RASA_ENVIRONMENT is over 255 bytes")
+                .with_hint("it becomes each message's app_id, an AMQP short string"));
+        }
         config.delivery = DeliveryOptions::take(&mut options)?;
         let warnings = options.finish(NAME, PikaConfig::KEYS)?;
         Ok((config, warnings))
@@ -460,6 +464,9 @@ fn parse_url(
     };
     target.port = uri_port.or(port).unwrap_or(if target.tls && url.contains("://") { 5671 } else { 5672 });
     target.vhost = vhost.unwrap_or_else(|| "/".into());
+    if target.vhost.len() > 255 {
+        return Err(bad("the virtual host is over 255 bytes"));
+    }
     let mut ignored = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

@@ -74,10 +74,10 @@ impl PikaBackend {
     /// and starts the writer; the typed broker, for [`PikaBroker::publish_with_headers`].
     pub async fn open(&self) -> Result<PikaBroker, Error> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let link = writer::first_link(&self.config, &tx).await?;
+        let (link, link_id) = writer::first_link(&self.config, &tx).await?;
         let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
         let (inner, ready) = QueuedBroker::new(outbox);
-        let writer = writer::Writer::new(self.config.clone(), ready.clone(), link, tx, rx);
+        let writer = writer::Writer::new(self.config.clone(), ready.clone(), link, link_id, tx, rx);
         tokio::spawn(writer.run(inbox));
         Ok(PikaBroker { inner, ready, raise_on_failure: self.config.raise_on_failure })
     }

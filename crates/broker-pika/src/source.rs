@@ -20,9 +20,14 @@ struct Consumer {
     connection: Connection,
     channel: Channel,
     rx: mpsc::UnboundedReceiver<ConsumerMessage>,
-    /// Delivery tags handed out on this channel and not yet acknowledged.
+    /// Positions handed out on this channel and not yet acknowledged.
     unacked: HashSet<u64>,
+    /// Which subscription this is (0 for the first): delivery tags start at 1 on every channel,
+    /// so a position carries it in its top 16 bits and an ack from an earlier channel is told apart.
+    generation: u64,
 }
+
+const TAG_BITS: u32 = 48;
 
 /// Reads one queue of a RabbitMQ backend.
 pub struct PikaSource {
@@ -33,6 +38,7 @@ pub struct PikaSource {
     /// Without `follow`: the messages the queue held at open that are still to come.
     remaining: Option<u64>,
     backoff: Backoff,
+    subscriptions: u64,
 }
 
 impl std::fmt::Debug for PikaSource {
@@ -51,7 +57,8 @@ impl PikaSource {
         options: SourceOptions,
     ) -> Result<PikaSource, Error> {
         let backoff = Backoff::new(Duration::from_millis(100), config.retry_delay.max(Duration::from_millis(100)));
-        let mut source = PikaSource { config, queue, options, consumer: None, remaining: None, backoff };
+        let mut source =
+            PikaSource { config, queue, options, consumer: None, remaining: None, backoff, subscriptions: 0 };
         let count = source.subscribe().await?;
         if !source.options.follow {
             source.remaining = Some(count);
@@ -69,6 +76,12 @@ impl PikaSource {
             cause: None,
         };
         let (connection, channel) = open(target, "rasa-event-broker (consumer)").await?;
+        // Handles basic.cancel (the queue was deleted): amqprs then ends the consumer's stream,
+        // and `next` resubscribes instead of waiting forever.
+        channel
+            .register_callback(amqprs::callbacks::DefaultChannelCallback)
+            .await
+            .map_err(|e| fail("watching the channel of", e))?;
         declare_topology(&channel, &self.config).await?;
         let count = channel
             .queue_declare(amqprs::channel::QueueDeclareArguments::durable_client_named(&self.queue))
@@ -83,7 +96,9 @@ impl PikaSource {
             .basic_consume_rx(BasicConsumeArguments::new(&self.queue, "").manual_ack(true).finish())
             .await
             .map_err(|e| fail("consuming", e))?;
-        self.consumer = Some(Consumer { connection, channel, rx, unacked: HashSet::new() });
+        let generation = self.subscriptions % (1 << (64 - TAG_BITS));
+        self.subscriptions += 1;
+        self.consumer = Some(Consumer { connection, channel, rx, unacked: HashSet::new(), generation });
         Ok(count)
     }
 
@@ -145,7 +160,7 @@ impl EventSource for PikaSource {
             if let Some(r) = self.remaining.as_mut() {
                 *r = r.saturating_sub(1);
             }
-            let position = Position::DeliveryTag(tag);
+            let position = Position::DeliveryTag((consumer.generation << TAG_BITS) | tag);
             match Event::from_json(&raw) {
                 Ok(event) => {
                     let event = match msg
@@ -157,7 +172,7 @@ impl EventSource for PikaSource {
                         Some(id) => event.with_id(id),
                         None => event,
                     };
-                    consumer.unacked.insert(tag);
+                    consumer.unacked.insert((consumer.generation << TAG_BITS) | tag);
                     return Ok(Some(Received::new(event, raw, position, None)));
                 }
                 Err(e) => {
@@ -193,12 +208,13 @@ impl EventSource for PikaSource {
     }
 
     async fn ack(&mut self, received: &Received) -> Result<(), Error> {
-        let Position::DeliveryTag(tag) = received.position else { return Ok(()) };
+        let Position::DeliveryTag(position) = received.position else { return Ok(()) };
         let Some(consumer) = self.consumer.as_mut() else { return Ok(()) };
-        // A tag from a channel that has since closed: RabbitMQ delivers that message again.
-        if !consumer.unacked.remove(&tag) {
+        // A position from a channel that has since closed: RabbitMQ delivers that message again.
+        if !consumer.unacked.remove(&position) {
             return Ok(());
         }
+        let tag = position & ((1 << TAG_BITS) - 1);
         consumer.channel.basic_ack(BasicAckArguments::new(tag, false)).await.map_err(|e| Error::Io {
             backend: NAME,
             operation: format!("acknowledging delivery tag {tag}"),

@@ -152,8 +152,23 @@ pub(crate) async fn declare_topology(channel: &Channel, config: &PikaConfig) -> 
 }
 
 /// Opens a publishing link: connection, channel, callbacks, topology, confirm mode, and a watcher
-/// that reports a network failure.
+/// that reports a network failure. The whole of it may take twice `connection_timeout`.
 async fn open_link(config: &PikaConfig, link_id: u64, tx: &Signals) -> Result<Link, Error> {
+    let limit = config.target.connection_timeout * 2;
+    match tokio::time::timeout(limit, open_link_unbounded(config, link_id, tx)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Unavailable {
+            backend: NAME,
+            reason: format!(
+                "{}: opening a channel and declaring the topology took over {limit:?}",
+                config.target.describe()
+            ),
+            cause: None,
+        }),
+    }
+}
+
+async fn open_link_unbounded(config: &PikaConfig, link_id: u64, tx: &Signals) -> Result<Link, Error> {
     let (connection, channel) = open(&config.target, "rasa-event-broker (publisher)").await?;
     let target = &config.target;
     connection
@@ -182,11 +197,13 @@ async fn open_link(config: &PikaConfig, link_id: u64, tx: &Signals) -> Result<Li
 }
 
 /// Connects with Rasa's `connection_attempts` and `retry_delay_in_seconds`, for `connect()`.
-pub(crate) async fn first_link(config: &PikaConfig, tx: &Signals) -> Result<Link, Error> {
+/// Each attempt has a link id of its own (returned with the link), so a failed attempt's late
+/// signals never reach the live link.
+pub(crate) async fn first_link(config: &PikaConfig, tx: &Signals) -> Result<(Link, u64), Error> {
     let mut attempt = 1;
     loop {
-        match open_link(config, 1, tx).await {
-            Ok(link) => return Ok(link),
+        match open_link(config, u64::from(attempt), tx).await {
+            Ok(link) => return Ok((link, u64::from(attempt))),
             Err(e) if attempt >= config.connection_attempts => return Err(e),
             Err(e) => {
                 tracing::warn!(
@@ -242,6 +259,8 @@ pub(crate) struct Writer {
     reconnect_at: Option<Instant>,
     stalled: bool,
     closing: Option<(Instant, oneshot::Sender<CloseReport>)>,
+    /// The close deadline once known (from `close` or the Close command); reconnects keep it.
+    close_at: Option<Instant>,
     properties: BasicProperties,
     /// `max_event_bytes`, lowered to RabbitMQ's `max_message_size` once a channel close reveals it.
     max_bytes: u64,
@@ -254,13 +273,19 @@ impl Writer {
         config: Arc<PikaConfig>,
         ready: Readiness,
         link: Link,
+        link_id: u64,
         signals_tx: Signals,
         signals: mpsc::UnboundedReceiver<(u64, Signal)>,
     ) -> Writer {
         let mut properties = BasicProperties::default();
         properties.with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT);
-        if let Some(app) = &config.app_id {
-            properties.with_app_id(app);
+        match &config.app_id {
+            // An AMQP short string: the configuration checks the length; never panic here.
+            Some(app) if app.len() <= 255 => {
+                properties.with_app_id(app);
+            }
+            Some(_) => tracing::warn!("pika: RASA_ENVIRONMENT is over 255 bytes; app_id left out"),
+            None => {}
         }
         let first = Duration::from_millis(100).min(config.retry_delay.max(Duration::from_millis(10)));
         let backoff = Backoff::new(first, config.retry_delay.max(first));
@@ -269,7 +294,7 @@ impl Writer {
             signals_tx,
             signals,
             link: Some(link),
-            link_id: 1,
+            link_id,
             inflight: VecDeque::new(),
             base_tag: 1,
             next_tag: 1,
@@ -281,6 +306,7 @@ impl Writer {
             reconnect_at: None,
             stalled: false,
             closing: None,
+            close_at: None,
             properties,
             max_bytes: config.max_event_bytes,
             config,
@@ -300,8 +326,10 @@ impl Writer {
             if self.closing.is_some() && self.inflight.is_empty() && self.queue.is_empty() {
                 return self.finish(&mut inbox).await;
             }
-            let deadline = self.closing.as_ref().map(|(d, _)| *d).or_else(|| inbox.close_deadline());
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if let Some(d) = inbox.close_deadline() {
+                self.close_at = Some(self.close_at.map_or(d, |c| c.min(d)));
+            }
+            if self.close_at.is_some_and(|d| Instant::now() >= d) {
                 return self.finish(&mut inbox).await;
             }
             self.send_queued().await;
@@ -361,7 +389,10 @@ impl Writer {
                 }
             }
             Command::Flush(tx) => self.flushes.push_back((self.next_seq, tx)),
-            Command::Close { deadline, reply } => self.closing = Some((deadline, reply)),
+            Command::Close { deadline, reply } => {
+                self.close_at = Some(self.close_at.map_or(deadline, |c| c.min(deadline)));
+                self.closing = Some((deadline, reply));
+            }
             _ => {}
         }
     }
@@ -438,6 +469,7 @@ impl Writer {
         }
         if self.link.is_some() {
             self.ready.set(true);
+            self.backoff.reset();
         }
         let settle = |w: &mut Writer, f: Flight, tag: u64| {
             let id = f.pending.id.to_string();
@@ -515,7 +547,6 @@ impl Writer {
                 }));
             }
         }
-        self.backoff.reset();
         self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(1), link.connection.close()).await;
@@ -552,7 +583,7 @@ impl Writer {
         let id = self.link_id + 1;
         // While closing, an attempt may not outlast the close deadline.
         let attempt = open_link(&self.config, id, &self.signals_tx);
-        let opened = match self.closing.as_ref().map(|(d, _)| *d) {
+        let opened = match self.close_at {
             Some(deadline) => match tokio::time::timeout_at(deadline.into(), attempt).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::Timeout(self.config.delivery.close_timeout)),
@@ -561,10 +592,11 @@ impl Writer {
         };
         match opened {
             Ok(link) => {
+                // The backoff is reset by the first confirm on this link, not here: a link that
+                // drops right after each reconnect is retried ever more slowly.
                 self.link_id = id;
                 self.link = Some(link);
                 self.reconnect_at = None;
-                self.backoff.reset();
                 self.ready.set(true);
                 tracing::info!(
                     "pika: reconnected to {}; re-sending {} events",
@@ -658,12 +690,13 @@ impl Writer {
             let _ = tx.send(());
         }
         self.ready.set(false);
+        // The report first: closing the link may wait on a broker that stopped answering.
+        if let Some(r) = reply {
+            let _ = r.send(report);
+        }
         if let Some(link) = self.link.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), link.channel.close()).await;
             let _ = tokio::time::timeout(Duration::from_secs(2), link.connection.close()).await;
-        }
-        if let Some(r) = reply {
-            let _ = r.send(report);
         }
     }
 }
