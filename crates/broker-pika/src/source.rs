@@ -30,6 +30,10 @@ struct Consumer {
 const TAG_BITS: u32 = 48;
 
 /// Reads one queue of a RabbitMQ backend.
+///
+/// Each event's position is its `DeliveryTag`; after a reconnect the top 16 bits count the
+/// subscription (tags restart at 1 on every channel), so an ack for an event of a closed channel
+/// acknowledges nothing and that event comes again. Call `close` to make acks land before exit.
 pub struct PikaSource {
     config: Arc<PikaConfig>,
     queue: String,
