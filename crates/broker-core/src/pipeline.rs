@@ -293,20 +293,29 @@ impl EventBroker for QueuedBroker {
 }
 
 /// Fails every queued event with `reason`-less [`Error::Timeout`] and collects them, for a writer
-/// whose close deadline passed. Flush markers are answered; other close requests get empty reports.
-pub fn drain_undelivered(inbox: &mut Inbox, after: Duration, into: &mut Vec<Event>) {
+/// whose close deadline passed. Flush markers are answered. The first close request still queued
+/// is returned, for a writer that reached its deadline before reading it (dropping it answers
+/// with an empty report); later ones get empty reports.
+pub fn drain_undelivered(
+    inbox: &mut Inbox,
+    after: Duration,
+    into: &mut Vec<Event>,
+) -> Option<oneshot::Sender<CloseReport>> {
     inbox.close();
+    let mut first_close = None;
     while let Some(cmd) = inbox.try_recv() {
         match cmd {
             Command::Publish(p) => p.give_up(after, into),
             Command::Flush(tx) => {
                 let _ = tx.send(());
             }
+            Command::Close { reply, .. } if first_close.is_none() => first_close = Some(reply),
             Command::Close { reply, .. } => {
                 let _ = reply.send(CloseReport::default());
             }
         }
     }
+    first_close
 }
 
 #[cfg(test)]

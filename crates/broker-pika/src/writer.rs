@@ -248,7 +248,6 @@ pub(crate) struct Writer {
     /// settled out of order.
     inflight: VecDeque<Option<Flight>>,
     base_tag: u64,
-    next_tag: u64,
     /// Events to send before anything new from the pipeline (after a reconnect), in order.
     queue: VecDeque<Queued>,
     /// Message ids RabbitMQ returned as unroutable; their confirm fails them.
@@ -297,7 +296,6 @@ impl Writer {
             link_id,
             inflight: VecDeque::new(),
             base_tag: 1,
-            next_tag: 1,
             queue: VecDeque::new(),
             returned: HashSet::new(),
             flushes: VecDeque::new(),
@@ -432,7 +430,6 @@ impl Writer {
         match link.channel.basic_publish(props, q.pending.json.clone(), args).await {
             Ok(()) => {
                 self.inflight.push_back(Some(Flight { seq: q.seq, pending: q.pending, sent_at: Instant::now() }));
-                self.next_tag += 1;
             }
             Err(e) => {
                 self.queue.push_front(q);
@@ -530,7 +527,6 @@ impl Writer {
         let unconfirmed: Vec<Flight> = self.inflight.drain(..).flatten().collect();
         tracing::warn!("pika: {why}; {} unconfirmed events will be re-sent after reconnecting", unconfirmed.len());
         self.base_tag = 1;
-        self.next_tag = 1;
         self.returned.clear();
         self.stalled = false;
         for f in unconfirmed.into_iter().rev() {
@@ -667,25 +663,10 @@ impl Writer {
             None => (inbox.close_deadline().unwrap_or_else(Instant::now), None),
         };
         let mut report = self.finish_pending(deadline).await;
-        let mut reply = reply;
         // Publishes that raced with close, and the Close command itself when it was still queued.
-        inbox.close();
-        while let Some(cmd) = inbox.try_recv() {
-            match cmd {
-                Command::Publish(p) => p.give_up(self.config.delivery.close_timeout, &mut report.undelivered),
-                Command::Flush(tx) => {
-                    let _ = tx.send(());
-                }
-                Command::Close { reply: r, .. } => match reply {
-                    None => reply = Some(r),
-                    Some(_) => {
-                        let _ = r.send(CloseReport::default());
-                    }
-                },
-                _ => {}
-            }
-        }
-        pipeline::drain_undelivered(inbox, self.config.delivery.close_timeout, &mut report.undelivered);
+        let queued_close =
+            pipeline::drain_undelivered(inbox, self.config.delivery.close_timeout, &mut report.undelivered);
+        let reply = reply.or(queued_close);
         for (_, tx) in self.flushes.drain(..) {
             let _ = tx.send(());
         }

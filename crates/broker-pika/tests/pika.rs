@@ -95,11 +95,7 @@ async fn a_python_pika_consumer_reads_our_messages() {
     let Some(service) = broker_testkit::services::rabbitmq("a_python_pika_consumer_reads_our_messages").await else {
         return;
     };
-    let has_pika =
-        std::process::Command::new("python3").args(["-c", "import pika"]).status().is_ok_and(|s| s.success());
-    if !has_pika {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true needs python3 with pika");
-        eprintln!("SKIPPED: python3 with pika is not installed");
+    if !broker_testkit::services::python_module("a_python_pika_consumer_reads_our_messages", "pika") {
         return;
     }
     let (mut config, q, x) = fresh_config(&service.url, &[]);
@@ -267,18 +263,7 @@ async fn a_stalled_broker_is_detected_by_confirm_timeouts() {
     let broker = PikaBackend::new(config).open().await.expect("connect");
     broker.publish(broker_testkit::user_event("s", 0)).await.unwrap().await.expect("delivered");
     proxy.stall();
-    let mut receipts = Vec::new();
-    let mut full = false;
-    for seq in 1..1000 {
-        match broker.publish(broker_testkit::user_event("s", seq)).await {
-            Ok(r) => receipts.push(r),
-            Err(Error::BufferFull { .. }) => {
-                full = true;
-                break;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
+    let (receipts, full) = common::publish_until_full(&broker, "s", 1000).await;
     assert!(full, "a bounded window and buffer push back");
     // Window (50) + buffer (100), plus the few whose confirms were already on the wire.
     assert!(receipts.len() <= 200, "bounded by window + buffer: {} accepted", receipts.len());

@@ -32,21 +32,14 @@ impl Drop for Restore {
     }
 }
 
-fn rabbitmqctl() -> Option<String> {
-    match std::env::var("BROKER_TEST_RABBITMQCTL") {
-        Ok(c) => Some(c),
-        Err(_) => {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true needs BROKER_TEST_RABBITMQCTL");
-            eprintln!("SKIPPED: BROKER_TEST_RABBITMQCTL is not set");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_alarm_is_seen_as_a_stall_and_applies_back_pressure() {
     let Some(service) = broker_testkit::services::rabbitmq("a_memory_alarm_is_seen_as_a_stall").await else { return };
-    let Some(rabbitmqctl) = rabbitmqctl() else { return };
+    let Some(rabbitmqctl) =
+        broker_testkit::services::var("a_memory_alarm_is_seen_as_a_stall", "BROKER_TEST_RABBITMQCTL")
+    else {
+        return;
+    };
     let _serial = SERIAL.lock().await;
     let off = "-q set_vm_memory_high_watermark 0.4";
     let (config, q, x) = common::fresh_config(
@@ -64,21 +57,7 @@ async fn a_memory_alarm_is_seen_as_a_stall_and_applies_back_pressure() {
     let alarm = Restore(format!("{rabbitmqctl} {off}"));
     ctl(&rabbitmqctl, "-q set_vm_memory_high_watermark 0.0000001");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut receipts = Vec::new();
-    let mut full = false;
-    for seq in 1..20_000 {
-        match broker.publish(broker_testkit::user_event("alarm", seq)).await {
-            Ok(r) => receipts.push(r),
-            Err(Error::BufferFull { .. }) => {
-                full = true;
-                break;
-            }
-            Err(e) => panic!("{e}"),
-        }
-        if seq % 50 == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    let (receipts, full) = common::publish_until_full(&broker, "alarm", 20_000).await;
     assert!(full, "a blocked broker pushes back once the window and the buffer are full");
     println!("alarm: {} events accepted before the buffer was full", receipts.len());
     assert!(
@@ -100,7 +79,11 @@ async fn a_memory_alarm_is_seen_as_a_stall_and_applies_back_pressure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_rabbitmqs_size_limit_fails_alone() {
     let Some(service) = broker_testkit::services::rabbitmq("a_message_over_rabbitmqs_size_limit").await else { return };
-    let Some(rabbitmqctl) = rabbitmqctl() else { return };
+    let Some(rabbitmqctl) =
+        broker_testkit::services::var("a_message_over_rabbitmqs_size_limit", "BROKER_TEST_RABBITMQCTL")
+    else {
+        return;
+    };
     let _serial = SERIAL.lock().await;
     // The limit applies to channels opened after it is set; 128 MiB is RabbitMQ 3.x's default.
     let restore = Restore(format!("{rabbitmqctl} -q eval 'application:set_env(rabbit, max_message_size, 134217728).'"));

@@ -9,15 +9,6 @@ use broker_core::{Backend, ConfigValue, Options};
 use broker_pika::{PikaBackend, PikaConfig};
 use broker_testkit::tls::{Stunnel, TestCa};
 
-fn skip_without_stunnel() -> bool {
-    if Stunnel::available() {
-        return false;
-    }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true needs stunnel (package stunnel4)");
-    eprintln!("SKIPPED: stunnel is not installed");
-    true
-}
-
 async fn publish_one(config: PikaConfig) -> Result<(), broker_core::Error> {
     let broker = PikaBackend::new(config).connect().await?;
     broker.publish(broker_testkit::user_event("tls", 0)).await?.await?;
@@ -28,7 +19,8 @@ async fn publish_one(config: PikaConfig) -> Result<(), broker_core::Error> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificates() {
     let Some(service) = broker_testkit::services::rabbitmq("tls_with_client_certificates").await else { return };
-    if skip_without_stunnel() {
+    if !Stunnel::available() {
+        broker_testkit::services::skip("tls_with_client_certificates", "stunnel is not installed (package stunnel4)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

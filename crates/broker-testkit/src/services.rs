@@ -27,10 +27,36 @@ fn in_ci() -> bool {
 
 /// Decides what to do without a service: fail under CI, otherwise say why it is skipped.
 fn unavailable(test: &str, var: &str, why: &str) -> Option<Service> {
-    let message = format!("{test}: no service: {var} is not set and {why}");
-    assert!(!in_ci(), "{message} (CI=true: a missing service is a failure)");
-    eprintln!("SKIPPED {message}");
+    skip(test, &format!("no service: {var} is not set and {why}"));
     None
+}
+
+/// Reports that `test` is skipped because `why`; under `CI=true` a missing prerequisite (a
+/// service, a tool, a variable) is a failure instead.
+pub fn skip(test: &str, why: &str) {
+    assert!(!in_ci(), "{test}: {why} (CI=true: a missing prerequisite is a failure)");
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// The variable `name` a test needs (a restart command, a tool path), or `None` after [`skip`].
+pub fn var(test: &str, name: &str) -> Option<String> {
+    let value = std::env::var(name).ok();
+    if value.is_none() {
+        skip(test, &format!("{name} is not set"));
+    }
+    value
+}
+
+/// Whether `python3` can import `module` (the consumers Rasa's users run); [`skip`] when not.
+pub fn python_module(test: &str, module: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        skip(test, &format!("python3 with {module} is not installed"));
+    }
+    ok
 }
 
 /// What a container start gives: the service's URL and the handle that keeps it running.

@@ -23,14 +23,7 @@ pub fn free_port() -> u16 {
 impl Tansu {
     /// `BROKER_TEST_TANSU_ROOT`, or `None` (a skip, except under `CI=true`).
     pub fn root(test: &str) -> Option<String> {
-        match std::env::var("BROKER_TEST_TANSU_ROOT") {
-            Ok(root) => Some(root),
-            Err(_) => {
-                assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true needs BROKER_TEST_TANSU_ROOT");
-                eprintln!("SKIPPED {test}: BROKER_TEST_TANSU_ROOT is not set");
-                None
-            }
-        }
+        broker_testkit::services::var(test, "BROKER_TEST_TANSU_ROOT")
     }
 
     /// A broker (not started yet) advertising `advertised` (default: its own address).

@@ -241,3 +241,25 @@ pub async fn becomes_ready(broker: &dyn broker_core::EventBroker, want: bool, wi
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Publishes `user_event(sender, 1..max)` until the broker refuses one with `BufferFull` (a
+/// `when_full: error` broker that cannot deliver); returns the accepted receipts and whether it
+/// filled up. Pauses now and then so the writer can take what it has room for.
+pub async fn publish_until_full(
+    broker: &dyn broker_core::EventBroker,
+    sender: &str,
+    max: u64,
+) -> (Vec<broker_core::Receipt>, bool) {
+    let mut receipts = Vec::new();
+    for seq in 1..max {
+        match broker.publish(broker_testkit::user_event(sender, seq)).await {
+            Ok(r) => receipts.push(r),
+            Err(broker_core::Error::BufferFull { .. }) => return (receipts, true),
+            Err(e) => panic!("{e}"),
+        }
+        if seq % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    (receipts, false)
+}
