@@ -346,6 +346,13 @@ impl KafkaConfig {
         c.set("message.timeout.ms", self.message_timeout.as_millis().min(i32::MAX as u128).to_string());
         let queue = self.queue_size.unwrap_or(self.delivery.buffer_size as u64);
         c.set("queue.buffering.max.messages", queue.to_string());
+        if self.partition_by_sender {
+            // librdkafka's default (consistent_random) places an empty key, like a null one, on a
+            // random partition, which breaks order for `sender_id: ""`. `consistent` is the same
+            // CRC32 placement for every other key (so Rasa's producers agree) and keeps empty
+            // keys on one partition.
+            c.set("partitioner", "consistent");
+        }
         if let Some(max) = self.max_event_bytes {
             c.set("message.max.bytes", max.to_string());
         }

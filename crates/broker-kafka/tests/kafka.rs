@@ -76,6 +76,27 @@ async fn the_same_key_always_lands_on_the_same_partition() {
     }
 }
 
+/// Rasa's sample has events with `sender_id: ""`: an empty key must stay on one partition too
+/// (librdkafka's default partitioner spreads empty keys at random, which broke their order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_sender_id_keeps_one_partition() {
+    let Some(service) = broker_testkit::services::kafka("an_empty_sender_id_keeps_one_partition").await else {
+        return;
+    };
+    let config = KafkaConfig::plaintext(&service.url, topic("empty-key")).partition_by_sender(true).create_topic(6, 1);
+    let broker = KafkaBackend::new(config).connect().await.unwrap();
+    let mut partitions = std::collections::BTreeSet::new();
+    for seq in 0..30 {
+        let d = broker.publish(broker_testkit::user_event("", seq)).await.unwrap().await.unwrap();
+        let Some(Position::Partition { partition, .. }) = d.position else { panic!("{:?}", d.position) };
+        partitions.insert(partition);
+        // Past librdkafka's sticky window, so a random partitioner would move on.
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    broker.close().await.unwrap();
+    assert_eq!(partitions.len(), 1, "one partition for the empty key: {partitions:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_topic_or_broker_fails_at_connect_saying_so() {
     let Some(service) = broker_testkit::services::kafka("a_missing_topic_or_broker_fails_at_connect_saying_so").await
