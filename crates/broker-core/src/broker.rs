@@ -132,6 +132,29 @@ impl CloseReport {
     }
 }
 
+/// Per-event publishing options, for [`EventBroker::publish_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishOptions {
+    /// Extra message headers for this event (e.g. `rasa export`'s `rasa-export-process-id`),
+    /// after the backend's own. Backends whose messages have no headers (file, SQL) ignore them.
+    pub headers: Vec<(String, String)>,
+}
+
+impl PublishOptions {
+    /// Adds the header `name: value`.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> PublishOptions {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Adds `headers`.
+    pub fn headers(mut self, headers: impl IntoIterator<Item = (String, String)>) -> PublishOptions {
+        self.headers.extend(headers);
+        self
+    }
+}
+
 /// Publishes events to one destination.
 ///
 /// The contract every implementation keeps:
@@ -143,7 +166,10 @@ impl CloseReport {
 /// - **Bounded memory.** A full buffer blocks `publish` (back-pressure) or fails it with
 ///   [`Error::BufferFull`], as configured. Never a silent drop.
 /// - **Close.** `close` flushes within the configured deadline and returns what it could not
-///   deliver; `publish` after `close` fails with [`Error::Closed`]; a second `close` is a no-op.
+///   deliver; `publish` after `close` fails with [`Error::Closed`]; a second `close` returns what
+///   the first could not deliver.
+/// - **Accounting.** Every accepted event ends in exactly one of: delivered; rejected as its own
+///   fault ([`Error::Rejected`]); or listed in [`CloseReport::undelivered`], in publish order.
 /// - **Poison events** fail alone ([`Error::Rejected`]); the events around them go on.
 /// - **Cancellation.** Dropping a `publish` future before it returns means the event may or may
 ///   not have been accepted; once it returned a receipt, the event will be delivered or reported.
@@ -154,7 +180,13 @@ pub trait EventBroker: Send + Sync {
 
     /// Accepts `event` for delivery. Errors here mean the event was not accepted
     /// ([`Error::Closed`], [`Error::BufferFull`]); delivery failures come through the receipt.
-    async fn publish(&self, event: Event) -> Result<Receipt, Error>;
+    async fn publish(&self, event: Event) -> Result<Receipt, Error> {
+        self.publish_with(event, PublishOptions::default()).await
+    }
+
+    /// [`EventBroker::publish`] with per-event options (message headers). Works the same through
+    /// `dyn EventBroker` and through layers.
+    async fn publish_with(&self, event: Event, options: PublishOptions) -> Result<Receipt, Error>;
 
     /// Waits until every event accepted before this call has its outcome.
     async fn flush(&self) -> Result<(), Error>;

@@ -268,6 +268,17 @@ impl Options {
         }
     }
 
+    /// A non-negative integer that fits a `usize` (a count or a size in bytes).
+    pub fn take_usize(&mut self, key: &str) -> Result<Option<usize>, ConfigError> {
+        let at = self.location(key);
+        match self.take_u64(key)? {
+            None => Ok(None),
+            Some(n) => usize::try_from(n)
+                .map(Some)
+                .map_err(|_| ConfigError::new(at, Some(key), format!("{n} is out of range"))),
+        }
+    }
+
     /// A non-negative number of seconds (integer or float, or a numeric string).
     pub fn take_seconds(&mut self, key: &str) -> Result<Option<Duration>, ConfigError> {
         let Some(v) = self.take_raw(key) else { return Ok(None) };

@@ -6,8 +6,10 @@
 //! - [`EventBroker`] / [`EventSource`]: publishing with an outcome per event, and consuming.
 //! - [`Error`]: the one error type, telling temporary failures from permanent ones.
 //! - [`Registry`]: backend factories by `type` name, open to third-party backends.
-//! - [`pipeline`]: the bounded queue between `publish` and a backend's writer.
-//! - [`backoff`]: exponential backoff with jitter for writers that reconnect.
+//! - [`codec`]: Rasa's encoding ([`json`], [`event`]).
+//! - [`delivery`]: what every backend shares to deliver: the bounded [`pipeline`], the
+//!   [`delivery::driver`] over a backend's [`delivery::Sink`], [`backoff`], and the
+//!   [`delivery::Layer`] seam for wrappers.
 //! - [`memory`]: an in-memory reference backend.
 //!
 //! No backend-specific code lives here.
@@ -31,19 +33,20 @@
 //! # }
 //! ```
 
-pub mod backoff;
 pub mod broker;
+pub mod codec;
 pub mod config;
+pub mod delivery;
 pub mod error;
-pub mod event;
-pub mod json;
 pub mod memory;
-pub mod pipeline;
 pub mod registry;
 
+pub use codec::{event, json};
+pub use delivery::{backoff, pipeline};
+
 pub use broker::{
-    CloseReport, Delivered, EventBroker, EventBrokerExt, EventSource, Outcome, Receipt, Received, Settle,
-    SourceOptions, StartFrom,
+    CloseReport, Delivered, EventBroker, EventBrokerExt, EventSource, Outcome, PublishOptions, Receipt, Received,
+    Settle, SourceOptions, StartFrom,
 };
 pub use config::{ConfigError, ConfigValue, DeliveryOptions, Location, Options, Secret, Spanned, Warning, WhenFull};
 pub use error::{Error, Position};

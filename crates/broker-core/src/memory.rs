@@ -5,16 +5,16 @@
 //! [`MemoryBackend`] (and its clones) do.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use crate::broker::{CloseReport, EventBroker, EventSource, Received, SourceOptions, StartFrom};
+use crate::broker::{EventBroker, EventSource, Received, SourceOptions, StartFrom};
 use crate::config::{ConfigError, DeliveryOptions, Options};
+use crate::delivery::{self, Batch, DriverOptions, Sink, Verdict};
 use crate::error::{Error, Position};
 use crate::event::Event;
-use crate::pipeline::{self, Command, Inbox, QueuedBroker};
 use crate::registry::{Backend, BackendFactory, Configured};
 
 const NAME: &str = "memory";
@@ -26,11 +26,25 @@ struct Store {
 }
 
 /// A shared in-memory event log. Clones share the same events.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryBackend {
     store: Arc<Store>,
     max_event_bytes: Option<usize>,
     delivery: DeliveryOptions,
+    attempt_timeout: Duration,
+    faults: Faults,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend {
+            store: Arc::default(),
+            max_event_bytes: None,
+            delivery: DeliveryOptions::default(),
+            attempt_timeout: delivery::driver::DEFAULT_ATTEMPT_TIMEOUT,
+            faults: Faults::default(),
+        }
+    }
 }
 
 impl MemoryBackend {
@@ -51,6 +65,18 @@ impl MemoryBackend {
         self
     }
 
+    /// Sets how long one write may take before it is abandoned (see
+    /// [`DriverOptions::attempt_timeout`]).
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> MemoryBackend {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// The switch for injected faults, shared by every broker this backend connects.
+    pub fn faults(&self) -> Faults {
+        self.faults.clone()
+    }
+
     /// The stored lines (Rasa encoding, no newline), in order.
     pub fn lines(&self) -> Vec<Vec<u8>> {
         self.store.lines.lock().unwrap_or_else(PoisonError::into_inner).clone()
@@ -68,7 +94,7 @@ impl BackendFactory for MemoryFactory {
 
     fn configure(&self, mut options: Options) -> Result<Configured, ConfigError> {
         let mut backend = MemoryBackend::new();
-        backend.max_event_bytes = options.take_u64("max_event_bytes")?.map(|n| n as usize);
+        backend.max_event_bytes = options.take_usize("max_event_bytes")?;
         backend.delivery = DeliveryOptions::take(&mut options)?;
         let mut known = vec!["max_event_bytes"];
         known.extend_from_slice(DeliveryOptions::KEYS);
@@ -88,75 +114,95 @@ impl Backend for MemoryBackend {
     }
 
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
-        let (outbox, inbox) = pipeline::channel(NAME, self.delivery.clone());
-        tokio::spawn(write_loop(inbox, self.store.clone(), self.max_event_bytes));
-        // Memory never becomes unavailable: only closing makes it not ready.
-        let (broker, _ready) = QueuedBroker::new(outbox);
-        Ok(Box::new(broker))
+        let sink = MemorySink { store: self.store.clone(), faults: self.faults.clone() };
+        let options = DriverOptions::default()
+            .batch_size(256)
+            .max_event_bytes(self.max_event_bytes)
+            .attempt_timeout(self.attempt_timeout)
+            .retry(Duration::from_millis(10), Duration::from_millis(200));
+        Ok(Box::new(delivery::start(NAME, sink, self.delivery.clone(), options)))
     }
 
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
         let len = self.store.lines.lock().unwrap_or_else(PoisonError::into_inner).len();
         let next = match options.start {
             StartFrom::Beginning => 0,
-            StartFrom::Offset(n) => n as usize,
+            StartFrom::Offset(n) => usize::try_from(n).unwrap_or(usize::MAX),
             _ => len,
         };
         Ok(Box::new(MemorySource { store: self.store.clone(), next, follow: options.follow }))
     }
 }
 
-async fn write_loop(mut inbox: Inbox, store: Arc<Store>, max: Option<usize>) {
-    let mut batch = Vec::with_capacity(256);
-    loop {
-        batch.clear();
-        if inbox.recv_batch(&mut batch, 256).await == 0 {
-            return;
-        }
-        let mut close = None;
-        for cmd in batch.drain(..) {
-            match cmd {
-                Command::Publish(mut p) => {
-                    if let Some(m) = max.filter(|m| p.json.len() > *m) {
-                        let reason = format!("{} bytes is over max_event_bytes {m}", p.json.len());
-                        p.reject(NAME, reason);
-                        continue;
-                    }
-                    let index = {
-                        let mut lines = store.lines.lock().unwrap_or_else(PoisonError::into_inner);
-                        lines.push(std::mem::take(&mut p.json));
-                        lines.len() - 1
-                    };
-                    store.grew.notify_waiters();
-                    p.settle.delivered(Some(Position::Offset(index as u64)));
-                }
-                Command::Flush(tx) => {
-                    let _ = tx.send(());
-                }
-                Command::Close { deadline, reply } => close = Some((deadline, reply)),
-                #[allow(unreachable_patterns)]
-                _ => {}
+/// A fault the memory backend's sink shows on purpose, so the delivery machinery can be tested
+/// without a service (see [`MemoryBackend::faults`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Writes work.
+    #[default]
+    None,
+    /// Every write fails with [`Error::Unavailable`] (a service that is down).
+    Unavailable,
+    /// Every write hangs and never answers (a black hole).
+    BlackHole,
+    /// The next write panics (a bug in a writer).
+    Panic,
+}
+
+/// The switch for a memory backend's [`Fault`]; clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct Faults(Arc<Mutex<Fault>>);
+
+impl Faults {
+    /// Sets the fault from now on.
+    pub fn set(&self, fault: Fault) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = fault;
+    }
+
+    fn get(&self) -> Fault {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct MemorySink {
+    store: Arc<Store>,
+    faults: Faults,
+}
+
+#[async_trait]
+impl Sink for MemorySink {
+    async fn write(&mut self, batch: &Batch) -> Result<Vec<Verdict>, Error> {
+        match self.faults.get() {
+            Fault::None => {}
+            Fault::Unavailable => {
+                return Err(Error::Unavailable { backend: NAME, reason: "injected outage".into(), cause: None });
+            }
+            Fault::BlackHole => std::future::pending::<()>().await,
+            Fault::Panic => {
+                self.faults.set(Fault::None);
+                panic!("injected panic in the memory writer");
             }
         }
-        if let Some((deadline, reply)) = close {
-            // Memory writes never wait, so whatever is still queued is written unless the
-            // deadline already passed.
-            let mut undelivered = Vec::new();
-            let after = deadline.saturating_duration_since(Instant::now());
-            if Instant::now() >= deadline {
-                pipeline::drain_undelivered(&mut inbox, after, &mut undelivered);
-            } else {
-                inbox.close();
-                while let Some(cmd) = inbox.try_recv() {
-                    if let Command::Publish(mut p) = cmd {
-                        store.lines.lock().unwrap_or_else(PoisonError::into_inner).push(std::mem::take(&mut p.json));
-                        p.settle.delivered(None);
-                    }
-                }
-                store.grew.notify_waiters();
-            }
-            let _ = reply.send(CloseReport::new(undelivered));
-            return;
+        let verdicts = {
+            let mut lines = self.store.lines.lock().unwrap_or_else(PoisonError::into_inner);
+            batch
+                .iter()
+                .map(|r| {
+                    lines.push(r.json.clone());
+                    Verdict::Delivered(Some(Position::Offset(lines.len() as u64 - 1)))
+                })
+                .collect()
+        };
+        self.store.grew.notify_waiters();
+        Ok(verdicts)
+    }
+
+    async fn ping(&mut self) -> Result<(), Error> {
+        match self.faults.get() {
+            Fault::Unavailable => Err(Error::Unavailable { backend: NAME, reason: "injected outage".into(), cause: None }),
+            Fault::BlackHole => std::future::pending().await,
+            _ => Ok(()),
         }
     }
 }

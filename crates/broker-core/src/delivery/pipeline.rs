@@ -1,19 +1,24 @@
 //! The bounded hand-over between `publish` and a backend's writer, written once for all backends.
 //!
 //! [`Outbox`] is the caller's side: it implements the buffer bound and the `when_full` policy, the
-//! closed state, flush markers and the close deadline. [`Inbox`] is the writer's side: it hands out
+//! closed state, flush markers and the close request. [`Inbox`] is the writer's side: it hands out
 //! [`Command`]s in publish order, in batches, so a writer does one write/commit/produce round per
 //! batch while every event keeps its own outcome.
+//!
+//! Closing does not travel through the bounded queue (a full queue behind a dead service would
+//! hold it up): `close` records a [`CloseRequest`] beside the queue and wakes the writer, which
+//! stops taking new events, delivers what is queued until the deadline and answers with the
+//! [`CloseReport`]. The first close's result is kept, so a second `close` returns the same
+//! undelivered events instead of a made-up clean report.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use async_trait::async_trait;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use async_trait::async_trait;
+use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::broker::{CloseReport, EventBroker, Receipt, Settle};
+use crate::broker::{CloseReport, EventBroker, PublishOptions, Receipt, Settle};
 use crate::config::{DeliveryOptions, WhenFull};
 use crate::error::Error;
 use crate::event::{Event, EventId};
@@ -48,16 +53,22 @@ impl Pending {
 
     /// The event again (parsed back from its encoding), for reports of what was not delivered.
     pub fn to_event(&self) -> Option<Event> {
-        Event::from_json(&self.json).ok().map(|e| e.with_id(self.id))
+        event_of(self.id, &self.json)
     }
 
     /// Gives up on this event at a close deadline: fails its receipt with [`Error::Timeout`] and
     /// hands the event back in `into` for the close report.
     pub fn give_up(self, after: Duration, into: &mut Vec<Event>) {
+        self.give_up_with(Error::Timeout(after), into);
+    }
+
+    /// Gives up on this event: fails its receipt with `error` and hands the event back in `into`
+    /// for the close report.
+    pub fn give_up_with(self, error: Error, into: &mut Vec<Event>) {
         if let Some(e) = self.to_event() {
             into.push(e);
         }
-        self.settle.settle(Err(Error::Timeout(after)));
+        self.settle.settle(Err(error));
     }
 
     /// Fails this event alone: the service refused it.
@@ -65,6 +76,11 @@ impl Pending {
         let event_id = self.id.to_string();
         self.settle.settle(Err(Error::Rejected { backend, event_id, reason: reason.into() }));
     }
+}
+
+/// The event of `id` parsed back from its encoding `json`.
+pub(crate) fn event_of(id: EventId, json: &[u8]) -> Option<Event> {
+    Event::from_json(json).ok().map(|e| e.with_id(id))
 }
 
 /// What the writer receives, in publish order.
@@ -75,13 +91,30 @@ pub enum Command {
     Publish(Pending),
     /// Reply once every earlier event has its outcome.
     Flush(oneshot::Sender<()>),
-    /// Deliver what is queued until `deadline`, report the rest, then stop.
-    Close {
-        /// When to give up.
-        deadline: Instant,
-        /// Where the report goes.
-        reply: oneshot::Sender<CloseReport>,
-    },
+}
+
+/// A close asked for by [`Outbox::close`]: deliver what is queued until `deadline`, then answer.
+#[derive(Debug)]
+pub struct CloseRequest {
+    /// When to give up.
+    pub deadline: Instant,
+    /// Where the report goes (taken by the writer that answers).
+    pub reply: Option<oneshot::Sender<CloseReport>>,
+}
+
+/// What the two sides share besides the queue.
+#[derive(Debug, Default)]
+struct Shared {
+    close: Mutex<Option<CloseRequest>>,
+    wake: Notify,
+    /// Set when the [`Inbox`] is dropped: nobody will answer a close.
+    writer_gone: AtomicBool,
+}
+
+impl Shared {
+    fn close(&self) -> std::sync::MutexGuard<'_, Option<CloseRequest>> {
+        self.close.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The publishing side of a backend's queue.
@@ -91,23 +124,32 @@ pub struct Outbox {
     tx: mpsc::Sender<Command>,
     options: DeliveryOptions,
     closed: AtomicBool,
-    close_deadline: Arc<std::sync::Mutex<Option<Instant>>>,
+    shared: Arc<Shared>,
+    /// The first close's outcome: what a later close returns again.
+    closing: tokio::sync::Mutex<Option<Result<Vec<Event>, Error>>>,
 }
 
 /// The writer's side of a backend's queue.
 #[derive(Debug)]
 pub struct Inbox {
     rx: mpsc::Receiver<Command>,
-    close_deadline: Arc<std::sync::Mutex<Option<Instant>>>,
+    shared: Arc<Shared>,
 }
 
 /// A queue for `backend` with the bound and policy of `options`.
 pub fn channel(backend: &'static str, options: DeliveryOptions) -> (Outbox, Inbox) {
     let (tx, rx) = mpsc::channel(options.buffer_size.max(1));
-    let close_deadline = Arc::new(std::sync::Mutex::new(None));
+    let shared = Arc::new(Shared::default());
     (
-        Outbox { backend, tx, options, closed: AtomicBool::new(false), close_deadline: close_deadline.clone() },
-        Inbox { rx, close_deadline },
+        Outbox {
+            backend,
+            tx,
+            options,
+            closed: AtomicBool::new(false),
+            shared: shared.clone(),
+            closing: tokio::sync::Mutex::new(None),
+        },
+        Inbox { rx, shared },
     )
 }
 
@@ -117,25 +159,24 @@ impl Outbox {
         &self.options
     }
 
-    /// Whether `close` was called.
+    /// Whether `close` was called (or the writer is gone).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire) || self.tx.is_closed()
     }
 
     /// Hands `event` to the writer, applying the buffer policy.
     pub async fn publish(&self, event: Event) -> Result<Receipt, Error> {
-        self.publish_with_headers(event, Vec::new()).await
+        self.publish_with(event, PublishOptions::default()).await
     }
 
-    /// Like [`Outbox::publish`], with extra message headers for this event (for backends whose
-    /// messages carry headers).
-    pub async fn publish_with_headers(&self, event: Event, headers: Vec<(String, String)>) -> Result<Receipt, Error> {
+    /// Like [`Outbox::publish`], with per-event options (extra message headers).
+    pub async fn publish_with(&self, event: Event, options: PublishOptions) -> Result<Receipt, Error> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         let (receipt, settle) = Receipt::channel(event.id());
         let mut pending = Pending::new(event, settle);
-        pending.headers = headers;
+        pending.headers = options.headers;
         let cmd = Command::Publish(pending);
         match self.options.when_full {
             WhenFull::Block => self.tx.send(cmd).await.map_err(|_| Error::Closed)?,
@@ -152,7 +193,7 @@ impl Outbox {
     pub async fn forward(&self, pending: Pending) -> Result<(), Pending> {
         self.tx.send(Command::Publish(pending)).await.map_err(|e| match e.0 {
             Command::Publish(p) => p,
-            _ => unreachable!("we sent a Publish"),
+            Command::Flush(_) => unreachable!("we sent a Publish"),
         })
     }
 
@@ -164,30 +205,29 @@ impl Outbox {
     }
 
     /// Closes once: later publishes fail, queued events are delivered until the configured
-    /// deadline, and what was not delivered is returned. A second call returns an empty report.
+    /// deadline, and what was not delivered is returned. A second call returns the same
+    /// undelivered events as the first (waiting for it if it is still running).
     pub async fn close(&self) -> Result<CloseReport, Error> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(CloseReport::default());
+        let mut closing = self.closing.lock().await;
+        if let Some(done) = closing.as_ref() {
+            return done.clone().map(CloseReport::new);
         }
+        self.closed.store(true, Ordering::Release);
         let timeout = self.options.close_timeout;
-        let deadline = Instant::now() + timeout;
-        // A writer busy retrying (the service is down) sees this before it reaches the Close
-        // command, and stops retrying at the deadline.
-        *self.close_deadline.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(deadline);
         let (reply, rx) = oneshot::channel();
-        let send = self.tx.send(Command::Close { deadline, reply });
-        match tokio::time::timeout(timeout + Duration::from_millis(100), send).await {
-            Ok(Ok(())) => {}
-            // The writer is gone: nothing is queued anywhere we could reach.
-            Ok(Err(_)) => return Ok(CloseReport::default()),
-            Err(_) => return Err(Error::Timeout(timeout)),
+        *self.shared.close() = Some(CloseRequest { deadline: Instant::now() + timeout, reply: Some(reply) });
+        self.shared.wake.notify_one();
+        if self.shared.writer_gone.load(Ordering::Acquire) {
+            self.shared.close().take();
         }
-        // The writer owns the deadline; the extra second covers a writer stuck in a system call.
-        match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {
-            Ok(Ok(report)) => Ok(report),
-            Ok(Err(_)) => Ok(CloseReport::default()),
+        // The writer owns the deadline; the grace covers a writer finishing its last attempt.
+        let result = match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
+            Ok(Ok(report)) => Ok(report.undelivered),
+            Ok(Err(_)) => Err(writer_gone(self.backend)),
             Err(_) => Err(Error::Timeout(timeout)),
-        }
+        };
+        *closing = Some(result.clone());
+        result.map(CloseReport::new)
     }
 
     /// The backend this queue belongs to.
@@ -196,19 +236,38 @@ impl Outbox {
     }
 }
 
+fn writer_gone(backend: &'static str) -> Error {
+    Error::Io {
+        backend,
+        operation: "closing".into(),
+        reason: "the writer stopped without reporting what it could not deliver".into(),
+        cause: None,
+    }
+}
+
 impl Inbox {
-    /// Waits for commands and appends up to `max` of them to `batch`. Returns 0 when every
-    /// [`Outbox`] is gone.
+    /// Waits for commands and appends up to `max` of them to `batch`. Returns early (with 0 new
+    /// commands) when a close is requested; returns 0 when every [`Outbox`] is gone too, which
+    /// [`Inbox::is_finished`] tells apart.
     pub async fn recv_batch(&mut self, batch: &mut Vec<Command>, max: usize) -> usize {
-        self.rx.recv_many(batch, max.max(1)).await
+        if self.close_requested().is_some() {
+            return self.try_recv_batch(batch, max);
+        }
+        tokio::select! {
+            biased;
+            n = self.rx.recv_many(batch, max.max(1)) => n,
+            _ = self.shared.wake.notified() => {
+                // Keep the wake-up for the next waiter too: the close request stays visible.
+                self.shared.wake.notify_one();
+                0
+            }
+        }
     }
 
-    /// The blocking form of [`Inbox::recv_batch`], for writers on their own thread.
-    pub fn blocking_recv_batch(&mut self, batch: &mut Vec<Command>, max: usize) -> usize {
-        let Some(first) = self.rx.blocking_recv() else { return 0 };
-        batch.push(first);
-        let mut n = 1;
-        while n < max {
+    /// Appends what is queued right now (up to `max`) without waiting.
+    pub fn try_recv_batch(&mut self, batch: &mut Vec<Command>, max: usize) -> usize {
+        let mut n = 0;
+        while n < max.max(1) {
             match self.rx.try_recv() {
                 Ok(cmd) => {
                     batch.push(cmd);
@@ -220,9 +279,37 @@ impl Inbox {
         n
     }
 
+    /// Whether nothing more can come: every [`Outbox`] is gone (or the queue was closed) and
+    /// nothing is queued.
+    pub fn is_finished(&self) -> bool {
+        self.rx.is_closed() && self.rx.is_empty()
+    }
+
     /// The close deadline, once `close` was called: a writer that retries gives up at it.
+    pub fn close_requested(&self) -> Option<Instant> {
+        self.shared.close().as_ref().map(|r| r.deadline)
+    }
+
+    /// Alias of [`Inbox::close_requested`].
     pub fn close_deadline(&self) -> Option<Instant> {
-        *self.close_deadline.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.close_requested()
+    }
+
+    /// Takes the reply of a requested close (once): the writer that answers it.
+    pub fn take_close_reply(&mut self) -> Option<oneshot::Sender<CloseReport>> {
+        self.shared.close().as_mut().and_then(|r| r.reply.take())
+    }
+
+    /// A future that is ready once a close is requested (for a writer's `select!`).
+    pub async fn close_signal(&self) {
+        loop {
+            let notified = self.shared.wake.notified();
+            if self.close_requested().is_some() {
+                return;
+            }
+            notified.await;
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Takes what is queued right now without waiting (used while closing).
@@ -230,9 +317,18 @@ impl Inbox {
         self.rx.try_recv().ok()
     }
 
-    /// Refuses further commands; queued ones can still be taken.
+    /// Refuses further commands (publishes waiting for room fail with [`Error::Closed`]); queued
+    /// ones can still be taken.
     pub fn close(&mut self) {
         self.rx.close();
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.shared.writer_gone.store(true, Ordering::Release);
+        // A close waiting for an answer learns at once that none will come.
+        self.shared.close().take();
     }
 }
 
@@ -241,6 +337,11 @@ impl Inbox {
 pub struct Readiness(Arc<AtomicBool>);
 
 impl Readiness {
+    /// A new flag, ready.
+    pub fn new() -> Readiness {
+        Readiness(Arc::new(AtomicBool::new(true)))
+    }
+
     /// Records whether the last attempt to deliver worked.
     pub fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Release);
@@ -249,6 +350,12 @@ impl Readiness {
     /// The last recorded state.
     pub fn get(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness::new()
     }
 }
 
@@ -263,13 +370,18 @@ pub struct QueuedBroker {
 impl QueuedBroker {
     /// A broker over `outbox`, ready until the writer says otherwise through the returned handle.
     pub fn new(outbox: Outbox) -> (QueuedBroker, Readiness) {
-        let ready = Readiness(Arc::new(AtomicBool::new(true)));
+        let ready = Readiness::new();
         (QueuedBroker { outbox, ready: ready.clone() }, ready)
     }
 
-    /// Publishes with extra message headers for this event (see [`Outbox::publish_with_headers`]).
+    /// A broker over `outbox` whose readiness is `ready`.
+    pub fn with_readiness(outbox: Outbox, ready: Readiness) -> QueuedBroker {
+        QueuedBroker { outbox, ready }
+    }
+
+    /// Publishes with extra message headers for this event.
     pub async fn publish_with_headers(&self, event: Event, headers: Vec<(String, String)>) -> Result<Receipt, Error> {
-        self.outbox.publish_with_headers(event, headers).await
+        self.outbox.publish_with(event, PublishOptions::default().headers(headers)).await
     }
 }
 
@@ -278,8 +390,8 @@ impl EventBroker for QueuedBroker {
     fn backend(&self) -> &'static str {
         self.outbox.backend()
     }
-    async fn publish(&self, event: Event) -> Result<Receipt, Error> {
-        self.outbox.publish(event).await
+    async fn publish_with(&self, event: Event, options: PublishOptions) -> Result<Receipt, Error> {
+        self.outbox.publish_with(event, options).await
     }
     async fn flush(&self) -> Result<(), Error> {
         self.outbox.flush().await
@@ -292,30 +404,24 @@ impl EventBroker for QueuedBroker {
     }
 }
 
-/// Fails every queued event with `reason`-less [`Error::Timeout`] and collects them, for a writer
-/// whose close deadline passed. Flush markers are answered. The first close request still queued
-/// is returned, for a writer that reached its deadline before reading it (dropping it answers
-/// with an empty report); later ones get empty reports.
+/// Closes `inbox` and fails every queued event with [`Error::Timeout`], collecting them, for a
+/// writer whose close deadline passed. Flush markers are answered. Returns the reply of the
+/// close request, if one was made and not answered yet.
 pub fn drain_undelivered(
     inbox: &mut Inbox,
     after: Duration,
     into: &mut Vec<Event>,
 ) -> Option<oneshot::Sender<CloseReport>> {
     inbox.close();
-    let mut first_close = None;
     while let Some(cmd) = inbox.try_recv() {
         match cmd {
             Command::Publish(p) => p.give_up(after, into),
             Command::Flush(tx) => {
                 let _ = tx.send(());
             }
-            Command::Close { reply, .. } if first_close.is_none() => first_close = Some(reply),
-            Command::Close { reply, .. } => {
-                let _ = reply.send(CloseReport::default());
-            }
         }
     }
-    first_close
+    inbox.take_close_reply()
 }
 
 #[cfg(test)]
@@ -328,7 +434,7 @@ mod tests {
     }
 
     fn options(buffer_size: usize, when_full: WhenFull) -> DeliveryOptions {
-        DeliveryOptions { buffer_size, when_full, close_timeout: Duration::from_millis(200) }
+        DeliveryOptions { buffer_size, when_full, close_timeout: Duration::from_millis(200), ..Default::default() }
     }
 
     #[tokio::test]
@@ -354,10 +460,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn close_without_a_writer_times_out_and_publish_after_close_fails() {
+    async fn close_without_a_writer_times_out_and_a_second_close_says_the_same() {
         let (outbox, _inbox) = channel("test", options(4, WhenFull::Block));
         assert!(matches!(outbox.close().await, Err(Error::Timeout(_))));
         assert!(matches!(outbox.publish(event()).await, Err(Error::Closed)));
-        assert!(outbox.close().await.unwrap().is_clean(), "a second close is a no-op");
+        assert!(matches!(outbox.close().await, Err(Error::Timeout(_))), "never a made-up clean report");
+    }
+
+    #[tokio::test]
+    async fn close_of_a_dead_writer_is_an_error_not_a_clean_report() {
+        let (outbox, inbox) = channel("test", options(4, WhenFull::Block));
+        drop(inbox);
+        assert!(matches!(outbox.close().await, Err(Error::Io { .. })));
     }
 }
