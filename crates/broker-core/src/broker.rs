@@ -198,6 +198,12 @@ pub trait EventBroker: Send + Sync {
     async fn close(&self) -> Result<CloseReport, Error>;
 }
 
+impl std::fmt::Debug for dyn EventBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EventBroker({})", self.backend())
+    }
+}
+
 /// Conveniences on top of [`EventBroker`].
 #[async_trait]
 pub trait EventBrokerExt: EventBroker {

@@ -200,7 +200,9 @@ impl Sink for MemorySink {
 
     async fn ping(&mut self) -> Result<(), Error> {
         match self.faults.get() {
-            Fault::Unavailable => Err(Error::Unavailable { backend: NAME, reason: "injected outage".into(), cause: None }),
+            Fault::Unavailable => {
+                Err(Error::Unavailable { backend: NAME, reason: "injected outage".into(), cause: None })
+            }
             Fault::BlackHole => std::future::pending().await,
             _ => Ok(()),
         }

@@ -3,10 +3,13 @@
 //!
 //! - **Format** (rasa-compat §6): each event's Rasa encoding followed by `\n`; an existing file is
 //!   appended to, never truncated; the default path is `rasa_event.log` in the working directory.
-//! - **Delivery** (contracts §A): a writer thread takes every queued event at once (up to
-//!   `max_batch_events`), writes them with one `write`, applies the fsync policy, then settles each
-//!   event's receipt. A failed write is rolled back (the file is cut back to its last whole line)
-//!   so a reader never sees half an event from us.
+//! - **Delivery** (contracts §A): the shared driver ([`broker_core::delivery`]) hands a writer
+//!   thread every queued event at once (up to `max_batch_events`); it writes them with one
+//!   `write` and applies the fsync policy before they count as delivered. A failed write is cut
+//!   back to the last whole line (and nothing more is written until that cut succeeds), so a
+//!   reader never sees half an event from us; write errors (a full disk, a quota, EIO) make the
+//!   events wait and retry with backoff while `is_ready()` is false. A write that hangs longer
+//!   than `attempt_timeout` (default 10 s) counts as a failure too.
 //! - **Consuming** (contracts §B): [`FileBackend::source`] tails from a byte offset, follows growth,
 //!   skips blank lines and reports a malformed line (e.g. half-written by a crash) with its
 //!   position without stopping.
@@ -16,7 +19,7 @@
 //! `fsync_interval` seconds, and on flush and close)), `fsync_interval` (default 1),
 //! `max_batch_events` (default 4096), `max_event_bytes` (none by default), `linger_ms` (how long the
 //! writer lets a partial batch grow under load, default 0.2), and the delivery options
-//! `buffer_size`, `when_full`, `close_timeout`.
+//! `buffer_size`, `when_full`, `close_timeout`, and `attempt_timeout`.
 //!
 //! ```
 //! use broker_core::{Backend, Event, EventBroker};
@@ -42,10 +45,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker_core::pipeline::{self, Command, Inbox, Pending, QueuedBroker, Readiness};
+use broker_core::delivery::{self, Batch, BlockingSink, DriverOptions, Failure, Verdict};
 use broker_core::{
-    Backend, BackendFactory, CloseReport, ConfigError, Configured, DeliveryOptions, Error, Event, EventBroker,
-    EventSource, Options, Position, Received, Settle, SourceOptions, StartFrom, async_trait,
+    Backend, BackendFactory, ConfigError, Configured, DeliveryOptions, Error, Event, EventBroker, EventSource, Options,
+    Position, Received, SourceOptions, StartFrom, async_trait,
 };
 
 const NAME: &str = "file";
@@ -86,6 +89,8 @@ pub struct FileConfig {
     pub linger: Duration,
     /// Buffer bound and policy, close deadline.
     pub delivery: DeliveryOptions,
+    /// How long one write may take before the file counts as unavailable (`attempt_timeout`).
+    pub attempt_timeout: Duration,
 }
 
 impl FileConfig {
@@ -98,6 +103,7 @@ impl FileConfig {
             max_event_bytes: None,
             linger: DEFAULT_LINGER,
             delivery: DeliveryOptions::default(),
+            attempt_timeout: delivery::driver::DEFAULT_ATTEMPT_TIMEOUT,
         }
     }
 
@@ -130,6 +136,7 @@ impl FileConfig {
         "buffer_size",
         "when_full",
         "close_timeout",
+        "attempt_timeout",
     ];
 
     /// Reads the options of an `event_broker:` section.
@@ -148,7 +155,7 @@ impl FileConfig {
         if interval.is_some() && !matches!(config.fsync, Fsync::Interval(_)) {
             options.warn("fsync_interval", "`fsync_interval` only applies with `fsync: interval`");
         }
-        if let Some(n) = options.take_u64("max_batch_events")? {
+        if let Some(n) = options.take_usize("max_batch_events")? {
             if n == 0 {
                 return Err(ConfigError::new(
                     options.location("max_batch_events"),
@@ -156,14 +163,15 @@ impl FileConfig {
                     "must be at least 1",
                 ));
             }
-            config.max_batch_events = n as usize;
+            config.max_batch_events = n;
         }
-        config.max_event_bytes = options.take_u64("max_event_bytes")?.map(|n| n as usize);
+        config.max_event_bytes = options.take_usize("max_event_bytes")?;
         if let Some(ms) = options.take_seconds("linger_ms")? {
             // take_seconds validates a non-negative number; the unit here is milliseconds.
             config.linger = ms / 1000;
         }
         config.delivery = DeliveryOptions::take(&mut options)?;
+        config.attempt_timeout = DriverOptions::default().take(&mut options)?.attempt_timeout;
         let warnings = options.finish(NAME, FileConfig::KEYS)?;
         Ok((config, warnings))
     }
@@ -225,23 +233,28 @@ impl Backend for FileBackend {
         let mut file =
             OpenOptions::new().append(true).create(true).read(true).open(&path).map_err(|e| open_error(&path, e))?;
         end_with_newline(&mut file).map_err(|e| open_error(&path, e))?;
-        let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
-        let (broker, healthy) = QueuedBroker::new(outbox);
-        let writer = Writer {
+        let sink = FileSink {
             file,
             path: path.display().to_string(),
-            config: self.config.clone(),
-            healthy: healthy.clone(),
+            fsync: self.config.fsync,
             buf: Vec::with_capacity(1 << 20),
-            settles: Vec::new(),
             dirty: false,
             last_sync: Instant::now(),
+            cut_at: None,
         };
-        std::thread::Builder::new()
-            .name("broker-file-writer".into())
-            .spawn(move || writer.run(inbox))
-            .map_err(|e| Error::io(NAME, "starting the writer thread", e))?;
-        Ok(Box::new(broker))
+        let sink = delivery::on_thread("broker-file-writer", sink)?;
+        let ping = match self.config.fsync {
+            Fsync::Interval(every) => Some(every),
+            _ => None,
+        };
+        let options = DriverOptions::default()
+            .batch_size(self.config.max_batch_events)
+            .max_event_bytes(self.config.max_event_bytes)
+            .attempt_timeout(self.config.attempt_timeout)
+            .retry(Duration::from_millis(50), Duration::from_secs(5))
+            .linger(self.config.linger)
+            .ping_interval(ping);
+        Ok(Box::new(delivery::start(NAME, sink, self.config.delivery.clone(), options)))
     }
 
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
@@ -268,104 +281,50 @@ fn end_with_newline(file: &mut File) -> io::Result<()> {
     Ok(())
 }
 
-struct Writer {
+/// The file's writing side, on its own thread (see [`broker_core::delivery::blocking`]).
+struct FileSink {
     file: File,
     path: String,
-    config: FileConfig,
-    healthy: Readiness,
+    fsync: Fsync,
     buf: Vec<u8>,
-    /// Receipts of the events in `buf`, with each line's start within `buf`.
-    settles: Vec<(Settle, usize)>,
     dirty: bool,
     last_sync: Instant,
+    /// A failed write could not be cut back: the file ends with part of a batch at `cut_at`,
+    /// and nothing more is written until it is cut.
+    cut_at: Option<u64>,
 }
 
-impl Writer {
-    fn run(mut self, mut inbox: Inbox) {
-        let mut batch = Vec::with_capacity(self.config.max_batch_events.min(65_536));
-        loop {
-            batch.clear();
-            if inbox.blocking_recv_batch(&mut batch, self.config.max_batch_events) == 0 {
-                // Every handle is gone without a close: write what we took, then stop.
-                self.write_out();
-                self.sync_if_dirty();
-                return;
-            }
-            let full = batch.len() >= self.config.max_batch_events;
-            let mut close = None;
-            for cmd in batch.drain(..) {
-                match cmd {
-                    Command::Publish(p) => self.add(p),
-                    Command::Flush(tx) => {
-                        self.write_out();
-                        self.sync_if_dirty();
-                        let _ = tx.send(());
-                    }
-                    Command::Close { deadline, reply } => close = Some((deadline, reply)),
-                    _ => {}
-                }
-            }
-            self.write_out();
-            if let Some((deadline, reply)) = close {
-                let report = self.finish(&mut inbox, deadline);
-                let _ = reply.send(report);
-                return;
-            }
-            if !full && !self.config.linger.is_zero() {
-                std::thread::sleep(self.config.linger);
-            }
-        }
+/// Whether trying again can help: a full disk, a quota, an I/O error may go away; nothing
+/// about a write error is an event's own fault, so every one is retried.
+fn write_error(path: &str, err: io::Error) -> Error {
+    let hint = match err.raw_os_error() {
+        Some(28) => " (no space left: waiting for room)",
+        Some(122) => " (disk quota exceeded: waiting for room)",
+        Some(5) => " (I/O error: retrying)",
+        _ => "",
+    };
+    Error::Io {
+        backend: NAME,
+        operation: format!("writing {path}{hint}"),
+        reason: err.to_string(),
+        cause: Some(Arc::new(err)),
     }
+}
 
-    /// Adds one encoded event to the batch buffer, or rejects it alone.
-    fn add(&mut self, p: Pending) {
-        let len = p.json.len();
-        if let Some(max) = self.config.max_event_bytes.filter(|m| len > *m) {
-            p.reject(NAME, format!("{len} bytes is over max_event_bytes {max}"));
-            return;
-        }
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&p.json);
-        self.buf.push(b'\n');
-        self.settles.push((p.settle, start));
-    }
-
-    /// Writes the batch with one call, applies the fsync policy, and settles every receipt.
-    fn write_out(&mut self) {
-        if self.settles.is_empty() {
-            self.buf.clear();
-            return;
-        }
-        let result = self.write_batch();
-        match result {
-            Ok(batch_start) => {
-                self.healthy.set(true);
-                for (settle, start) in self.settles.drain(..) {
-                    settle.delivered(Some(Position::Offset(batch_start + start as u64)));
-                }
-            }
-            Err(err) => {
-                self.healthy.set(false);
-                tracing::error!("writing {}: {err}", self.path);
-                let error = Error::io(NAME, format!("writing {}", self.path), err);
-                for (settle, _) in self.settles.drain(..) {
-                    settle.settle(Err(error.clone()));
-                }
-            }
-        }
-        self.buf.clear();
-    }
-
-    /// Returns the file offset where the batch starts.
+impl FileSink {
+    /// Writes the batch with one call and applies the fsync policy; returns the batch's offset.
     fn write_batch(&mut self) -> io::Result<u64> {
+        self.cut_torn()?;
         let before = self.file.seek(SeekFrom::End(0))?;
         if let Err(err) = self.file.write_all(&self.buf) {
             // Cut a partial write back so the file keeps ending on a whole line.
-            let _ = self.file.set_len(before);
+            if self.file.set_len(before).is_err() {
+                self.cut_at = Some(before);
+            }
             return Err(err);
         }
         self.dirty = true;
-        match self.config.fsync {
+        match self.fsync {
             Fsync::Never => {}
             Fsync::Batch => self.sync()?,
             Fsync::Interval(every) => {
@@ -379,52 +338,54 @@ impl Writer {
         Ok(end - self.buf.len() as u64)
     }
 
+    /// Cuts what a failed write left behind, before anything else is written.
+    fn cut_torn(&mut self) -> io::Result<()> {
+        if let Some(at) = self.cut_at {
+            self.file.set_len(at)?;
+            self.cut_at = None;
+        }
+        Ok(())
+    }
+
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()?;
         self.dirty = false;
         self.last_sync = Instant::now();
         Ok(())
     }
+}
 
-    fn sync_if_dirty(&mut self) {
-        if self.dirty && self.config.fsync != Fsync::Never {
-            if let Err(err) = self.sync() {
-                tracing::error!("fsync {}: {err}", self.path);
-                self.healthy.set(false);
-            }
+impl BlockingSink for FileSink {
+    fn write(&mut self, batch: &Batch) -> Result<Vec<Verdict>, Error> {
+        self.buf.clear();
+        let mut starts = Vec::with_capacity(batch.len());
+        for r in batch.iter() {
+            starts.push(self.buf.len() as u64);
+            self.buf.extend_from_slice(&r.json);
+            self.buf.push(b'\n');
         }
+        let at = self.write_batch().map_err(|e| write_error(&self.path, e))?;
+        Ok(starts.into_iter().map(|s| Verdict::Delivered(Some(Position::Offset(at + s)))).collect())
     }
 
-    /// Writes what is still queued until `deadline`, reports the rest, and syncs.
-    fn finish(&mut self, inbox: &mut Inbox, deadline: Instant) -> CloseReport {
-        inbox.close();
-        let mut undelivered = Vec::new();
-        loop {
-            if Instant::now() >= deadline {
-                pipeline::drain_undelivered(inbox, self.config.delivery.close_timeout, &mut undelivered);
-                break;
-            }
-            let Some(cmd) = inbox.try_recv() else { break };
-            match cmd {
-                Command::Publish(p) => {
-                    self.add(p);
-                    if self.settles.len() >= self.config.max_batch_events {
-                        self.write_out();
-                    }
-                }
-                Command::Flush(tx) => {
-                    self.write_out();
-                    let _ = tx.send(());
-                }
-                Command::Close { reply, .. } => {
-                    let _ = reply.send(CloseReport::default());
-                }
-                _ => {}
+    fn recover(&mut self, _failure: &Failure) -> Result<(), Error> {
+        self.cut_torn().map_err(|e| write_error(&self.path, e))
+    }
+
+    fn ping(&mut self) -> Result<(), Error> {
+        // Between events: an interval policy's last batch reaches the disk.
+        if self.dirty && matches!(self.fsync, Fsync::Interval(_)) {
+            self.sync().map_err(|e| write_error(&self.path, e))?;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        if self.dirty && self.fsync != Fsync::Never {
+            if let Err(err) = self.sync() {
+                tracing::error!("fsync {}: {err}", self.path);
             }
         }
-        self.write_out();
-        self.sync_if_dirty();
-        CloseReport::new(undelivered)
     }
 }
 

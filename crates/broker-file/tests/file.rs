@@ -134,20 +134,35 @@ async fn tail_follows_growth_from_the_end() {
 }
 
 #[tokio::test]
-async fn write_failures_fail_each_event_and_clear_is_ready() {
+async fn a_full_disk_makes_events_wait_not_fail_and_close_reports_them() {
     // /dev/full accepts the open and refuses every write with ENOSPC: a real disk-full.
     if !std::path::Path::new("/dev/full").exists() {
         eprintln!("SKIPPED: no /dev/full on this system");
         return;
     }
-    let broker = FileBackend::new(FileConfig::new("/dev/full")).connect().await.unwrap();
-    let r = broker.publish(user_event("x", 0)).await.unwrap();
-    match r.await {
-        Err(e @ Error::Io { .. }) => assert!(e.is_temporary() && e.to_string().contains("/dev/full"), "{e}"),
-        other => panic!("expected an I/O error, got {other:?}"),
+    let mut delivery = broker_core::DeliveryOptions::default();
+    delivery.close_timeout = std::time::Duration::from_millis(500);
+    let broker = FileBackend::new(FileConfig::new("/dev/full").delivery(delivery)).connect().await.unwrap();
+    let events: Vec<_> = (0..5).map(|i| user_event("x", i)).collect();
+    let mut receipts = Vec::new();
+    for e in events.clone() {
+        receipts.push(broker.publish(e).await.unwrap());
     }
-    assert!(!broker.is_ready().await);
-    broker.close().await.unwrap();
+    let t0 = std::time::Instant::now();
+    while broker.is_ready().await {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "not ready once writes fail");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let report = broker.close().await.unwrap();
+    let got: Vec<Vec<u8>> = report.undelivered.iter().map(|e| e.to_json()).collect();
+    let want: Vec<Vec<u8>> = events.iter().map(|e| e.to_json()).collect();
+    assert_eq!(got, want, "every event waited, and close lists them in publish order");
+    for r in receipts {
+        match r.await {
+            Err(Error::Timeout(_)) => {}
+            other => panic!("a waiting event ends undelivered at the deadline, not rejected: {other:?}"),
+        }
+    }
 }
 
 #[test]

@@ -45,7 +45,7 @@ use std::time::Duration;
 use broker_core::backoff::Backoff;
 use broker_core::{
     Backend, BackendFactory, CloseReport, ConfigError, Configured, Error, Event, EventBroker, EventId, EventSource,
-    Position, Receipt, Received, Settle, SourceOptions, StartFrom, async_trait,
+    Position, PublishOptions, Receipt, Received, Settle, SourceOptions, StartFrom, async_trait,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -165,6 +165,8 @@ struct Tracked {
 struct Resend {
     payload: Vec<u8>,
     key: Option<Vec<u8>>,
+    /// The message's headers as first sent (Rasa's and the event's own).
+    headers: Option<OwnedHeaders>,
     tracked: Box<Tracked>,
 }
 
@@ -244,8 +246,12 @@ impl ProducerContext for Reports {
         if !purged {
             tracing::warn!("kafka: {e}; the producer is replaced and the event sent again");
         }
-        let resend =
-            Resend { payload: m.payload().unwrap_or_default().to_vec(), key: m.key().map(<[u8]>::to_vec), tracked };
+        let resend = Resend {
+            payload: m.payload().unwrap_or_default().to_vec(),
+            key: m.key().map(<[u8]>::to_vec),
+            headers: m.headers().map(|h| h.detach()),
+            tracked,
+        };
         shared.resend.lock().unwrap_or_else(PoisonError::into_inner).push(resend);
         if !purged {
             shared.reset_needed.store(true, Ordering::Release);
@@ -271,10 +277,15 @@ fn rasa_environment() -> String {
     std::env::var("RASA_ENVIRONMENT").unwrap_or_else(|_| "RASA_ENVIRONMENT_NOT_SET".to_owned())
 }
 
-fn headers(environment: &str, id: &str) -> OwnedHeaders {
-    OwnedHeaders::new_with_capacity(2)
+/// Rasa's headers, then the event's own (`PublishOptions::headers`).
+fn headers(environment: &str, id: &str, extra: &[(String, String)]) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(2 + extra.len())
         .insert(Header { key: "RASA_ENVIRONMENT", value: Some(environment.as_bytes()) })
-        .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_bytes()) })
+        .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_bytes()) });
+    for (k, v) in extra {
+        headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+    }
+    headers
 }
 
 fn new_producer(config: &KafkaConfig, shared: &Arc<Shared>) -> Result<KafkaProducer, Error> {
@@ -308,11 +319,12 @@ fn reset(producer: &RwLock<Arc<KafkaProducer>>, shared: &Arc<Shared>, config: &K
         let id = r.tracked.settle.id().to_string();
         let mut tracked = r.tracked;
         tracked.attempts += 1;
+        let sent_headers = r.headers.unwrap_or_else(|| headers(environment, &id, &[]));
         loop {
             let mut record: BaseRecord<'_, [u8], [u8], Box<Tracked>> =
                 BaseRecord::with_opaque_to(&config.topic, tracked)
                     .payload(&r.payload[..])
-                    .headers(headers(environment, &id));
+                    .headers(sent_headers.clone());
             if let Some(k) = r.key.as_deref() {
                 record = record.key(k);
             }
@@ -464,7 +476,7 @@ impl EventBroker for KafkaBroker {
         NAME
     }
 
-    async fn publish(&self, event: Event) -> Result<Receipt, Error> {
+    async fn publish_with(&self, event: Event, options: PublishOptions) -> Result<Receipt, Error> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -478,10 +490,12 @@ impl EventBroker for KafkaBroker {
             let sent = {
                 // A reset holds the write side: no event slips into a producer being replaced.
                 let producer = self.producer.read().unwrap_or_else(PoisonError::into_inner);
-                let mut record: BaseRecord<'_, str, [u8], Box<Tracked>> =
-                    BaseRecord::with_opaque_to(&self.config.topic, tracked)
-                        .payload(&json[..])
-                        .headers(headers(&self.environment, &id_text));
+                let mut record: BaseRecord<'_, str, [u8], Box<Tracked>> = BaseRecord::with_opaque_to(
+                    &self.config.topic,
+                    tracked,
+                )
+                .payload(&json[..])
+                .headers(headers(&self.environment, &id_text, &options.headers));
                 if self.config.partition_by_sender {
                     if let Some(key) = sender.as_deref() {
                         record = record.key(key);

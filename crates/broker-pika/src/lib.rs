@@ -43,10 +43,11 @@ mod writer;
 
 use std::sync::Arc;
 
-use broker_core::pipeline::{self, QueuedBroker, Readiness};
+use broker_core::delivery::{Layer, RaiseOnFailure};
+use broker_core::pipeline::{self, QueuedBroker};
 use broker_core::{
-    Backend, BackendFactory, CloseReport, ConfigError, Configured, Error, Event, EventBroker, EventSource, Receipt,
-    SourceOptions, async_trait,
+    Backend, BackendFactory, CloseReport, ConfigError, Configured, Error, Event, EventBroker, EventSource,
+    PublishOptions, Receipt, SourceOptions, async_trait,
 };
 
 use config::NAME;
@@ -76,10 +77,14 @@ impl PikaBackend {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (link, link_id) = writer::first_link(&self.config, &tx).await?;
         let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
-        let (inner, ready) = QueuedBroker::new(outbox);
-        let writer = writer::Writer::new(self.config.clone(), ready.clone(), link, link_id, tx, rx);
+        let (queued, ready) = QueuedBroker::new(outbox);
+        let writer = writer::Writer::new(self.config.clone(), ready, link, link_id, tx, rx);
         tokio::spawn(writer.run(inbox));
-        Ok(PikaBroker { inner, ready, raise_on_failure: self.config.raise_on_failure })
+        let mut inner: Box<dyn EventBroker> = Box::new(queued);
+        if self.config.raise_on_failure {
+            inner = RaiseOnFailure.wrap_broker(inner);
+        }
+        Ok(PikaBroker { inner })
     }
 }
 
@@ -127,28 +132,15 @@ impl Backend for PikaBackend {
 /// A connected RabbitMQ broker.
 #[derive(Debug)]
 pub struct PikaBroker {
-    inner: QueuedBroker,
-    ready: Readiness,
-    raise_on_failure: bool,
+    /// The queued broker, inside the `raise_on_failure` layer when that is on.
+    inner: Box<dyn EventBroker>,
 }
 
 impl PikaBroker {
-    fn check(&self) -> Result<(), Error> {
-        if self.raise_on_failure && !self.ready.get() {
-            return Err(Error::Unavailable {
-                backend: NAME,
-                reason: "RabbitMQ is not connected (raise_on_failure: true)".into(),
-                cause: None,
-            });
-        }
-        Ok(())
-    }
-
     /// Publishes `event` with extra message headers (e.g. `rasa-export-process-id`), after the
-    /// broker's own headers.
+    /// broker's own headers. The same as [`EventBroker::publish_with`] with those headers.
     pub async fn publish_with_headers(&self, event: Event, headers: Vec<(String, String)>) -> Result<Receipt, Error> {
-        self.check()?;
-        self.inner.publish_with_headers(event, headers).await
+        self.inner.publish_with(event, PublishOptions::default().headers(headers)).await
     }
 }
 
@@ -157,9 +149,8 @@ impl EventBroker for PikaBroker {
     fn backend(&self) -> &'static str {
         NAME
     }
-    async fn publish(&self, event: Event) -> Result<Receipt, Error> {
-        self.check()?;
-        self.inner.publish(event).await
+    async fn publish_with(&self, event: Event, options: PublishOptions) -> Result<Receipt, Error> {
+        self.inner.publish_with(event, options).await
     }
     async fn flush(&self) -> Result<(), Error> {
         self.inner.flush().await

@@ -321,11 +321,18 @@ impl Writer {
     pub(crate) async fn run(mut self, mut inbox: Inbox) {
         let mut batch = Vec::with_capacity(256);
         loop {
-            if self.closing.is_some() && self.inflight.is_empty() && self.queue.is_empty() {
+            if self.closing.is_some() && self.inflight.is_empty() && self.queue.is_empty() && inbox.is_finished() {
                 return self.finish(&mut inbox).await;
             }
-            if let Some(d) = inbox.close_deadline() {
+            if let Some(d) = inbox.close_requested() {
                 self.close_at = Some(self.close_at.map_or(d, |c| c.min(d)));
+                if self.closing.is_none() {
+                    if let Some(reply) = inbox.take_close_reply() {
+                        // Nothing new is accepted; what is queued is still delivered first.
+                        inbox.close();
+                        self.closing = Some((d, reply));
+                    }
+                }
             }
             if self.close_at.is_some_and(|d| Instant::now() >= d) {
                 return self.finish(&mut inbox).await;
@@ -335,10 +342,9 @@ impl Writer {
             // (keep_unpublished false during an outage), or to find the Close command once
             // close was called (nothing new can be accepted then, so this stays bounded).
             let drop_mode = self.link.is_none() && !self.config.keep_unpublished;
-            let close_called = inbox.close_deadline().is_some();
-            let read =
-                self.closing.is_none() && ((self.queue.is_empty() && self.room() > 0) || drop_mode || close_called);
-            let max = if drop_mode || close_called { 256 } else { self.room().min(256) };
+            let close_called = self.closing.is_some();
+            let read = (self.queue.is_empty() && self.room() > 0) || drop_mode;
+            let max = if drop_mode { 256 } else { self.room().min(256) };
             let wake = self.reconnect_at.map_or(Instant::now() + TICK, |r| r.min(Instant::now() + TICK));
             batch.clear();
             tokio::select! {
@@ -349,7 +355,7 @@ impl Writer {
                     }
                 }
                 n = inbox.recv_batch(&mut batch, max), if read => {
-                    if n == 0 {
+                    if n == 0 && inbox.is_finished() && !close_called {
                         // Every handle is gone without close: deliver what we hold, then stop.
                         let report = self.finish_pending(Instant::now() + self.config.delivery.close_timeout).await;
                         if !report.is_clean() {
@@ -387,10 +393,6 @@ impl Writer {
                 }
             }
             Command::Flush(tx) => self.flushes.push_back((self.next_seq, tx)),
-            Command::Close { deadline, reply } => {
-                self.close_at = Some(self.close_at.map_or(deadline, |c| c.min(deadline)));
-                self.closing = Some((deadline, reply));
-            }
             _ => {}
         }
     }

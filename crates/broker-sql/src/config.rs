@@ -176,6 +176,9 @@ pub struct SqlConfig {
     pub connect_timeout: Duration,
     /// Buffer bound and policy, close deadline.
     pub delivery: DeliveryOptions,
+    /// The longest one statement (a batch's insert and commit) may take before the connection
+    /// counts as lost (`attempt_timeout`, default 10 s).
+    pub attempt_timeout: Duration,
 }
 
 impl SqlConfig {
@@ -200,6 +203,7 @@ impl SqlConfig {
         "buffer_size",
         "when_full",
         "close_timeout",
+        "attempt_timeout",
     ];
 
     /// A SQLite database at `path` with defaults.
@@ -230,6 +234,7 @@ impl SqlConfig {
             retry_max_delay: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             delivery: DeliveryOptions::default(),
+            attempt_timeout: broker_core::delivery::driver::DEFAULT_ATTEMPT_TIMEOUT,
         }
     }
 
@@ -262,6 +267,12 @@ impl SqlConfig {
     /// Sets the longest wait between reconnection attempts.
     pub fn retry_max_delay(mut self, d: Duration) -> SqlConfig {
         self.retry_max_delay = d;
+        self
+    }
+
+    /// Sets how long one statement may take.
+    pub fn attempt_timeout(mut self, d: Duration) -> SqlConfig {
+        self.attempt_timeout = d;
         self
     }
 
@@ -362,7 +373,7 @@ impl SqlConfig {
                 config.pool_size = n as usize;
             }
         }
-        config.max_event_bytes = options.take_u64("max_event_bytes")?.map(|n| n as usize);
+        config.max_event_bytes = options.take_usize("max_event_bytes")?;
         if let Some(d) = options.take_seconds("retry_delay_in_seconds")? {
             config.retry_max_delay = d.max(Duration::from_millis(10));
         }
@@ -402,6 +413,7 @@ impl SqlConfig {
             }
         }
         config.delivery = DeliveryOptions::take(&mut options)?;
+        config.attempt_timeout = broker_core::delivery::DriverOptions::default().take(&mut options)?.attempt_timeout;
         let warnings = options.finish(NAME, SqlConfig::KEYS)?;
         Ok((config, warnings))
     }

@@ -47,7 +47,7 @@ pub mod tls;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use broker_core::pipeline::{self, Pending, QueuedBroker};
+use broker_core::delivery::{self, Batch, DriverOptions, Failure, Record, Sink, Verdict};
 use broker_core::{
     Backend, BackendFactory, ConfigError, Configured, Error, Event, EventBroker, EventSource, Position, Received,
     SourceOptions, StartFrom, async_trait,
@@ -67,20 +67,12 @@ pub(crate) struct Row<'a> {
 }
 
 impl Row<'_> {
-    pub(crate) fn of(p: &Pending) -> Row<'_> {
+    pub(crate) fn of(p: &Record) -> Row<'_> {
         // The column is VARCHAR(255): keep the first 255 characters there (data has it all).
         let sender_id = p.sender_id.as_deref().map(|s| s.char_indices().nth(255).map_or(s, |(i, _)| &s[..i]));
         // Rasa's encoding is ASCII, hence UTF-8.
         let data = std::str::from_utf8(&p.json).unwrap_or_default();
         Row { sender_id, data }
-    }
-}
-
-/// Splits `pending` into events to insert and events over `max_event_bytes`.
-pub(crate) fn rows_of(pending: &mut Vec<Pending>, max: Option<usize>) -> (Vec<Pending>, Vec<Pending>) {
-    match max {
-        None => (std::mem::take(pending), Vec::new()),
-        Some(m) => std::mem::take(pending).into_iter().partition(|p| p.json.len() <= m),
     }
 }
 
@@ -115,53 +107,111 @@ impl EventRow {
     }
 }
 
-/// Spreads one queue over several writers by `sender_id`, keeping flush and close semantics.
-async fn route(mut inbox: pipeline::Inbox, outboxes: Vec<pipeline::Outbox>) {
-    let outboxes: Vec<Arc<pipeline::Outbox>> = outboxes.into_iter().map(Arc::new).collect();
-    use std::hash::{Hash, Hasher};
-    let mut batch = Vec::with_capacity(512);
-    loop {
-        batch.clear();
-        let n = inbox.recv_batch(&mut batch, 512).await;
-        for cmd in batch.drain(..) {
-            match cmd {
-                pipeline::Command::Publish(p) => {
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    p.sender_id.hash(&mut h);
-                    let target = &outboxes[(h.finish() % outboxes.len() as u64) as usize];
-                    if let Err(p) = target.forward(p).await {
-                        p.settle.settle(Err(Error::Closed));
-                    }
+/// `pool_size` PostgreSQL connections as one sink: each batch is split by `sender_id` (so each
+/// conversation keeps its order on one connection) and the parts are written at once. The
+/// driver above it owns retries, deadlines and the close report as for one connection.
+struct PoolSink {
+    sinks: Vec<postgres::PgSink>,
+}
+
+impl PoolSink {
+    fn route(&self, sender_id: &Option<String>) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        sender_id.hash(&mut h);
+        // The remainder is below the pool size, a usize.
+        usize::try_from(h.finish() % self.sinks.len() as u64).unwrap_or(0)
+    }
+}
+
+/// Runs every future to completion at once and returns their outputs in order.
+async fn join_all<T>(mut futures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + '_>>>) -> Vec<T> {
+    let mut out: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futures.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
                 }
-                pipeline::Command::Flush(tx) => {
-                    for o in &outboxes {
-                        let _ = o.flush().await;
-                    }
-                    let _ = tx.send(());
-                }
-                pipeline::Command::Close { reply, .. } => {
-                    // All writers close at once, each within the same deadline.
-                    let closing: Vec<_> = outboxes
-                        .iter()
-                        .map(|o| {
-                            let o = o.clone();
-                            tokio::spawn(async move { o.close().await })
-                        })
-                        .collect();
-                    let mut undelivered = Vec::new();
-                    for c in closing {
-                        if let Ok(Ok(mut report)) = c.await {
-                            undelivered.append(&mut report.undelivered);
-                        }
-                    }
-                    let _ = reply.send(broker_core::CloseReport::new(undelivered));
-                    return;
-                }
-                _ => {}
             }
         }
-        if n == 0 {
-            return;
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+#[async_trait]
+impl Sink for PoolSink {
+    async fn write(&mut self, batch: &Batch) -> Result<Vec<Verdict>, Error> {
+        let mut parts: Vec<(Vec<usize>, Vec<Record>)> =
+            (0..self.sinks.len()).map(|_| (Vec::new(), Vec::new())).collect();
+        for (i, r) in batch.iter().enumerate() {
+            let (idx, recs) = &mut parts[self.route(&r.sender_id)];
+            idx.push(i);
+            recs.push(r.clone());
+        }
+        let writes = self
+            .sinks
+            .iter_mut()
+            .zip(parts.iter())
+            .map(|(sink, (_, recs))| {
+                Box::pin(async move { if recs.is_empty() { Ok(Vec::new()) } else { sink.write_records(recs).await } })
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Verdict>, Error>> + Send + '_>>
+            })
+            .collect();
+        let results: Vec<Result<Vec<Verdict>, Error>> = join_all(writes).await;
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; batch.len()];
+        for ((idx, _), result) in parts.iter().zip(results) {
+            match result {
+                Ok(v) => {
+                    for (i, verdict) in idx.iter().zip(v) {
+                        verdicts[*i] = Some(verdict);
+                    }
+                }
+                Err(e) => {
+                    for i in idx {
+                        verdicts[*i] = Some(Verdict::Retry(e.clone()));
+                    }
+                }
+            }
+        }
+        let missing = || {
+            Verdict::Retry(Error::Io {
+                backend: NAME,
+                operation: "inserting".into(),
+                reason: "no verdict".into(),
+                cause: None,
+            })
+        };
+        Ok(verdicts.into_iter().map(|v| v.unwrap_or_else(missing)).collect())
+    }
+
+    async fn recover(&mut self, failure: &Failure) -> Result<(), Error> {
+        let recovers = self
+            .sinks
+            .iter_mut()
+            .map(|s| {
+                Box::pin(s.recover(failure)) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>>
+            })
+            .collect();
+        join_all(recovers).await.into_iter().collect::<Result<Vec<()>, Error>>().map(|_| ())
+    }
+
+    async fn ping(&mut self) -> Result<(), Error> {
+        let pings = self
+            .sinks
+            .iter_mut()
+            .map(|s| Box::pin(s.ping()) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>>)
+            .collect();
+        join_all(pings).await.into_iter().collect::<Result<Vec<()>, Error>>().map(|_| ())
+    }
+
+    async fn close(&mut self) {
+        for s in &mut self.sinks {
+            s.close().await;
         }
     }
 }
@@ -213,40 +263,36 @@ impl Backend for SqlBackend {
     }
 
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
-        let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
-        let (broker, ready) = QueuedBroker::new(outbox);
-        match &self.config.database {
+        let config = &self.config;
+        let options = DriverOptions::default()
+            .batch_size(config.batch_size)
+            .max_event_bytes(config.max_event_bytes)
+            .attempt_timeout(config.attempt_timeout)
+            .retry(config.retry_max_delay / 10, config.retry_max_delay);
+        let delivery = config.delivery.clone();
+        let broker = match &config.database {
             Database::Sqlite { path } => {
-                let (db, table) = (path.clone(), self.config.table.clone());
+                let (db, table) = (path.clone(), config.table.clone());
                 let conn = tokio::task::spawn_blocking(move || sqlite::open(&db, &table)).await.map_err(|e| {
                     Error::Io { backend: NAME, operation: "opening".into(), reason: e.to_string(), cause: None }
                 })??;
-                let writer = sqlite::Writer { conn, config: self.config.clone(), path: path.clone(), ready };
-                std::thread::Builder::new()
-                    .name("broker-sqlite-writer".into())
-                    .spawn(move || writer.run(inbox))
-                    .map_err(|e| Error::io(NAME, "starting the writer thread", e))?;
-            }
-            Database::Postgres(target) if self.config.pool_size <= 1 => {
-                let writer = postgres::start_writer(target.clone(), self.config.clone(), ready).await?;
-                tokio::spawn(writer.run(inbox));
+                let sink = sqlite::SqliteSink { conn: Some(conn), table: config.table.clone(), path: path.clone() };
+                delivery::start(NAME, delivery::on_thread("broker-sqlite-writer", sink)?, delivery, options)
             }
             Database::Postgres(target) => {
-                // One writer per connection, each with its own queue; a router sends each event
-                // to the writer its sender_id hashes to.
-                let n = self.config.pool_size;
-                let mut sub = self.config.delivery.clone();
-                sub.buffer_size = (sub.buffer_size / n).max(1);
-                let mut outboxes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let (o, i) = pipeline::channel(NAME, sub.clone());
-                    let writer = postgres::start_writer(target.clone(), self.config.clone(), ready.clone()).await?;
-                    tokio::spawn(writer.run(i));
-                    outboxes.push(o);
+                let options = options.ping_interval(Some(postgres::HEALTH_INTERVAL));
+                if config.pool_size <= 1 {
+                    let sink = postgres::start_sink(target.clone(), config.clone()).await?;
+                    delivery::start(NAME, sink, delivery, options)
+                } else {
+                    let mut sinks = Vec::with_capacity(config.pool_size);
+                    for _ in 0..config.pool_size {
+                        sinks.push(postgres::start_sink(target.clone(), config.clone()).await?);
+                    }
+                    delivery::start(NAME, PoolSink { sinks }, delivery, options)
                 }
-                tokio::spawn(route(inbox, outboxes));
             }
-        }
+        };
         Ok(Box::new(broker))
     }
 

@@ -15,21 +15,20 @@
 //! gap is a rolled-back insert.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use broker_core::backoff::Backoff;
-use broker_core::pipeline::{self, Command, Inbox, Pending, Readiness};
-use broker_core::{CloseReport, Error, EventSource, Position, Received, async_trait};
+use broker_core::delivery::{Batch, Failure, Record, Sink, Verdict};
+use broker_core::{Error, EventSource, Position, Received, async_trait};
 use diesel::sql_types::{Array, BigInt, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 
 use crate::config::{NAME, PgTarget, SqlConfig, TableName};
-use crate::{EventRow, IdRow, Row, rows_of};
+use crate::{EventRow, IdRow, Row};
 
 const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_create_events.sql")];
 
 /// How often an idle writer checks its connection.
-const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
 fn cannot_connect(target: &PgTarget, e: impl std::fmt::Display) -> Error {
     Error::Unavailable { backend: NAME, reason: format!("{}: {e}", target.describe()), cause: None }
@@ -136,255 +135,231 @@ async fn find_committed(
         .collect())
 }
 
-pub(crate) struct Writer {
-    pub(crate) conn: Option<AsyncPgConnection>,
-    pub(crate) target: PgTarget,
-    pub(crate) config: SqlConfig,
-    pub(crate) ready: Readiness,
-    /// The highest id this writer knows to be committed (by anyone) before its next batch.
-    pub(crate) last_id: i64,
+/// Whose fault a failed statement is, by SQLSTATE class.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Blame {
+    /// Data (22), integrity (23) or a size limit (54): something in the batch; an event alone
+    /// with it is rejected.
+    Events,
+    /// Everything else (read-only after a failover, disk full, lock or statement timeouts,
+    /// deadlocks, shutdowns): the events wait and retry.
+    Service,
 }
 
-impl Writer {
-    pub(crate) async fn run(mut self, mut inbox: Inbox) {
-        let mut batch = Vec::with_capacity(self.config.batch_size);
-        let mut pending: Vec<Pending> = Vec::with_capacity(self.config.batch_size);
-        loop {
-            batch.clear();
-            let received = tokio::select! {
-                n = inbox.recv_batch(&mut batch, self.config.batch_size) => n,
-                // Idle: look at the connection, so `is_ready` tells the truth between events.
-                _ = tokio::time::sleep(HEALTH_INTERVAL) => {
-                    self.check_health().await;
-                    continue;
-                }
-            };
-            if received == 0 {
-                self.write(&mut pending, &inbox).await;
-                return;
-            }
-            for cmd in batch.drain(..) {
-                match cmd {
-                    Command::Publish(p) => pending.push(p),
-                    Command::Flush(tx) => {
-                        self.write(&mut pending, &inbox).await;
-                        let _ = tx.send(());
-                    }
-                    Command::Close { deadline, reply } => {
-                        self.write(&mut pending, &inbox).await;
-                        let report = self.finish(&mut inbox, deadline).await;
-                        let _ = reply.send(report);
-                        return;
-                    }
-                    _ => {}
-                }
-            }
-            self.write(&mut pending, &inbox).await;
-        }
+/// The blame for a SQLSTATE.
+pub(crate) fn blame(sqlstate: &str) -> Blame {
+    match sqlstate.get(..2) {
+        Some("22" | "23" | "54") => Blame::Events,
+        _ => Blame::Service,
+    }
+}
+
+/// A `pg_temp` function that runs the batch's insert inside an exception block, always rolls it
+/// back, and returns the SQLSTATE it failed with (`RB000` when it would succeed now).
+/// diesel-async keeps the SQLSTATE of only eight codes; this gets the real one on the error path.
+fn probe_sql(table: &TableName) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION pg_temp.rasa_broker_sqlstate(s varchar[], d text[]) RETURNS text \
+         LANGUAGE plpgsql AS $f$ BEGIN \
+         INSERT INTO {} (sender_id, data) SELECT x, y FROM UNNEST(s, d) AS t(x, y); \
+         RAISE SQLSTATE 'RB000'; \
+         EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$",
+        table.quoted()
+    )
+}
+
+#[derive(diesel::QueryableByName)]
+struct SqlStateRow {
+    #[diesel(sql_type = Text)]
+    code: String,
+}
+
+/// The SQLSTATE `rows` fail with on `conn`, found by the probe; None when that cannot be told.
+async fn sqlstate_of(conn: &mut AsyncPgConnection, table: &TableName, rows: &[Row<'_>]) -> Option<String> {
+    conn.batch_execute(&probe_sql(table)).await.ok()?;
+    let senders: Vec<Option<&str>> = rows.iter().map(|r| r.sender_id).collect();
+    let data: Vec<&str> = rows.iter().map(|r| r.data).collect();
+    let got: Vec<SqlStateRow> =
+        diesel::sql_query("SELECT pg_temp.rasa_broker_sqlstate($1::varchar[], $2::text[]) AS code")
+            .bind::<Array<Nullable<Text>>, _>(senders)
+            .bind::<Array<Text>, _>(data)
+            .load(conn)
+            .await
+            .ok()?;
+    got.into_iter().next().map(|r| r.code)
+}
+
+/// One PostgreSQL writer connection, run by the shared driver.
+pub(crate) struct PgSink {
+    conn: Option<AsyncPgConnection>,
+    target: PgTarget,
+    config: SqlConfig,
+    /// The highest id this writer knows to be committed (by anyone) before its next batch.
+    last_id: i64,
+    /// The last batch may have committed without our hearing it (the connection died or the
+    /// attempt was abandoned mid-statement): check before inserting it again.
+    uncertain: bool,
+    /// A statement is running (set while inserting): abandoned there, the connection is unusable.
+    in_statement: bool,
+    /// The connection needs replacing before the next write.
+    broken: bool,
+}
+
+impl PgSink {
+    fn lost(&mut self, why: impl std::fmt::Display) -> Error {
+        self.conn = None;
+        self.broken = true;
+        Error::Unavailable { backend: NAME, reason: format!("{}: {why}", self.target.describe()), cause: None }
     }
 
-    async fn finish(&mut self, inbox: &mut Inbox, deadline: Instant) -> CloseReport {
-        inbox.close();
-        let mut undelivered = Vec::new();
-        let mut pending = Vec::new();
-        while let Some(cmd) = inbox.try_recv() {
-            match cmd {
-                Command::Publish(p) => {
-                    pending.push(p);
-                    if pending.len() >= self.config.batch_size {
-                        self.write(&mut pending, inbox).await;
-                    }
-                }
-                Command::Flush(tx) => {
-                    self.write(&mut pending, inbox).await;
-                    let _ = tx.send(());
-                }
-                Command::Close { reply, .. } => {
-                    let _ = reply.send(CloseReport::default());
-                }
-                _ => {}
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
-        self.write(&mut pending, inbox).await;
-        // Whatever the deadline left behind (the write above gives up at the deadline too).
-        for p in pending.drain(..) {
-            p.give_up(self.config.delivery.close_timeout, &mut undelivered);
-        }
-        pipeline::drain_undelivered(inbox, self.config.delivery.close_timeout, &mut undelivered);
+    /// Connects (bounded by `connect_timeout`) and makes sure the table is there.
+    async fn reconnect(&mut self) -> Result<(), Error> {
         if let Some(conn) = self.conn.take() {
+            if self.in_statement {
+                // Ask the server to stop the abandoned statement (over a new connection).
+                let token = conn.cancel_token();
+                let _ = tokio::time::timeout(Duration::from_secs(2), token.cancel_query(tokio_postgres::NoTls)).await;
+            }
             drop(conn);
         }
-        CloseReport::new(undelivered)
+        self.in_statement = false;
+        let mut c = connect(&self.target, self.config.connect_timeout).await?;
+        migrate(&mut c, &self.config.table)
+            .await
+            .map_err(|e| cannot_connect(&self.target, format!("reconnected but cannot use the table: {e}")))?;
+        tracing::info!("sql: connected to {}", self.target.describe());
+        self.conn = Some(c);
+        self.broken = false;
+        Ok(())
     }
 
-    /// While idle: pings the connection (or tries once to get one back) and records the result.
-    async fn check_health(&mut self) {
-        match self.conn.as_mut() {
-            Some(conn) => {
-                let ping =
-                    tokio::time::timeout(Duration::from_secs(2), diesel::sql_query("SELECT 1").execute(conn)).await;
-                if !matches!(ping, Ok(Ok(_))) {
-                    tracing::warn!("sql: lost the connection to {}", self.target.describe());
-                    self.conn = None;
-                    self.ready.set(false);
+    /// Writes `records` in one statement; for the pool, which runs several sinks at once.
+    pub(crate) async fn write_records(&mut self, records: &[Record]) -> Result<Vec<Verdict>, Error> {
+        if self.broken || self.conn.is_none() {
+            return Err(self.lost("not connected"));
+        }
+        let rows: Vec<Row<'_>> = records.iter().map(Row::of).collect();
+        let table = self.config.table.clone();
+        let last_id = self.last_id;
+        let Some(conn) = self.conn.as_mut() else { return Err(self.lost("not connected")) };
+        self.in_statement = true;
+        if self.uncertain {
+            // The previous attempt may have committed before the connection died.
+            match find_committed(conn, &table, last_id, &rows).await {
+                Ok(ids) if ids.len() == rows.len() => {
+                    self.in_statement = false;
+                    self.uncertain = false;
+                    return Ok(self.delivered(ids));
                 }
+                Ok(_) => self.uncertain = false,
+                Err(e) => return Err(self.lost(format!("checking the batch in flight: {e}"))),
+            }
+        }
+        let result = insert(conn, &table, &rows).await;
+        self.in_statement = false;
+        match result {
+            Ok(ids) if ids.len() == rows.len() => Ok(self.delivered(ids)),
+            Ok(ids) => Err(Error::Io {
+                backend: NAME,
+                operation: "inserting".into(),
+                reason: format!("inserted {} rows for {} events", ids.len(), rows.len()),
+                cause: None,
+            }),
+            Err(e) => self.failed(e, &rows).await,
+        }
+    }
+
+    fn delivered(&mut self, ids: Vec<i64>) -> Vec<Verdict> {
+        self.last_id = self.last_id.max(ids.last().copied().unwrap_or(0));
+        ids.into_iter().map(|id| Verdict::Delivered(Some(Position::Row(id)))).collect()
+    }
+
+    /// Classifies a failed insert: `Ok(verdicts)` when the events are to blame (each suspect),
+    /// `Err(error)` to retry.
+    async fn failed(&mut self, e: diesel::result::Error, rows: &[Row<'_>]) -> Result<Vec<Verdict>, Error> {
+        use diesel::result::{DatabaseErrorKind as K, Error as E};
+        let text = e.to_string();
+        let code = match &e {
+            E::DatabaseError(
+                K::UniqueViolation | K::ForeignKeyViolation | K::NotNullViolation | K::CheckViolation,
+                _,
+            )
+            | E::DatabaseError(K::RestrictViolation | K::ExclusionViolation, _) => Some("23000".to_owned()),
+            E::DatabaseError(K::SerializationFailure, _) => Some("40001".to_owned()),
+            E::DatabaseError(K::ReadOnlyTransaction, _) => Some("25006".to_owned()),
+            E::DatabaseError(K::UnableToSendCommand | K::ClosedConnection, _) | E::BrokenTransactionManager => None,
+            E::DatabaseError(..) => match self.conn.as_mut() {
+                Some(conn) => sqlstate_of(conn, &self.config.table, rows).await,
+                None => None,
+            },
+            _ => None,
+        };
+        match code {
+            Some(code) if blame(&code) == Blame::Events => {
+                let reason = format!("PostgreSQL refused the event: {text} (SQLSTATE {code})");
+                Ok(vec![Verdict::Suspect(reason); rows.len()])
+            }
+            Some(code) => {
+                // The service's trouble: retry, on a new connection (after a failover that is
+                // what reaches the new primary).
+                self.broken = true;
+                Err(Error::Io {
+                    backend: NAME,
+                    operation: "inserting".into(),
+                    reason: format!("{text} (SQLSTATE {code})"),
+                    cause: None,
+                })
             }
             None => {
-                if let Ok(mut c) = connect(&self.target, self.config.connect_timeout).await {
-                    if migrate(&mut c, &self.config.table).await.is_ok() {
-                        self.conn = Some(c);
-                        self.ready.set(true);
-                    }
-                }
-            }
-        }
-    }
-
-    /// A live connection, reconnecting with exponential backoff and jitter until it works or
-    /// the close deadline passes.
-    async fn connection(&mut self, inbox: &Inbox) -> Option<&mut AsyncPgConnection> {
-        let mut backoff = Backoff::new(self.config.retry_max_delay / 10, self.config.retry_max_delay);
-        while self.conn.is_none() {
-            let delay = backoff.next_delay();
-            match connect(&self.target, self.config.connect_timeout).await {
-                Ok(mut c) => {
-                    if let Err(e) = migrate(&mut c, &self.config.table).await {
-                        tracing::warn!("sql: reconnected to {} but cannot use the table: {e}", self.target.describe());
-                    } else {
-                        tracing::info!("sql: reconnected to {}", self.target.describe());
-                        self.conn = Some(c);
-                        self.ready.set(true);
-                        break;
-                    }
-                }
-                Err(e) => {
-                    self.ready.set(false);
-                    tracing::warn!("{e}; retrying in {delay:?}");
-                }
-            }
-            if inbox.close_deadline().is_some_and(|d| Instant::now() + delay >= d) {
-                return None;
-            }
-            tokio::time::sleep(delay).await;
-        }
-        self.conn.as_mut()
-    }
-
-    /// Commits `pending` (one statement) and settles each event. A lost connection is
-    /// re-established and the batch retried (unless it turns out to have been committed); a
-    /// statement error on a live connection is narrowed down to the events that cause it, which
-    /// fail alone.
-    async fn write(&mut self, pending: &mut Vec<Pending>, inbox: &Inbox) {
-        if pending.is_empty() {
-            return;
-        }
-        let (ok, rejected) = rows_of(pending, self.config.max_event_bytes);
-        for p in rejected {
-            let len = p.json.len();
-            p.reject(NAME, format!("{len} bytes is over max_event_bytes {}", self.config.max_event_bytes.unwrap_or(0)));
-        }
-        if ok.is_empty() {
-            return;
-        }
-        let rows: Vec<Row<'_>> = ok.iter().map(Row::of).collect();
-        let mut uncertain = false;
-        let outcome: Result<Vec<i64>, String> = loop {
-            let table = self.config.table.clone();
-            let last_id = self.last_id;
-            let Some(conn) = self.connection(inbox).await else {
-                break Err("PostgreSQL is unreachable and the close deadline passed".into());
-            };
-            if uncertain {
-                // The previous attempt may have committed before the connection died.
-                match find_committed(conn, &table, last_id, &rows).await {
-                    Ok(ids) if ids.len() == rows.len() => break Ok(ids),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!("sql: checking the batch in flight failed: {e}");
-                        self.conn = None;
-                        continue;
-                    }
-                }
-            }
-            match insert(conn, &table, &rows).await {
-                Ok(ids) => break Ok(ids),
-                Err(e) => {
-                    let alive = diesel::sql_query("SELECT 1").execute(conn).await.is_ok();
-                    if alive {
-                        break Err(e.to_string());
-                    }
-                    tracing::warn!("sql: connection lost while inserting ({e}); reconnecting");
-                    self.ready.set(false);
-                    self.conn = None;
-                    uncertain = true;
-                }
-            }
-        };
-        match outcome {
-            Ok(ids) if ids.len() == ok.len() => {
-                self.last_id = self.last_id.max(ids.last().copied().unwrap_or(0));
-                for (p, id) in ok.into_iter().zip(ids) {
-                    p.settle.delivered(Some(Position::Row(id)));
-                }
-            }
-            Ok(ids) => {
-                let reason = format!("inserted {} rows for {} events", ids.len(), ok.len());
-                for p in ok {
-                    p.settle.settle(Err(Error::Io {
-                        backend: NAME,
-                        operation: "inserting".into(),
-                        reason: reason.clone(),
-                        cause: None,
-                    }));
-                }
-            }
-            Err(reason) if self.conn.is_none() => {
-                for p in ok {
-                    p.settle.settle(Err(Error::Unavailable { backend: NAME, reason: reason.clone(), cause: None }));
-                }
-            }
-            Err(reason) => {
-                tracing::warn!("sql: batch refused ({reason}); trying its events one by one");
-                self.one_by_one(ok).await;
-            }
-        }
-    }
-
-    async fn one_by_one(&mut self, ok: Vec<Pending>) {
-        for p in ok {
-            let row = [Row::of(&p)];
-            let Some(conn) = self.conn.as_mut() else {
-                p.settle.settle(Err(Error::Unavailable {
-                    backend: NAME,
-                    reason: "connection lost".into(),
-                    cause: None,
-                }));
-                continue;
-            };
-            match insert(conn, &self.config.table, &row).await {
-                Ok(ids) => {
-                    self.last_id = self.last_id.max(<[_]>::first(&ids).copied().unwrap_or(0));
-                    p.settle.delivered(<[_]>::first(&ids).copied().map(Position::Row));
-                }
-                Err(e) => {
-                    let reason = format!("PostgreSQL refused the event: {e}");
-                    p.reject(NAME, reason);
-                }
+                tracing::warn!("sql: connection lost while inserting ({text}); reconnecting");
+                self.uncertain = true;
+                Err(self.lost(text))
             }
         }
     }
 }
 
-/// Starts a writer: connects (failing fast when the first connection does not work), creates the
+#[async_trait]
+impl Sink for PgSink {
+    async fn write(&mut self, batch: &Batch) -> Result<Vec<Verdict>, Error> {
+        self.write_records(batch).await
+    }
+
+    async fn recover(&mut self, failure: &Failure) -> Result<(), Error> {
+        if matches!(failure, Failure::TimedOut(_)) && self.in_statement {
+            self.uncertain = true;
+            self.broken = true;
+        }
+        if self.broken || self.conn.is_none() {
+            self.reconnect().await?;
+        }
+        Ok(())
+    }
+
+    async fn ping(&mut self) -> Result<(), Error> {
+        if self.broken || self.conn.is_none() {
+            self.reconnect().await?;
+        }
+        let Some(conn) = self.conn.as_mut() else { return Err(self.lost("not connected")) };
+        match tokio::time::timeout(Duration::from_secs(2), diesel::sql_query("SELECT 1").execute(conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.lost(format!("lost the connection: {e}"))),
+            Err(_) => Err(self.lost("lost the connection: no answer to a ping within 2s")),
+        }
+    }
+
+    async fn close(&mut self) {
+        self.conn = None;
+    }
+}
+
+/// Connects a writer (failing fast when the first connection does not work), creates the
 /// table, and learns the current last id.
-pub(crate) async fn start_writer(target: PgTarget, config: SqlConfig, ready: Readiness) -> Result<Writer, Error> {
+pub(crate) async fn start_sink(target: PgTarget, config: SqlConfig) -> Result<PgSink, Error> {
     let mut conn = connect(&target, config.connect_timeout).await?;
     migrate(&mut conn, &config.table).await.map_err(|e| cannot_connect(&target, format!("creating the table: {e}")))?;
     let last_id = max_id(&mut conn, &config.table).await.map_err(|e| cannot_connect(&target, e))?;
-    Ok(Writer { conn: Some(conn), target, config, ready, last_id })
+    Ok(PgSink { conn: Some(conn), target, config, last_id, uncertain: false, in_statement: false, broken: false })
 }
 
 /// A gap in ids seen after `cursor`, waiting to be settled.

@@ -7,17 +7,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
 
-use broker_core::pipeline::{self, Command, Inbox, Pending, Readiness};
-use broker_core::{CloseReport, Error, EventSource, Position, Received, async_trait};
+use broker_core::delivery::{Batch, BlockingSink, Verdict};
+use broker_core::{Error, EventSource, Position, Received, async_trait};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::sqlite::{Sqlite, SqliteConnection};
 
-use crate::config::{NAME, SqlConfig, TableName};
-use crate::{EventRow, IdRow, Row, rows_of};
+use crate::config::{NAME, TableName};
+use crate::{EventRow, IdRow, Row};
 
 const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_create_events.sql")];
 
@@ -69,135 +68,65 @@ pub(crate) fn insert(conn: &mut SqliteConnection, table: &TableName, rows: &[Row
     })
 }
 
-pub(crate) struct Writer {
-    pub(crate) conn: SqliteConnection,
-    pub(crate) config: SqlConfig,
+/// The SQLite writing side, on its own thread (see [`broker_core::delivery::blocking`]).
+pub(crate) struct SqliteSink {
+    pub(crate) conn: Option<SqliteConnection>,
+    pub(crate) table: TableName,
     pub(crate) path: PathBuf,
-    pub(crate) ready: Readiness,
 }
 
-impl Writer {
-    pub(crate) fn run(mut self, mut inbox: Inbox) {
-        let mut batch = Vec::with_capacity(self.config.batch_size);
-        let mut pending: Vec<Pending> = Vec::with_capacity(self.config.batch_size);
-        loop {
-            batch.clear();
-            if inbox.blocking_recv_batch(&mut batch, self.config.batch_size) == 0 {
-                self.write(&mut pending, &inbox);
-                return;
+/// Whose fault a failed SQLite statement is. A locked or busy database, a full disk and I/O
+/// errors (SQLITE_BUSY, _LOCKED, _FULL, _IOERR, _CANTOPEN, _READONLY, ...) are not the events':
+/// they wait and retry. Only a constraint an event breaks (a table with its own checks) is.
+pub(crate) fn classify(e: &diesel::result::Error) -> Option<String> {
+    use diesel::result::{DatabaseErrorKind as K, Error as E};
+    match e {
+        E::DatabaseError(
+            K::UniqueViolation | K::ForeignKeyViolation | K::NotNullViolation | K::CheckViolation,
+            info,
+        ) => Some(info.message().to_owned()),
+        _ => None,
+    }
+}
+
+impl SqliteSink {
+    fn error(&self, e: &diesel::result::Error) -> Error {
+        Error::Io {
+            backend: NAME,
+            operation: format!("inserting into {}", self.path.display()),
+            reason: e.to_string(),
+            cause: None,
+        }
+    }
+}
+
+impl BlockingSink for SqliteSink {
+    fn write(&mut self, batch: &Batch) -> Result<Vec<Verdict>, Error> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(unavailable(&self.path, "the database is closed:", "closed"));
+        };
+        let rows: Vec<Row<'_>> = batch.iter().map(Row::of).collect();
+        match insert(conn, &self.table, &rows) {
+            Ok(ids) if ids.len() == rows.len() => {
+                Ok(ids.into_iter().map(|id| Verdict::Delivered(Some(Position::Row(id)))).collect())
             }
-            for cmd in batch.drain(..) {
-                match cmd {
-                    Command::Publish(p) => pending.push(p),
-                    Command::Flush(tx) => {
-                        self.write(&mut pending, &inbox);
-                        let _ = tx.send(());
-                    }
-                    Command::Close { deadline, reply } => {
-                        self.write(&mut pending, &inbox);
-                        let report = self.finish(&mut inbox, deadline);
-                        // Release the database before saying "closed": whoever opens it next
-                        // must not find our connection still there.
-                        drop(self);
-                        let _ = reply.send(report);
-                        return;
-                    }
-                    _ => {}
-                }
-            }
-            self.write(&mut pending, &inbox);
+            Ok(ids) => Err(Error::Io {
+                backend: NAME,
+                operation: format!("inserting into {}", self.path.display()),
+                reason: format!("inserted {} rows for {} events", ids.len(), rows.len()),
+                cause: None,
+            }),
+            Err(e) => match classify(&e) {
+                Some(reason) => Ok(vec![Verdict::Suspect(format!("SQLite refused the event: {reason}")); rows.len()]),
+                None => Err(self.error(&e)),
+            },
         }
     }
 
-    fn finish(&mut self, inbox: &mut Inbox, deadline: Instant) -> CloseReport {
-        inbox.close();
-        let mut undelivered = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
-        while let Some(cmd) = inbox.try_recv() {
-            if Instant::now() >= deadline {
-                for p in pending.drain(..) {
-                    p.give_up(self.config.delivery.close_timeout, &mut undelivered);
-                }
-                pipeline::drain_undelivered(inbox, self.config.delivery.close_timeout, &mut undelivered);
-                break;
-            }
-            match cmd {
-                Command::Publish(p) => {
-                    pending.push(p);
-                    if pending.len() >= self.config.batch_size {
-                        self.write(&mut pending, inbox);
-                    }
-                }
-                Command::Flush(tx) => {
-                    self.write(&mut pending, inbox);
-                    let _ = tx.send(());
-                }
-                Command::Close { reply, .. } => {
-                    let _ = reply.send(CloseReport::default());
-                }
-                _ => {}
-            }
-        }
-        self.write(&mut pending, inbox);
-        CloseReport::new(undelivered)
-    }
-
-    /// Commits `pending` as one transaction and settles each event. A failed transaction is
-    /// retried with backoff (a locked database) until the close deadline; what still fails is
-    /// tried one event at a time so a bad event fails alone.
-    fn write(&mut self, pending: &mut Vec<Pending>, inbox: &Inbox) {
-        if pending.is_empty() {
-            return;
-        }
-        let (ok, rejected) = rows_of(pending, self.config.max_event_bytes);
-        for p in rejected {
-            let len = p.json.len();
-            p.reject(NAME, format!("{len} bytes is over max_event_bytes {}", self.config.max_event_bytes.unwrap_or(0)));
-        }
-        if ok.is_empty() {
-            return;
-        }
-        let mut delay = Duration::from_millis(50);
-        let mut last_error = String::new();
-        for _ in 0..6 {
-            let rows: Vec<Row<'_>> = ok.iter().map(Row::of).collect();
-            match insert(&mut self.conn, &self.config.table, &rows) {
-                Ok(ids) if ids.len() == ok.len() => {
-                    self.ready.set(true);
-                    for (p, id) in ok.into_iter().zip(ids) {
-                        p.settle.delivered(Some(Position::Row(id)));
-                    }
-                    return;
-                }
-                Ok(ids) => last_error = format!("inserted {} rows for {} events", ids.len(), ok.len()),
-                Err(e) => last_error = e.to_string(),
-            }
-            if inbox.close_deadline().is_some_and(|d| Instant::now() + delay >= d) {
-                break;
-            }
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(self.config.retry_max_delay);
-        }
-        tracing::warn!("sqlite {}: batch failed ({last_error}); trying its events one by one", self.path.display());
-        for p in ok {
-            let row = [Row::of(&p)];
-            match insert(&mut self.conn, &self.config.table, &row) {
-                Ok(ids) => {
-                    let id = <[_]>::first(&ids).copied();
-                    p.settle.delivered(id.map(Position::Row));
-                }
-                Err(e) => {
-                    self.ready.set(false);
-                    let reason = e.to_string();
-                    p.settle.settle(Err(Error::Io {
-                        backend: NAME,
-                        operation: format!("inserting into {}", self.path.display()),
-                        reason,
-                        cause: None,
-                    }));
-                }
-            }
-        }
+    fn close(&mut self) {
+        // Release the database before the close is answered: whoever opens it next must not
+        // find our connection still there.
+        self.conn = None;
     }
 }
 

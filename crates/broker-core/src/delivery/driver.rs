@@ -466,7 +466,15 @@ impl<S: Sink> Driver<S> {
             Call::Done(Ok(v)) if v.len() == n => v,
             Call::Done(Ok(v)) => {
                 let why = format!("the sink returned {} verdicts for {n} events", v.len());
-                vec![Verdict::Retry(Error::Io { backend: self.backend, operation: "writing".into(), reason: why, cause: None }); n]
+                vec![
+                    Verdict::Retry(Error::Io {
+                        backend: self.backend,
+                        operation: "writing".into(),
+                        reason: why,
+                        cause: None
+                    });
+                    n
+                ]
             }
             Call::Done(Err(e)) => vec![Verdict::Retry(e); n],
             Call::TimedOut(d) => {
@@ -533,7 +541,12 @@ impl<S: Sink> Driver<S> {
 
     fn dead_error(&self) -> Error {
         let why = self.dead.clone().unwrap_or_default();
-        Error::Io { backend: self.backend, operation: "writing".into(), reason: format!("the writer panicked: {why}"), cause: None }
+        Error::Io {
+            backend: self.backend,
+            operation: "writing".into(),
+            reason: format!("the writer panicked: {why}"),
+            cause: None,
+        }
     }
 
     /// Fails every held event into the close report, in order: a timeout at the close deadline,
