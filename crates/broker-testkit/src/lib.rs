@@ -26,6 +26,8 @@
 //! # }
 //! ```
 
+pub mod faults;
+pub mod proxy;
 pub mod services;
 pub mod tls;
 

@@ -434,7 +434,7 @@ mod tests {
     }
 
     fn options(buffer_size: usize, when_full: WhenFull) -> DeliveryOptions {
-        DeliveryOptions { buffer_size, when_full, close_timeout: Duration::from_millis(200), ..Default::default() }
+        DeliveryOptions { buffer_size, when_full, close_timeout: Duration::from_millis(200) }
     }
 
     #[tokio::test]
