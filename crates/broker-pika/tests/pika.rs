@@ -169,15 +169,18 @@ async fn connection_failures_are_clear_and_quick() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_loses_nothing_and_is_reported_by_is_ready() {
     let Some(service) = broker_testkit::services::rabbitmq("an_outage_loses_nothing").await else { return };
-    let proxy = common::Proxy::start(&service.url).await;
-    let (config, q, x) = fresh_config(&proxy.url(&service.url), &[("retry_delay_in_seconds", ConfigValue::Float(0.5))]);
+    let proxy = common::proxy(&service.url).await;
+    let (config, q, x) = fresh_config(
+        &common::proxied_url(&proxy, &service.url),
+        &[("retry_delay_in_seconds", ConfigValue::Float(0.5))],
+    );
     let backend = PikaBackend::new(config);
     let broker = std::sync::Arc::new(backend.open().await.expect("connect"));
     let mut receipts = Vec::new();
     for seq in 0..500 {
         receipts.push(broker.publish(broker_testkit::user_event("outage", seq)).await.unwrap());
     }
-    proxy.cut().await;
+    proxy.refuse().await;
     for seq in 500..1000 {
         receipts.push(broker.publish(broker_testkit::user_event("outage", seq)).await.unwrap());
     }
@@ -206,9 +209,9 @@ async fn keep_unpublished_false_and_raise_on_failure() {
     let Some(service) = broker_testkit::services::rabbitmq("keep_unpublished_false_and_raise_on_failure").await else {
         return;
     };
-    let proxy = common::Proxy::start(&service.url).await;
+    let proxy = common::proxy(&service.url).await;
     let (config, q, x) = fresh_config(
-        &proxy.url(&service.url),
+        &common::proxied_url(&proxy, &service.url),
         &[
             ("should_keep_unpublished_messages", ConfigValue::Bool(false)),
             ("raise_on_failure", ConfigValue::Bool(true)),
@@ -217,7 +220,7 @@ async fn keep_unpublished_false_and_raise_on_failure() {
     );
     let broker = PikaBackend::new(config).open().await.expect("connect");
     broker.publish(broker_testkit::user_event("k", 0)).await.unwrap().await.expect("delivered while up");
-    proxy.cut().await;
+    proxy.refuse().await;
     let mut raised = false;
     for seq in 1..200 {
         match broker.publish(broker_testkit::user_event("k", seq)).await {
@@ -250,9 +253,9 @@ async fn keep_unpublished_false_and_raise_on_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_broker_is_detected_by_confirm_timeouts() {
     let Some(service) = broker_testkit::services::rabbitmq("a_stalled_broker_is_detected").await else { return };
-    let proxy = common::Proxy::start(&service.url).await;
+    let proxy = common::proxy(&service.url).await;
     let (config, q, x) = fresh_config(
-        &proxy.url(&service.url),
+        &common::proxied_url(&proxy, &service.url),
         &[
             ("confirm_timeout", ConfigValue::Float(0.5)),
             ("max_inflight", ConfigValue::Int(50)),
@@ -262,7 +265,7 @@ async fn a_stalled_broker_is_detected_by_confirm_timeouts() {
     );
     let broker = PikaBackend::new(config).open().await.expect("connect");
     broker.publish(broker_testkit::user_event("s", 0)).await.unwrap().await.expect("delivered");
-    proxy.stall();
+    proxy.black_hole();
     let (receipts, full) = common::publish_until_full(&broker, "s", 1000).await;
     assert!(full, "a bounded window and buffer push back");
     // Window (50) + buffer (100), plus the few whose confirms were already on the wire.
@@ -368,11 +371,12 @@ async fn the_consumer_acks_manually_within_a_prefetch_window() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_during_an_outage_reports_what_was_not_delivered() {
     let Some(service) = broker_testkit::services::rabbitmq("close_during_an_outage").await else { return };
-    let proxy = common::Proxy::start(&service.url).await;
-    let (config, q, x) = fresh_config(&proxy.url(&service.url), &[("close_timeout", ConfigValue::Float(1.0))]);
+    let proxy = common::proxy(&service.url).await;
+    let (config, q, x) =
+        fresh_config(&common::proxied_url(&proxy, &service.url), &[("close_timeout", ConfigValue::Float(1.0))]);
     let broker = PikaBackend::new(config).open().await.expect("connect");
     broker.publish(broker_testkit::user_event("z", 0)).await.unwrap().await.expect("delivered while up");
-    proxy.cut().await;
+    proxy.refuse().await;
     assert!(common::becomes_ready(&broker, false, Duration::from_secs(2)).await);
     let mut receipts = Vec::new();
     for seq in 1..=10 {
@@ -395,8 +399,8 @@ async fn close_during_an_outage_reports_what_was_not_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_from_a_closed_channel_ack_nothing() {
     let Some(service) = broker_testkit::services::rabbitmq("acks_from_a_closed_channel").await else { return };
-    let proxy = common::Proxy::start(&service.url).await;
-    let (config, q, x) = fresh_config(&proxy.url(&service.url), &[]);
+    let proxy = common::proxy(&service.url).await;
+    let (config, q, x) = fresh_config(&common::proxied_url(&proxy, &service.url), &[]);
     let backend = PikaBackend::new(config);
     let broker = backend.open().await.expect("connect");
     for seq in 0..2 {
@@ -409,7 +413,7 @@ async fn acks_from_a_closed_channel_ack_nothing() {
     let mut source = backend.source(&options).await.unwrap();
     let old = source.next().await.unwrap().unwrap();
     assert_eq!(old.position, Position::DeliveryTag(1));
-    proxy.cut().await;
+    proxy.refuse().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.restore();
     // The new channel delivers with tags from 1 again (event 1, or event 0 once RabbitMQ has

@@ -3,18 +3,13 @@
 //! stall the connection to the real RabbitMQ.
 #![allow(dead_code)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use amqprs::channel::{BasicGetArguments, Channel, ExchangeDeleteArguments, QueueDeleteArguments};
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use broker_core::{ConfigValue, Options};
 use broker_pika::PikaConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
+pub use broker_testkit::proxy::Proxy;
 
 /// A unique name for this test's queue or exchange.
 pub fn name(prefix: &str) -> String {
@@ -91,103 +86,16 @@ pub async fn cleanup(url: &str, queues: &[&str], exchanges: &[&str]) {
     let _ = connection.close().await;
 }
 
-/// A TCP proxy on 127.0.0.1 in front of the real RabbitMQ: `cut` closes every connection and
-/// refuses new ones until `restore`; `stall` stops moving bytes (a broker that stopped reading,
-/// as under a memory alarm) until `restore`.
-pub struct Proxy {
-    pub port: u16,
-    down: Arc<AtomicBool>,
-    stalled: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
+/// The shared loopback proxy (`broker_testkit::proxy`) in front of the real RabbitMQ of `url`.
+pub async fn proxy(url: &str) -> Proxy {
+    let t = config_with(url, &["unused"], "unused", &[]).target;
+    Proxy::start(&format!("{}:{}", t.host, t.port)).await.expect("start the proxy")
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        if let Ok(conns) = self.conns.try_lock() {
-            for c in conns.iter() {
-                c.abort();
-            }
-        }
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    stalled: Arc<AtomicBool>,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // Bounded by the connection: it ends when either side closes or the task is aborted.
-        while stalled.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
-impl Proxy {
-    /// A proxy to the RabbitMQ of `url`.
-    pub async fn start(url: &str) -> Proxy {
-        let t = config_with(url, &["unused"], "unused", &[]).target;
-        let upstream = format!("{}:{}", t.host, t.port);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
-        let port = listener.local_addr().expect("address").port();
-        let down = Arc::new(AtomicBool::new(false));
-        let stalled = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let accept = {
-            let (down, stalled, conns) = (down.clone(), stalled.clone(), conns.clone());
-            tokio::spawn(async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    if down.load(Ordering::Acquire) {
-                        drop(client);
-                        continue;
-                    }
-                    let Ok(server) = TcpStream::connect(&upstream).await else { continue };
-                    let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
-                    let mut conns = conns.lock().await;
-                    conns.push(tokio::spawn(pump(cr, sw, stalled.clone())));
-                    conns.push(tokio::spawn(pump(sr, cw, stalled.clone())));
-                }
-            })
-        };
-        Proxy { port, down, stalled, conns, accept }
-    }
-
-    /// The service URL with the proxy's port.
-    pub fn url(&self, url: &str) -> String {
-        let t = config_with(url, &["unused"], "unused", &[]).target;
-        format!("amqp://{}:{}@127.0.0.1:{}/%2f", t.username, t.password.expose(), self.port)
-    }
-
-    /// Closes every connection and refuses new ones.
-    pub async fn cut(&self) {
-        self.down.store(true, Ordering::Release);
-        for c in self.conns.lock().await.drain(..) {
-            c.abort();
-        }
-    }
-
-    /// Stops moving bytes in both directions.
-    pub fn stall(&self) {
-        self.stalled.store(true, Ordering::Release);
-    }
-
-    /// Accepts and forwards again.
-    pub fn restore(&self) {
-        self.down.store(false, Ordering::Release);
-        self.stalled.store(false, Ordering::Release);
-    }
+/// The service URL with the proxy's port.
+pub fn proxied_url(proxy: &Proxy, url: &str) -> String {
+    let t = config_with(url, &["unused"], "unused", &[]).target;
+    format!("amqp://{}:{}@127.0.0.1:{}/%2f", t.username, t.password.expose(), proxy.port())
 }
 
 /// What a consumer saw of events published as [`broker_testkit::user_event`]s.
