@@ -50,7 +50,7 @@ async fn appends_and_never_truncates() {
 async fn a_missing_directory_fails_at_start_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("no-such-dir").join("events.log");
-    let err = FileBackend::new(FileConfig::new(&path)).connect().await.err().expect("must fail");
+    let err = FileBackend::new(FileConfig::new(&path)).connect().await.expect_err("must fail");
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
     assert!(err.to_string().contains("no-such-dir"), "{err}");
 }
@@ -140,8 +140,8 @@ async fn a_full_disk_makes_events_wait_not_fail_and_close_reports_them() {
         eprintln!("SKIPPED: no /dev/full on this system");
         return;
     }
-    let mut delivery = broker_core::DeliveryOptions::default();
-    delivery.close_timeout = std::time::Duration::from_millis(500);
+    let delivery =
+        broker_core::DeliveryOptions { close_timeout: std::time::Duration::from_millis(500), ..Default::default() };
     let broker = FileBackend::new(FileConfig::new("/dev/full").delivery(delivery)).connect().await.unwrap();
     let events: Vec<_> = (0..5).map(|i| user_event("x", i)).collect();
     let mut receipts = Vec::new();

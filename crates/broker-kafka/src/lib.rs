@@ -36,6 +36,7 @@
 //! # }
 //! ```
 
+mod classify;
 mod config;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -221,7 +222,7 @@ impl ProducerContext for Reports {
             Err((e, m)) => (e, m),
         };
         let code = e.rdkafka_error_code();
-        if matches!(code, Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessage)) {
+        if classify::events_fault(code) {
             let event_id = tracked.settle.id().to_string();
             tracked.settle.settle(Err(Error::Rejected { backend: NAME, event_id, reason: e.to_string() }));
             return;
@@ -270,6 +271,16 @@ pub struct KafkaBroker {
     environment: Arc<str>,
     closed: Arc<AtomicBool>,
     seq: AtomicU64,
+    /// What the first close could not deliver, for a second close.
+    close_result: tokio::sync::Mutex<Option<Vec<Event>>>,
+}
+
+impl Drop for KafkaBroker {
+    /// Dropped without `close`: the supervisor stops, and the producer with its thread goes
+    /// with the last handle (librdkafka purges what it still holds).
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+    }
 }
 
 /// `RASA_ENVIRONMENT` as Rasa sends it.
@@ -419,6 +430,7 @@ impl KafkaBackend {
             environment: rasa_environment().into(),
             closed: Arc::new(AtomicBool::new(false)),
             seq: AtomicU64::new(0),
+            close_result: tokio::sync::Mutex::new(None),
         };
         // The supervisor that replaces the producer when a delivery report asks for it.
         let (producer, shared, config, environment, closed) = (
@@ -440,6 +452,8 @@ impl KafkaBackend {
                 let (p, s, c, e) = (producer.clone(), shared.clone(), config.clone(), environment.clone());
                 let _ = tokio::task::spawn_blocking(move || reset(&p, &s, &c, &e)).await;
             }
+            // Dropping a producer joins its thread and flushes: not on an async worker.
+            drop(tokio::task::spawn_blocking(move || drop(producer)));
         });
         Ok(broker)
     }
@@ -518,14 +532,25 @@ impl EventBroker for KafkaBroker {
                     // Back-pressure without blocking the caller's thread.
                     tokio::time::sleep(FULL_WAIT).await;
                 }
+                Err((e, back)) if classify::events_fault(e.rdkafka_error_code()) => {
+                    let reason = e.to_string();
+                    back.settle.settle(Err(Error::Rejected { backend: NAME, event_id: id_text.clone(), reason }));
+                    return Ok(receipt);
+                }
                 Err((e, back)) => {
-                    let error = match e.rdkafka_error_code() {
-                        Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
-                            Error::Rejected { backend: NAME, event_id: id_text.clone(), reason: e.to_string() }
-                        }
-                        _ => io_error(e),
+                    // Not the event's fault (a fatal idempotence error while a reset is pending,
+                    // an unknown error): it waits in the resend list, in publish order, and goes
+                    // through the new producer.
+                    tracing::warn!("kafka: {e}; the event waits for the new producer");
+                    let key = if self.config.partition_by_sender { sender.map(String::into_bytes) } else { None };
+                    let resend = Resend {
+                        payload: json,
+                        key,
+                        headers: Some(headers(&self.environment, &id_text, &options.headers)),
+                        tracked: back,
                     };
-                    back.settle.settle(Err(error));
+                    self.shared.resend.lock().unwrap_or_else(PoisonError::into_inner).push(resend);
+                    self.shared.reset_needed.store(true, Ordering::Release);
                     return Ok(receipt);
                 }
             }
@@ -568,9 +593,20 @@ impl EventBroker for KafkaBroker {
     }
 
     async fn close(&self) -> Result<CloseReport, Error> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(CloseReport::default());
+        let mut first = self.close_result.lock().await;
+        if let Some(done) = first.as_ref() {
+            // A second close says what the first could not deliver.
+            return Ok(CloseReport::new(done.clone()));
         }
+        let report = self.close_once().await?;
+        *first = Some(report.undelivered.clone());
+        Ok(report)
+    }
+}
+
+impl KafkaBroker {
+    async fn close_once(&self) -> Result<CloseReport, Error> {
+        self.closed.store(true, Ordering::Release);
         let deadline = self.config.delivery.close_timeout;
         if !matches!(tokio::time::timeout(deadline, self.flush()).await, Ok(Ok(()))) {
             // What is queued, in flight or waiting to go again at the deadline is handed back.

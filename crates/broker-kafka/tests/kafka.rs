@@ -106,8 +106,7 @@ async fn a_missing_topic_or_broker_fails_at_connect_saying_so() {
     let err = KafkaBackend::new(KafkaConfig::plaintext(&service.url, topic("missing")))
         .connect()
         .await
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert!(err.to_string().contains("does not exist"), "{err}");
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -117,8 +116,7 @@ async fn a_missing_topic_or_broker_fails_at_connect_saying_so() {
     let err = KafkaBackend::new(KafkaConfig::plaintext(format!("127.0.0.1:{port}"), "t"))
         .connect()
         .await
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert!(err.to_string().contains("cannot connect"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(15));
 }

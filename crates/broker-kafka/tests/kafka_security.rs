@@ -58,7 +58,7 @@ async fn scram_sha_512_login() {
 
     let mut wrong = scram("not-the-password");
     wrong.create_topic = None;
-    let err = KafkaBackend::new(wrong).connect().await.err().expect("a wrong password fails");
+    let err = KafkaBackend::new(wrong).connect().await.expect_err("a wrong password fails");
     let text = err.to_string();
     println!("wrong password: {text}");
     assert!(text.contains("cannot connect") && text.contains("SASL") && !text.contains("not-the-password"), "{text}");
@@ -94,7 +94,7 @@ async fn tls_through_stunnel_with_host_name_verification() {
 
     let mut wrong = tls(&ca.other_ca);
     wrong.create_topic = None;
-    let err = KafkaBackend::new(wrong).connect().await.err().expect("a wrong CA fails");
+    let err = KafkaBackend::new(wrong).connect().await.expect_err("a wrong CA fails");
     let text = err.to_string();
     println!("wrong CA: {text}");
     assert!(text.contains("cannot connect") && text.contains("certificate"), "{text}");

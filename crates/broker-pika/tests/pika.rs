@@ -151,7 +151,7 @@ async fn connection_failures_are_clear_and_quick() {
         &closed,
         &[("connection_attempts", ConfigValue::Int(1)), ("retry_delay_in_seconds", ConfigValue::Int(0))],
     );
-    let err = PikaBackend::new(config).connect().await.err().expect("a closed port fails");
+    let err = PikaBackend::new(config).connect().await.expect_err("a closed port fails");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && text.contains(&port.to_string()), "{text}");
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -159,7 +159,7 @@ async fn connection_failures_are_clear_and_quick() {
     let t = common::config_with(&service.url, &["q"], "x", &[]).target;
     let wrong = format!("amqp://{}:wrong-password-123@{}:{}/%2f", t.username, t.host, t.port);
     let (config, ..) = fresh_config(&wrong, &[("connection_attempts", ConfigValue::Int(1))]);
-    let err = PikaBackend::new(config).connect().await.err().expect("a wrong password fails");
+    let err = PikaBackend::new(config).connect().await.expect_err("a wrong password fails");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && !text.contains("wrong-password-123"), "{text}");
 }

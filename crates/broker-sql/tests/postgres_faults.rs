@@ -34,8 +34,7 @@ struct Postgres {
 
 impl Postgres {
     fn config(&self, url: &str, table: &str, options: &FaultOptions) -> SqlConfig {
-        let mut delivery = DeliveryOptions::default();
-        delivery.close_timeout = options.close_timeout;
+        let delivery = DeliveryOptions { close_timeout: options.close_timeout, ..Default::default() };
         SqlConfig::postgres_url(url)
             .table(TableName::new(table).unwrap())
             .pool_size(self.pool_size)

@@ -101,15 +101,13 @@ async fn a_wrong_ca_or_host_name_fails_clearly() {
     let err = backend("localhost", "verify-full", Some(other.to_str().unwrap()), &table)
         .connect()
         .await
-        .err()
-        .expect("wrong CA must fail");
+        .expect_err("wrong CA must fail");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && text.to_lowercase().contains("certificate"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // The certificate names `localhost`; 127.0.0.1 is not in it.
-    let err =
-        backend("127.0.0.1", "verify-full", Some(&ca), &table).connect().await.err().expect("wrong name must fail");
+    let err = backend("127.0.0.1", "verify-full", Some(&ca), &table).connect().await.expect_err("wrong name must fail");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && text.to_lowercase().contains("name"), "{text}");
 

@@ -154,7 +154,7 @@ async fn an_unreachable_postgres_fails_quickly_saying_so() {
     ])
     .unwrap();
     let started = std::time::Instant::now();
-    let err = c.backend.connect().await.err().expect("must fail");
+    let err = c.backend.connect().await.expect_err("must fail");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     let text = err.to_string();
     assert!(text.contains("cannot connect") && text.contains(&format!("127.0.0.1:{port}/boom")), "{text}");
