@@ -48,15 +48,25 @@ pub(crate) fn parse(text: &str, file: &Option<Arc<PathBuf>>) -> Result<Option<No
             }
         }
     }
-    let mut b = Builder { events, pos: 0, anchors: HashMap::new(), file: file.clone() };
+    let mut b = Builder { events, pos: 0, anchors: HashMap::new(), file: file.clone(), nodes: 0, depth: 0 };
     b.document()
 }
+
+/// The deepest nesting accepted: an endpoints file needs a handful of levels.
+pub(crate) const MAX_DEPTH: usize = 64;
+/// The most nodes a document may expand to, aliases included (a "billion laughs" file is
+/// refused at once instead of filling memory).
+pub(crate) const MAX_NODES: usize = 100_000;
 
 struct Builder<'a> {
     events: Vec<(Event<'a>, Span)>,
     pos: usize,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes and how many nodes each expands to.
+    anchors: HashMap<usize, (Node, usize)>,
     file: Option<Arc<PathBuf>>,
+    /// Nodes built so far, aliases counted at their full size.
+    nodes: usize,
+    depth: usize,
 }
 
 impl Builder<'_> {
@@ -77,6 +87,26 @@ impl Builder<'_> {
         })?;
         self.pos += 1;
         let at = location(&self.file, &span);
+        if self.depth >= MAX_DEPTH {
+            return Err(ConfigError::new(at, None, format!("the YAML is nested more than {MAX_DEPTH} levels deep")));
+        }
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(ConfigError::new(at, None, format!("the YAML expands to more than {MAX_NODES} nodes"))
+                .with_hint("aliases (*name) are expanded in full; an endpoints file needs far fewer"));
+        }
+        let before = self.nodes;
+        self.depth += 1;
+        let built = self.build(ev, at);
+        self.depth -= 1;
+        let (node, anchor) = built?;
+        if anchor > 0 {
+            self.anchors.insert(anchor, (node.clone(), self.nodes - before + 1));
+        }
+        Ok(node)
+    }
+
+    fn build(&mut self, ev: Event<'_>, at: Location) -> Result<(Node, usize), ConfigError> {
         let (node, anchor) = match ev {
             Event::Scalar(value, style, anchor, tag) => (
                 Node::Scalar {
@@ -112,18 +142,19 @@ impl Builder<'_> {
                 (Node::Map(entries, at), anchor)
             }
             Event::Alias(id) => {
-                return self
-                    .anchors
-                    .get(&id)
-                    .cloned()
-                    .ok_or_else(|| ConfigError::new(at, None, "alias to an unknown anchor"));
+                let Some((node, size)) = self.anchors.get(&id) else {
+                    return Err(ConfigError::new(at, None, "alias to an unknown anchor"));
+                };
+                self.nodes += size;
+                if self.nodes > MAX_NODES {
+                    return Err(ConfigError::new(at, None, format!("the YAML expands to more than {MAX_NODES} nodes"))
+                        .with_hint("aliases (*name) are expanded in full; an endpoints file needs far fewer"));
+                }
+                (node.clone(), 0)
             }
             other => return Err(ConfigError::new(at, None, format!("unexpected YAML event {other:?}"))),
         };
-        if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
-        }
-        Ok(node)
+        Ok((node, anchor))
     }
 }
 
@@ -185,7 +216,8 @@ fn interpolate(s: &str, at: &Location, env: &dyn Fn(&str) -> Option<String>) -> 
                 return Err(ConfigError::new(
                     at.clone(),
                     None,
-                    format!("environment variable `{name}` is not set (used in {s:?})"),
+                    // The value around it is not quoted: it may hold a secret (`amqp://user:secret@${HOST}`).
+                    format!("environment variable `{name}` is not set"),
                 )
                 .with_hint("set it, or quote the value to keep `${...}` literally"));
             }
@@ -249,5 +281,26 @@ mod tests {
         assert_eq!(interpolate("amqp://${U}@host:${P}/x", &at, &env).unwrap(), "amqp://bob@host:5672/x");
         let err = interpolate("db_${NOPE}_admin", &at, &env).unwrap_err();
         assert!(err.to_string().contains("`NOPE` is not set"), "{err}");
+        // Rasa's `amqp://user:secret@${HOST}`: the error names the variable, never the value.
+        let err = interpolate("amqp://user:s3cret@${NOPE}/", &at, &env).unwrap_err();
+        assert!(!err.to_string().contains("s3cret") && !format!("{err:?}").contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn hostile_yaml_fails_fast_and_clearly() {
+        let t0 = std::time::Instant::now();
+        // A "billion laughs": nine levels of ten aliases each.
+        let mut laughs = String::from("a0: &a0 [\"lol\"]\n");
+        for i in 1..10 {
+            let refs: Vec<String> = (0..10).map(|_| format!("*a{}", i - 1)).collect();
+            laughs.push_str(&format!("a{i}: &a{i} [{}]\n", refs.join(", ")));
+        }
+        let err = parse(&laughs, &None).unwrap_err();
+        assert!(err.to_string().contains("expands to more than"), "{err}");
+        // 100,000 nested sequences.
+        let deep = "- ".repeat(100_000) + "x\n";
+        let err = parse(&deep, &None).unwrap_err();
+        assert!(err.to_string().contains("nested more than"), "{err}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1), "took {:?}", t0.elapsed());
     }
 }

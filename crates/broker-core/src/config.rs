@@ -262,7 +262,7 @@ impl Options {
     pub fn take_u64(&mut self, key: &str) -> Result<Option<u64>, ConfigError> {
         let Some(v) = self.take_raw(key) else { return Ok(None) };
         match &v.value {
-            ConfigValue::Int(i) if *i >= 0 => Ok(Some(*i as u64)),
+            ConfigValue::Int(i) if *i >= 0 => Ok(u64::try_from(*i).ok()),
             ConfigValue::Str(s) if s.trim().parse::<u64>().is_ok() => Ok(s.trim().parse().ok()),
             _ => Err(self.wrong(key, &v, "a non-negative integer")),
         }
@@ -439,7 +439,7 @@ impl DeliveryOptions {
     /// Takes `buffer_size`, `when_full` and `close_timeout` from `options`.
     pub fn take(options: &mut Options) -> Result<DeliveryOptions, ConfigError> {
         let mut d = DeliveryOptions::default();
-        if let Some(n) = options.take_u64("buffer_size")? {
+        if let Some(n) = options.take_usize("buffer_size")? {
             if n == 0 || n > 10_000_000 {
                 return Err(ConfigError::new(
                     options.location("buffer_size"),
@@ -448,7 +448,7 @@ impl DeliveryOptions {
                 )
                 .with_hint("between 1 and 10000000 events"));
             }
-            d.buffer_size = n as usize;
+            d.buffer_size = n;
         }
         if let Some(p) = options.take_choice("when_full", &["block", "error"])? {
             d.when_full = if p == "block" { WhenFull::Block } else { WhenFull::Error };

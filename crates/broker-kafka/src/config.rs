@@ -63,8 +63,9 @@ impl std::fmt::Debug for Sasl {
     }
 }
 
-/// Settings of the Kafka backend.
-#[derive(Debug, Clone)]
+/// Settings of the Kafka backend. `Debug` shows the `librdkafka:` settings by name only: their
+/// values may be secrets (`sasl.password`, `ssl.key.password`).
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma-separated.
@@ -100,6 +101,30 @@ pub struct KafkaConfig {
     pub extra: Vec<(String, String)>,
     /// Buffer bound and policy, close deadline.
     pub delivery: DeliveryOptions,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<String> = self.extra.iter().map(|(k, _)| format!("{k}=***")).collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap", &self.bootstrap)
+            .field("topic", &self.topic)
+            .field("client_id", &self.client_id)
+            .field("partition_by_sender", &self.partition_by_sender)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl", &self.sasl)
+            .field("ssl_cafile", &self.ssl_cafile)
+            .field("ssl_certfile", &self.ssl_certfile)
+            .field("ssl_keyfile", &self.ssl_keyfile)
+            .field("ssl_check_hostname", &self.ssl_check_hostname)
+            .field("queue_size", &self.queue_size)
+            .field("create_topic", &self.create_topic)
+            .field("message_timeout", &self.message_timeout)
+            .field("max_event_bytes", &self.max_event_bytes)
+            .field("librdkafka", &extra)
+            .field("delivery", &self.delivery)
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -273,10 +298,21 @@ impl KafkaConfig {
             options.warn("ssl_cafile", format!("TLS files have no effect with security_protocol {protocol}"));
         }
         config.queue_size = options.take_u64("queue_size")?;
-        let partitions = options.take_u64("partitions")?;
-        let replication = options.take_u64("replication_factor")?;
+        let mut count = |key: &str| -> Result<Option<i32>, ConfigError> {
+            let at = options.location(key);
+            match options.take_u64(key)? {
+                None => Ok(None),
+                Some(n) => match i32::try_from(n) {
+                    Ok(n) if n >= 1 => Ok(Some(n)),
+                    _ => Err(ConfigError::new(at, Some(key), format!("{n} is out of range"))
+                        .with_hint("between 1 and 2147483647")),
+                },
+            }
+        };
+        let partitions = count("partitions")?;
+        let replication = count("replication_factor")?;
         if options.take_bool("create_topic")?.unwrap_or(false) {
-            config.create_topic = Some((partitions.unwrap_or(1) as i32, replication.unwrap_or(1) as i32));
+            config.create_topic = Some((partitions.unwrap_or(1), replication.unwrap_or(1)));
         } else if partitions.is_some() || replication.is_some() {
             options.warn("partitions", "`partitions`/`replication_factor` only apply with `create_topic: true`");
         }
@@ -296,6 +332,22 @@ impl KafkaConfig {
                     ConfigValue::Bool(b) => b.to_string(),
                     _ => return Err(ConfigError::new(v.at, Some("librdkafka"), format!("`{k}` must be a scalar"))),
                 };
+                // librdkafka checks the name and the value without connecting; its message names
+                // the property, and the value is left out (it may be a secret).
+                let mut probe = rdkafka::ClientConfig::new();
+                probe.set(&k, &value);
+                if let Err(e) = probe.create_native_config() {
+                    // librdkafka's text quotes the value: masked, it may be a secret.
+                    let why = match e {
+                        rdkafka::error::KafkaError::ClientConfig(_, desc, _, _) if !value.is_empty() => {
+                            desc.replace(&value, "***")
+                        }
+                        rdkafka::error::KafkaError::ClientConfig(_, desc, _, _) => desc,
+                        _ => "librdkafka refuses it".to_owned(),
+                    };
+                    return Err(ConfigError::new(v.at, Some("librdkafka"), format!("`{k}`: {why}"))
+                        .with_hint("a librdkafka property (CONFIGURATION.md) and a valid value for it"));
+                }
                 config.extra.push((k, value));
             }
         }
@@ -366,5 +418,51 @@ impl KafkaConfig {
     /// Whether a full queue blocks (`when_full: block`).
     pub(crate) fn blocks_when_full(&self) -> bool {
         self.delivery.when_full == WhenFull::Block
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use broker_core::{ConfigValue, Spanned};
+
+    fn with_librdkafka(entries: Vec<(&str, &str)>) -> Options {
+        let map = entries
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Spanned { value: ConfigValue::Str(v.into()), at: Default::default() }))
+            .collect();
+        Options::from_pairs([
+            ("url", ConfigValue::Str("127.0.0.1:9092".into())),
+            ("security_protocol", ConfigValue::Str("PLAINTEXT".into())),
+            ("librdkafka", ConfigValue::Map(map)),
+        ])
+    }
+
+    #[test]
+    fn debug_never_shows_librdkafka_values() {
+        let (config, _) = KafkaConfig::from_options(with_librdkafka(vec![("sasl.password", "hunter2")])).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("sasl.password"), "{shown}");
+    }
+
+    #[test]
+    fn librdkafka_settings_are_checked_at_configuration_time() {
+        let err = KafkaConfig::from_options(with_librdkafka(vec![("no.such.property", "1")])).unwrap_err();
+        assert!(err.to_string().contains("no.such.property"), "{err}");
+        let err = KafkaConfig::from_options(with_librdkafka(vec![("linger.ms", "hunter2")])).unwrap_err();
+        assert!(err.to_string().contains("linger.ms") && !err.to_string().contains("hunter2"), "{err}");
+        assert!(KafkaConfig::from_options(with_librdkafka(vec![("linger.ms", "5")])).is_ok());
+    }
+
+    #[test]
+    fn partition_counts_out_of_range_are_errors_not_casts() {
+        let options = Options::from_pairs([
+            ("url", ConfigValue::Str("127.0.0.1:9092".into())),
+            ("security_protocol", ConfigValue::Str("PLAINTEXT".into())),
+            ("create_topic", ConfigValue::Bool(true)),
+            ("partitions", ConfigValue::Int(4_294_967_297)),
+        ]);
+        let err = KafkaConfig::from_options(options).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
     }
 }

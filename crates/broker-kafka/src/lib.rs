@@ -668,7 +668,8 @@ impl KafkaSource {
                 for t in metadata.topics().iter().filter(|t| t.name() == config.topic) {
                     for p in t.partitions() {
                         let offset = match options.start {
-                            StartFrom::Offset(o) => Offset::Offset(o as i64),
+                            // Past every offset Kafka can hold: the end.
+                            StartFrom::Offset(o) => i64::try_from(o).map_or(Offset::End, Offset::Offset),
                             _ => Offset::Beginning,
                         };
                         tpl.add_partition_offset(&config.topic, p.id(), offset)
@@ -711,7 +712,12 @@ impl EventSource for KafkaSource {
                                     Some(id) => event.with_id(id),
                                     None => event,
                                 };
-                                Ok(Some(Received::new(event, payload, position, Some(offset as u64 + 1))))
+                                Ok(Some(Received::new(
+                                    event,
+                                    payload,
+                                    position,
+                                    u64::try_from(offset.saturating_add(1)).ok(),
+                                )))
                             }
                             Err(e) => {
                                 // Skip past it for the group too: a bad message must not stop us.

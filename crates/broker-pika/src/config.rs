@@ -277,7 +277,7 @@ impl PikaConfig {
                     "must be at least 1",
                 ));
             }
-            config.connection_attempts = n.min(u32::MAX as u64) as u32;
+            config.connection_attempts = u32::try_from(n).unwrap_or(u32::MAX);
         }
         if let Some(d) = options.take_seconds("retry_delay_in_seconds")? {
             config.retry_delay = d;
@@ -288,8 +288,8 @@ impl PikaConfig {
         if let Some(b) = options.take_bool("raise_on_failure")? {
             config.raise_on_failure = b;
         }
-        if let Some(n) = options.take_u64("max_inflight")? {
-            if n == 0 || n as usize > MAX_INFLIGHT_LIMIT {
+        if let Some(n) = options.take_usize("max_inflight")? {
+            if n == 0 || n > MAX_INFLIGHT_LIMIT {
                 return Err(ConfigError::new(
                     options.location("max_inflight"),
                     Some("max_inflight"),
@@ -297,7 +297,7 @@ impl PikaConfig {
                 )
                 .with_hint(format!("between 1 and {MAX_INFLIGHT_LIMIT}")));
             }
-            config.max_inflight = n as usize;
+            config.max_inflight = n;
         }
         if let Some(t) = options.take_seconds("confirm_timeout")? {
             config.confirm_timeout = t.max(Duration::from_millis(100));
@@ -313,6 +313,36 @@ impl PikaConfig {
         config.delivery = DeliveryOptions::take(&mut options)?;
         let warnings = options.finish(NAME, PikaConfig::KEYS)?;
         Ok((config, warnings))
+    }
+
+    /// Checks what AMQP limits to 255 bytes (names of the exchange, queues, virtual host, user,
+    /// headers, the app id), for a configuration built with the builder methods rather than read
+    /// by [`PikaConfig::from_options`] (which checks them with file and line). Called by
+    /// `connect`, so an over-long name is an error, never a panic inside amqprs.
+    pub fn validate(&self) -> Result<(), broker_core::Error> {
+        let too_long = |what: &str, name: &str| {
+            broker_core::Error::Config(ConfigError::new(
+                broker_core::Location::default(),
+                Some(what),
+                format!("{what} is {} bytes; AMQP allows 1 to 255", name.len()),
+            ))
+        };
+        let check = |what: &str, name: &str, empty_ok: bool| {
+            if name.len() > 255 || (!empty_ok && name.is_empty()) { Err(too_long(what, name)) } else { Ok(()) }
+        };
+        check("exchange", &self.exchange, true)?;
+        for q in &self.queues {
+            check("queue", q, false)?;
+        }
+        check("virtual host", &self.target.vhost, true)?;
+        check("username", &self.target.username, true)?;
+        for (k, _) in &self.headers {
+            check("header name", k, false)?;
+        }
+        if let Some(app) = &self.app_id {
+            check("RASA_ENVIRONMENT (app_id)", app, true)?;
+        }
+        Ok(())
     }
 
     /// Adds a header to every message of this broker.
@@ -518,6 +548,23 @@ fn parse_url(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_builder_api_refuses_names_amqp_cannot_carry() {
+        let ok = PikaConfig::new("localhost", 5672, "guest", "guest", vec!["q".into()]);
+        assert!(ok.validate().is_ok());
+        let long = "x".repeat(256);
+        let bad = [
+            PikaConfig::new("localhost", 5672, "guest", "guest", vec![long.clone()]),
+            PikaConfig::new("localhost", 5672, "guest", "guest", vec!["q".into()]).exchange(long.clone()),
+            PikaConfig::new("localhost", 5672, "guest", "guest", vec!["q".into()]).header(long.clone(), "v"),
+            PikaConfig::new("localhost", 5672, &long, "guest", vec!["q".into()]),
+        ];
+        for config in bad {
+            let err = config.validate().expect_err("over 255 bytes");
+            assert!(err.to_string().contains("AMQP allows 1 to 255"), "{err}");
+        }
+    }
     use broker_core::ConfigValue;
 
     fn options(pairs: &[(&str, &str)]) -> Options {

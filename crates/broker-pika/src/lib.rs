@@ -74,6 +74,7 @@ impl PikaBackend {
     /// Connects (Rasa's `connection_attempts` × `retry_delay_in_seconds`), declares the topology
     /// and starts the writer; the typed broker, for [`PikaBroker::publish_with_headers`].
     pub async fn open(&self) -> Result<PikaBroker, Error> {
+        self.config.validate()?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (link, link_id) = writer::first_link(&self.config, &tx).await?;
         let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
@@ -124,6 +125,7 @@ impl Backend for PikaBackend {
 
     /// Reads the first configured queue.
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
+        self.config.validate()?;
         let queue = self.config.queues.first().cloned().unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
         Ok(Box::new(PikaSource::open(self.config.clone(), queue, options.clone()).await?))
     }

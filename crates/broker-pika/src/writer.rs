@@ -412,6 +412,14 @@ impl Writer {
         if q.pending.json.len() as u64 > self.max_bytes {
             return self.reject_oversize(q.pending);
         }
+        if let Some((k, _)) = q.pending.headers.iter().find(|(k, _)| k.is_empty() || k.len() > 255) {
+            let reason = format!(
+                "the header name {:?}... is {} bytes; AMQP allows 1 to 255",
+                k.chars().take(16).collect::<String>(),
+                k.len()
+            );
+            return q.pending.reject(NAME, reason);
+        }
         let Some(link) = &self.link else {
             self.queue.push_front(q);
             return;

@@ -101,12 +101,13 @@ pub(crate) fn redact_url(url: &str) -> String {
     };
     let Some(scheme_end) = url.find("://") else { return url.to_owned() };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
+    // The user info ends at the last `@`: a password may hold `/`, `?` or `#` unescaped, so the
+    // authority's usual end cannot be trusted before it (an `@` later in the URL only hides more).
+    match rest.rfind('@') {
         Some(at) => {
-            let userinfo = &authority[..at];
+            let userinfo = &rest[..at];
             let user = userinfo.split(':').next().unwrap_or("");
+            let user = if user.contains(['/', '?', '#']) { "***" } else { user };
             let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
             format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
         }
@@ -317,7 +318,26 @@ impl SqlConfig {
                 }
                 match url {
                     Some(u) if u.contains("://") => {
+                        // Checked now, not at connect; the message never quotes the URL (it may
+                        // hold a password).
+                        if let Err(e) = u.parse::<tokio_postgres::Config>() {
+                            return Err(ConfigError::new(
+                                url_at,
+                                Some("url"),
+                                format!("not a valid PostgreSQL URL: {e}"),
+                            )
+                            .with_hint("postgresql://user:password@host:port/db (percent-encode special characters)"));
+                        }
                         target.url = Some(Secret::new(u));
+                    }
+                    Some(u) if u.contains('@') => {
+                        // `user:secret@db`: credentials in a bare host. Said without the value.
+                        return Err(ConfigError::new(
+                            url_at,
+                            Some("url"),
+                            "a host with user info (`user@host`) is not a host",
+                        )
+                        .with_hint("set `username` and `password`, or give a full postgresql:// URL"));
                     }
                     Some(u) => {
                         // `host` or `host:port`; a port here wins over `port`.
@@ -325,11 +345,8 @@ impl SqlConfig {
                             Some((h, p)) if !h.is_empty() && !h.contains(':') => {
                                 target.host = h.to_owned();
                                 target.port = p.parse().map_err(|_| {
-                                    ConfigError::new(
-                                        url_at.clone(),
-                                        Some("url"),
-                                        format!("{p:?} in {u:?} is not a port"),
-                                    )
+                                    ConfigError::new(url_at.clone(), Some("url"), format!("{p:?} is not a port"))
+                                        .with_hint("host or host:port, with a port from 1 to 65535")
                                 })?;
                             }
                             _ => target.host = u,
@@ -347,7 +364,7 @@ impl SqlConfig {
                     .with_hint("letters, digits and _, starting with a letter or _")
             })?;
         }
-        if let Some(n) = options.take_u64("batch_size")? {
+        if let Some(n) = options.take_usize("batch_size")? {
             if n == 0 || n > 100_000 {
                 return Err(ConfigError::new(
                     options.location("batch_size"),
@@ -356,9 +373,9 @@ impl SqlConfig {
                 )
                 .with_hint("between 1 and 100000"));
             }
-            config.batch_size = n as usize;
+            config.batch_size = n;
         }
-        if let Some(n) = options.take_u64("pool_size")? {
+        if let Some(n) = options.take_usize("pool_size")? {
             if n == 0 || n > 64 {
                 return Err(ConfigError::new(
                     options.location("pool_size"),
@@ -370,7 +387,7 @@ impl SqlConfig {
             if matches!(config.database, Database::Sqlite { .. }) && n > 1 {
                 options.warn("pool_size", "SQLite has one writer at a time; `pool_size` is ignored");
             } else {
-                config.pool_size = n as usize;
+                config.pool_size = n;
             }
         }
         config.max_event_bytes = options.take_usize("max_event_bytes")?;
@@ -437,5 +454,20 @@ mod tests {
         assert_eq!(redact_url("postgres://bob:secret@db:5432/x"), "postgres://bob:***@db:5432/x");
         assert_eq!(redact_url("postgres://bob@db/x"), "postgres://bob@db/x");
         assert_eq!(redact_url("postgres://db/x?password=1&a=b"), "postgres://db/x?password=***&a=b");
+        // Configuration errors never echo a secret written where it does not belong.
+        for url in ["bob:hunter2@db", "postgresql://bob:hunter2@db:notaport/x"] {
+            let options = Options::from_pairs([
+                ("dialect", broker_core::ConfigValue::Str("postgresql".into())),
+                ("url", broker_core::ConfigValue::Str(url.into())),
+            ]);
+            let err = SqlConfig::from_options(options).expect_err(url);
+            assert!(!err.to_string().contains("hunter2") && !format!("{err:?}").contains("hunter2"), "{url}: {err}");
+        }
+        // A password holding `/` or `?` (not percent-encoded) is still hidden.
+        for url in ["postgres://bob:se/cret@db/x", "postgres://bob:se?cret@db/x", "postgres://bob:a@b/c?d@db:5432/x"] {
+            let shown = redact_url(url);
+            assert!(!shown.contains("cret") && !shown.contains("a@b/c"), "{url} -> {shown}");
+            assert!(shown.starts_with("postgres://bob:***@"), "{url} -> {shown}");
+        }
     }
 }

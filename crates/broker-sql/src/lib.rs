@@ -101,7 +101,7 @@ impl EventRow {
         };
         let raw = data.into_bytes();
         match Event::from_json(&raw) {
-            Ok(event) => Ok(Received::new(event, raw, position, Some(self.id as u64))),
+            Ok(event) => Ok(Received::new(event, raw, position, u64::try_from(self.id).ok())),
             Err(e) => Err(Error::Malformed { position, reason: e.to_string() }),
         }
     }
@@ -305,7 +305,8 @@ impl Backend for SqlBackend {
                     let mut conn = sqlite::open(&path, &table)?;
                     let cursor = match start {
                         StartFrom::Beginning => 0,
-                        StartFrom::Offset(id) => id as i64,
+                        // Past every id a table can hold: the end.
+                        StartFrom::Offset(id) => i64::try_from(id).unwrap_or(i64::MAX),
                         _ => sqlite::SqliteSource::max_id(&mut conn, &table)?,
                     };
                     Ok((conn, cursor))

@@ -407,7 +407,7 @@ impl PgSource {
             .map_err(|e| cannot_connect(target, format!("creating the table: {e}")))?;
         let cursor = match start {
             broker_core::StartFrom::Beginning => 0,
-            broker_core::StartFrom::Offset(id) => *id as i64,
+            broker_core::StartFrom::Offset(id) => i64::try_from(*id).unwrap_or(i64::MAX),
             _ => max_id(&mut conn, &config.table).await.map_err(|e| cannot_connect(target, e))?,
         };
         Ok(PgSource { conn, table: config.table.clone(), cursor, follow, buffered: VecDeque::new(), gap: None })

@@ -57,6 +57,9 @@ impl FaultTarget for Postgres {
     fn name(&self) -> String {
         format!("sql postgresql (pool_size {})", self.pool_size)
     }
+    fn exactly_once(&self) -> bool {
+        true
+    }
     async fn fresh(&self, options: &FaultOptions) -> Faulty {
         let table = format!("faults_{}", broker_testkit::services::unique_suffix());
         self.tables.lock().unwrap().push(table.clone());

@@ -49,6 +49,9 @@ impl FaultTarget for Memory {
     fn name(&self) -> String {
         "memory".into()
     }
+    fn exactly_once(&self) -> bool {
+        true
+    }
     async fn fresh(&self, options: &FaultOptions) -> Faulty {
         let delivery = DeliveryOptions { close_timeout: options.close_timeout, ..Default::default() };
         let backend = MemoryBackend::new().with_delivery(delivery).with_attempt_timeout(options.attempt_timeout);

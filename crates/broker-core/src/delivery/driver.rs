@@ -199,6 +199,9 @@ struct Driver<S> {
     /// Set after a failed attempt: the sink recovers before the next one, not before `retry_at`.
     failure: Option<Failure>,
     retry_at: Option<Instant>,
+    /// After a failure, the next attempt writes exactly the events that failed (a sink may check
+    /// whether an attempt whose outcome was lost committed after all: it must see the same batch).
+    retry_len: Option<usize>,
     /// The deadline of a close nobody asked for (every broker handle dropped).
     implicit_deadline: Option<Instant>,
     /// Why the sink is dead (it panicked).
@@ -229,6 +232,7 @@ impl<S: Sink> Driver<S> {
             backoff,
             failure: None,
             retry_at: None,
+            retry_len: None,
             implicit_deadline: None,
             dead: None,
             undelivered: Vec::new(),
@@ -446,7 +450,10 @@ impl<S: Sink> Driver<S> {
         match self.held.front() {
             None => 0,
             Some(h) if h.alone => 1,
-            Some(_) => self.held.iter().take(self.options.batch_size).take_while(|h| !h.alone).count(),
+            Some(_) => {
+                let max = self.retry_len.unwrap_or(self.options.batch_size).min(self.options.batch_size);
+                self.held.iter().take(max).take_while(|h| !h.alone).count()
+            }
         }
     }
 
@@ -479,6 +486,7 @@ impl<S: Sink> Driver<S> {
             Call::Done(Err(e)) => vec![Verdict::Retry(e); n],
             Call::TimedOut(d) => {
                 self.put_back(records, held);
+                self.retry_len = Some(n);
                 self.failed(Failure::TimedOut(d));
                 return false;
             }
@@ -506,10 +514,15 @@ impl<S: Sink> Driver<S> {
             }
         }
         let (records, held): (Vec<Record>, Vec<Held>) = again.into_iter().unzip();
+        let requeued = records.len();
         self.put_back(records, held);
         match retry_error {
-            Some(e) => self.failed(Failure::Failed(e)),
+            Some(e) => {
+                self.retry_len = Some(requeued);
+                self.failed(Failure::Failed(e));
+            }
             None => {
+                self.retry_len = None;
                 self.ready.set(true);
                 self.backoff.reset();
             }
