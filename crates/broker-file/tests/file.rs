@@ -179,3 +179,60 @@ fn options_are_validated_with_hints() {
     let err = FileFactory.configure(opts).unwrap_err();
     assert!(err.to_string().contains("allowed: never, batch, interval"), "{err}");
 }
+
+/// A real full disk, then room again: a 256 KiB tmpfs filled up by another file. Writes fail
+/// with ENOSPC (a partial one is cut back), the events wait and `is_ready()` is false; once the
+/// other file is deleted every event lands, in order, each once, none rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_then_room_again_delivers_everything_in_order() {
+    const TEST: &str = "a_full_disk_then_room_again_delivers_everything_in_order";
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        broker_testkit::services::skip(TEST, "cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path().to_owned());
+    let filler_path = dir.path().join("filler");
+    let mut filler = std::fs::File::create(&filler_path).unwrap();
+    use std::io::Write;
+    for _ in 0..1000 {
+        if filler.write_all(&[b'x'; 1024]).is_err() {
+            break;
+        }
+    }
+    drop(filler);
+    let path = dir.path().join("rasa_event.log");
+    let broker = FileBackend::new(FileConfig::new(&path)).connect().await.unwrap();
+    let events: Vec<_> = (0..200).map(|i| user_event("disk", i)).collect();
+    let mut receipts = Vec::new();
+    for e in events.clone() {
+        receipts.push(broker.publish(e).await.unwrap());
+    }
+    let t0 = std::time::Instant::now();
+    while broker.is_ready().await {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "still ready on a full disk");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    std::fs::remove_file(&filler_path).unwrap();
+    for (i, r) in receipts.into_iter().enumerate() {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), r).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("event {i} failed on a full disk instead of waiting: {e}"),
+            Err(_) => panic!("event {i} not delivered 30 s after room came back"),
+        }
+    }
+    assert!(broker.close().await.unwrap().is_clean());
+    let want: Vec<u8> = events.iter().flat_map(|e| [e.to_json(), b"\n".to_vec()].concat()).collect();
+    assert_eq!(std::fs::read(&path).unwrap(), want, "every event once, in order, no torn line");
+}

@@ -160,3 +160,53 @@ async fn an_unreachable_postgres_fails_quickly_saying_so() {
     assert!(text.contains("cannot connect") && text.contains(&format!("127.0.0.1:{port}/boom")), "{text}");
     assert!(!text.contains("pw"), "{text}");
 }
+
+/// A lock held for 40 s by another connection (`BEGIN EXCLUSIVE`): the events wait (SQLITE_BUSY
+/// is the database's state, not theirs), `is_ready()` is false meanwhile, and once the lock goes
+/// every event is committed, in order, each once. (Before the shared driver, some failed after
+/// ~33 s while later ones committed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_for_40_seconds_makes_events_wait_not_fail() {
+    use diesel::Connection;
+    use diesel::connection::SimpleConnection;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("events.db");
+    let broker = SqlBackend::new(SqlConfig::sqlite(&db)).connect().await.unwrap();
+    broker.publish(broker_testkit::user_event("lock", 0)).await.unwrap().await.expect("delivered before the lock");
+    let url = db.to_string_lossy().into_owned();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let mut conn = diesel::sqlite::SqliteConnection::establish(&url).unwrap();
+        conn.batch_execute("BEGIN EXCLUSIVE").unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_secs(40));
+        conn.batch_execute("COMMIT").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let mut receipts = Vec::new();
+    for seq in 1..=100 {
+        receipts.push(broker.publish(broker_testkit::user_event("lock", seq)).await.unwrap());
+    }
+    let t0 = std::time::Instant::now();
+    while broker.is_ready().await {
+        assert!(t0.elapsed() < Duration::from_secs(20), "still ready while the database is locked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    holder.join().unwrap();
+    for (i, r) in receipts.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(30), r).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("event {} failed behind a lock instead of waiting: {e}", i + 1),
+            Err(_) => panic!("event {} not committed 30 s after the lock went", i + 1),
+        }
+    }
+    assert!(broker.close().await.unwrap().is_clean());
+    let backend = SqlBackend::new(SqlConfig::sqlite(&db));
+    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning).follow(false)).await.unwrap();
+    let mut seqs = Vec::new();
+    while let Some(r) = source.next().await.unwrap() {
+        seqs.push(broker_testkit::seq_of(&r.event).unwrap());
+    }
+    assert_eq!(seqs, (0..=100).collect::<Vec<_>>(), "each event once, in order");
+}
