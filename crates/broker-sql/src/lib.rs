@@ -289,6 +289,8 @@ impl Backend for SqlBackend {
                     for _ in 0..config.pool_size {
                         sinks.push(postgres::start_sink(target.clone(), config.clone()).await?);
                     }
+                    // Each connection commits up to `batch_size` rows of every batch.
+                    let options = options.batch_size(config.batch_size * config.pool_size);
                     delivery::start(NAME, PoolSink { sinks }, delivery, options)
                 }
             }

@@ -145,6 +145,72 @@ struct Held {
     alone: bool,
 }
 
+/// The events accepted and not settled yet, in publish order (records and receipts side by side),
+/// and the flush markers waiting behind them. Apart from the sink, so the driver can take new
+/// events while the sink writes.
+struct Window {
+    backend: &'static str,
+    batch_size: usize,
+    max_event_bytes: Option<usize>,
+    records: VecDeque<Record>,
+    held: VecDeque<Held>,
+    flushes: VecDeque<(u64, oneshot::Sender<()>)>,
+    next_seq: u64,
+}
+
+impl Window {
+    /// Takes queued commands until one batch waits beyond `in_flight` events being written.
+    fn take_beyond(&mut self, inbox: &mut Inbox, in_flight: usize) {
+        let room = (self.batch_size + in_flight).saturating_sub(self.held.len());
+        if room == 0 {
+            return;
+        }
+        let mut cmds = Vec::with_capacity(room.min(4096));
+        inbox.try_recv_batch(&mut cmds, room);
+        for cmd in cmds {
+            self.on_command(cmd);
+        }
+    }
+
+    fn take(&mut self, inbox: &mut Inbox) {
+        self.take_beyond(inbox, 0);
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Publish(p) => self.accept(p),
+            Command::Flush(tx) => {
+                if self.held.is_empty() {
+                    let _ = tx.send(());
+                } else {
+                    self.flushes.push_back((self.next_seq, tx));
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, p: Pending) {
+        if let Some(max) = self.max_event_bytes.filter(|m| p.json.len() > *m) {
+            let len = p.json.len();
+            p.reject(self.backend, format!("{len} bytes is over max_event_bytes {max}"));
+            return;
+        }
+        let Pending { id, json, sender_id, headers, settle } = p;
+        self.records.push_back(Record { id, json, sender_id, headers });
+        self.held.push_back(Held { seq: self.next_seq, settle, alone: false });
+        self.next_seq += 1;
+    }
+
+    fn answer_flushes(&mut self) {
+        let low = self.held.front().map_or(self.next_seq, |h| h.seq);
+        while self.flushes.front().is_some_and(|(barrier, _)| *barrier <= low) {
+            if let Some((_, tx)) = self.flushes.pop_front() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
 enum Call<T> {
     Done(T),
     TimedOut(Duration),
@@ -190,11 +256,8 @@ struct Driver<S> {
     ready: Readiness,
     options: DriverOptions,
     close_timeout: Duration,
-    /// Accepted events not settled yet, in publish order (records and receipts side by side).
-    records: VecDeque<Record>,
-    held: VecDeque<Held>,
-    flushes: VecDeque<(u64, oneshot::Sender<()>)>,
-    next_seq: u64,
+    /// Accepted events not settled yet, and flush markers.
+    w: Window,
     backoff: Backoff,
     /// Set after a failed attempt: the sink recovers before the next one, not before `retry_at`.
     failure: Option<Failure>,
@@ -225,10 +288,15 @@ impl<S: Sink> Driver<S> {
             inbox,
             ready,
             close_timeout,
-            records: VecDeque::new(),
-            held: VecDeque::new(),
-            flushes: VecDeque::new(),
-            next_seq: 0,
+            w: Window {
+                backend,
+                batch_size: options.batch_size,
+                max_event_bytes: options.max_event_bytes,
+                records: VecDeque::new(),
+                held: VecDeque::new(),
+                flushes: VecDeque::new(),
+                next_seq: 0,
+            },
             backoff,
             failure: None,
             retry_at: None,
@@ -265,7 +333,7 @@ impl<S: Sink> Driver<S> {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return self.finish().await;
             }
-            if self.records.is_empty() {
+            if self.w.records.is_empty() {
                 if deadline.is_some() && self.inbox.is_finished() {
                     return self.finish().await;
                 }
@@ -290,7 +358,10 @@ impl<S: Sink> Driver<S> {
             }
             let partial = self.attempt(deadline).await;
             self.answer_flushes();
-            if partial && self.failure.is_none() && !self.options.linger.is_zero() && deadline.is_none() {
+            // A busy stream (events arrived while the batch was written) lingers so the next batch
+            // is a full one; a caller awaiting each receipt sends nothing meanwhile and never waits.
+            let busy = self.inbox.queued() > 0;
+            if partial && busy && self.failure.is_none() && !self.options.linger.is_zero() && deadline.is_none() {
                 self.linger().await;
             }
         }
@@ -298,52 +369,18 @@ impl<S: Sink> Driver<S> {
 
     /// Moves queued commands into the held window, up to one batch.
     fn take_queued(&mut self) {
-        let mut cmds = Vec::new();
-        let room = self.options.batch_size.saturating_sub(self.records.len());
-        if room == 0 {
-            return;
-        }
-        self.inbox.try_recv_batch(&mut cmds, room);
-        for cmd in cmds {
-            self.on_command(cmd);
-        }
+        self.w.take(&mut self.inbox);
         if self.inbox.is_finished() && self.inbox.close_requested().is_none() && self.implicit_deadline.is_none() {
             self.implicit_deadline = Some(Instant::now() + self.close_timeout);
         }
     }
 
     fn on_command(&mut self, cmd: Command) {
-        match cmd {
-            Command::Publish(p) => self.accept(p),
-            Command::Flush(tx) => {
-                if self.held.is_empty() {
-                    let _ = tx.send(());
-                } else {
-                    self.flushes.push_back((self.next_seq, tx));
-                }
-            }
-        }
-    }
-
-    fn accept(&mut self, p: Pending) {
-        if let Some(max) = self.options.max_event_bytes.filter(|m| p.json.len() > *m) {
-            let len = p.json.len();
-            p.reject(self.backend, format!("{len} bytes is over max_event_bytes {max}"));
-            return;
-        }
-        let Pending { id, json, sender_id, headers, settle } = p;
-        self.records.push_back(Record { id, json, sender_id, headers });
-        self.held.push_back(Held { seq: self.next_seq, settle, alone: false });
-        self.next_seq += 1;
+        self.w.on_command(cmd);
     }
 
     fn answer_flushes(&mut self) {
-        let low = self.held.front().map_or(self.next_seq, |h| h.seq);
-        while self.flushes.front().is_some_and(|(barrier, _)| *barrier <= low) {
-            if let Some((_, tx)) = self.flushes.pop_front() {
-                let _ = tx.send(());
-            }
-        }
+        self.w.answer_flushes();
     }
 
     /// Nothing held: waits for commands, a close, or the idle ping.
@@ -402,12 +439,11 @@ impl<S: Sink> Driver<S> {
         }
     }
 
-    /// Lets a busy stream fill the next batch.
+    /// Lets a busy stream fill the next batch (tokio's timer rounds a sub-millisecond linger up
+    /// to its next tick).
     async fn linger(&mut self) {
-        if self.options.linger >= Duration::from_millis(1) {
+        if self.inbox.queued() + self.w.records.len() < self.options.batch_size {
             tokio::time::sleep(self.options.linger).await;
-        } else {
-            tokio::task::yield_now().await;
         }
     }
 
@@ -440,19 +476,19 @@ impl<S: Sink> Driver<S> {
     fn failed(&mut self, failure: Failure) {
         self.ready.set(false);
         let delay = self.backoff.next_delay();
-        tracing::warn!(backend = self.backend, held = self.held.len(), "{failure}; trying again in {delay:?}");
+        tracing::warn!(backend = self.backend, held = self.w.held.len(), "{failure}; trying again in {delay:?}");
         self.failure = Some(failure);
         self.retry_at = Some(Instant::now() + delay);
     }
 
     /// The next batch: a run of events not marked `alone`, or one that is.
     fn next_batch_len(&self) -> usize {
-        match self.held.front() {
+        match self.w.held.front() {
             None => 0,
             Some(h) if h.alone => 1,
             Some(_) => {
                 let max = self.retry_len.unwrap_or(self.options.batch_size).min(self.options.batch_size);
-                self.held.iter().take(max).take_while(|h| !h.alone).count()
+                self.w.held.iter().take(max).take_while(|h| !h.alone).count()
             }
         }
     }
@@ -463,12 +499,26 @@ impl<S: Sink> Driver<S> {
         if n == 0 {
             return false;
         }
-        let alone = n == 1 && self.held.front().is_some_and(|h| h.alone);
-        let batch = Batch::new(self.records.drain(..n).collect());
+        let alone = n == 1 && self.w.held.front().is_some_and(|h| h.alone);
+        let batch = Batch::new(self.w.records.drain(..n).collect());
         let limit = self.limit(deadline);
-        let result = call(self.sink.write(&batch), limit).await;
+        let result = {
+            // While the sink writes, the next events are taken in (on a thread-backed sink the
+            // two run at once); they wait behind this batch.
+            let mut write = std::pin::pin!(call(self.sink.write(&batch), limit));
+            let started = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+            match started {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    if deadline.is_none() {
+                        self.w.take_beyond(&mut self.inbox, n);
+                    }
+                    write.await
+                }
+            }
+        };
         let records = batch.into_records();
-        let held: Vec<Held> = self.held.drain(..n).collect();
+        let held: Vec<Held> = self.w.held.drain(..n).collect();
         let verdicts = match result {
             Call::Done(Ok(v)) if v.len() == n => v,
             Call::Done(Ok(v)) => {
@@ -538,8 +588,8 @@ impl<S: Sink> Driver<S> {
     /// Puts events back at the head of the window, in their order.
     fn put_back(&mut self, records: Vec<Record>, held: Vec<Held>) {
         for (r, h) in records.into_iter().rev().zip(held.into_iter().rev()) {
-            self.records.push_front(r);
-            self.held.push_front(h);
+            self.w.records.push_front(r);
+            self.w.held.push_front(h);
         }
     }
 
@@ -566,7 +616,7 @@ impl<S: Sink> Driver<S> {
     /// or the panic of a dead sink.
     fn give_up_held(&mut self) {
         let error = if self.dead.is_some() { self.dead_error() } else { Error::Timeout(self.close_timeout) };
-        for (record, h) in self.records.drain(..).zip(self.held.drain(..)) {
+        for (record, h) in self.w.records.drain(..).zip(self.w.held.drain(..)) {
             if let Some(e) = event_of(record.id, &record.json) {
                 self.undelivered.push(e);
             }
@@ -596,7 +646,7 @@ impl<S: Sink> Driver<S> {
     async fn finish(mut self) {
         self.give_up_held();
         let reply = pipeline::drain_undelivered(&mut self.inbox, self.close_timeout, &mut self.undelivered);
-        for (_, tx) in self.flushes.drain(..) {
+        for (_, tx) in self.w.flushes.drain(..) {
             let _ = tx.send(());
         }
         self.ready.set(false);

@@ -279,6 +279,11 @@ impl Inbox {
         n
     }
 
+    /// How many commands are queued now.
+    pub fn queued(&self) -> usize {
+        self.rx.len()
+    }
+
     /// Whether nothing more can come: every [`Outbox`] is gone (or the queue was closed) and
     /// nothing is queued.
     pub fn is_finished(&self) -> bool {
