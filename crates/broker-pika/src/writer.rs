@@ -326,10 +326,11 @@ impl Writer {
             }
             if let Some(d) = inbox.close_requested() {
                 self.close_at = Some(self.close_at.map_or(d, |c| c.min(d)));
-                if self.closing.is_none() {
+                // Nothing new is accepted; the close is reached once what was queued before it
+                // has been read (publish order), as if it were the last command.
+                inbox.close();
+                if self.closing.is_none() && inbox.is_finished() {
                     if let Some(reply) = inbox.take_close_reply() {
-                        // Nothing new is accepted; what is queued is still delivered first.
-                        inbox.close();
                         self.closing = Some((d, reply));
                     }
                 }
@@ -342,7 +343,6 @@ impl Writer {
             // (keep_unpublished false during an outage), or to find the Close command once
             // close was called (nothing new can be accepted then, so this stays bounded).
             let drop_mode = self.link.is_none() && !self.config.keep_unpublished;
-            let close_called = self.closing.is_some();
             let read = (self.queue.is_empty() && self.room() > 0) || drop_mode;
             let max = if drop_mode { 256 } else { self.room().min(256) };
             let wake = self.reconnect_at.map_or(Instant::now() + TICK, |r| r.min(Instant::now() + TICK));
@@ -355,7 +355,7 @@ impl Writer {
                     }
                 }
                 n = inbox.recv_batch(&mut batch, max), if read => {
-                    if n == 0 && inbox.is_finished() && !close_called {
+                    if n == 0 && inbox.is_finished() && inbox.close_requested().is_none() {
                         // Every handle is gone without close: deliver what we hold, then stop.
                         let report = self.finish_pending(Instant::now() + self.config.delivery.close_timeout).await;
                         if !report.is_clean() {

@@ -456,7 +456,12 @@ impl<S: Sink> Driver<S> {
     /// Asks the sink to recover from `failure`; false when it is still away.
     async fn recover(&mut self, failure: Failure, deadline: Option<Instant>) -> bool {
         let limit = self.limit(deadline);
-        match call(self.sink.recover(&failure), limit).await {
+        let recovered = tokio::select! {
+            biased;
+            r = call(self.sink.recover(&failure), limit) => r,
+            _ = until_close_deadline(&self.inbox) => Call::TimedOut(limit),
+        };
+        match recovered {
             Call::Done(Ok(())) => true,
             Call::Done(Err(e)) => {
                 self.failed(Failure::Failed(e));
@@ -513,7 +518,12 @@ impl<S: Sink> Driver<S> {
                     if deadline.is_none() {
                         self.w.take_beyond(&mut self.inbox, n);
                     }
-                    write.await
+                    // A close requested meanwhile cuts the attempt at its deadline.
+                    tokio::select! {
+                        biased;
+                        r = &mut write => r,
+                        _ = until_close_deadline(&self.inbox) => Call::TimedOut(limit),
+                    }
                 }
             }
         };
@@ -662,6 +672,14 @@ impl<S: Sink> Driver<S> {
             }
             None => log_unreported(self.backend, &report),
         }
+    }
+}
+
+/// Ready at the close deadline, once a close is requested.
+async fn until_close_deadline(inbox: &Inbox) {
+    inbox.close_signal().await;
+    if let Some(d) = inbox.close_requested() {
+        tokio::time::sleep_until(d.into()).await;
     }
 }
 
