@@ -343,7 +343,9 @@ impl Writer {
             // (keep_unpublished false during an outage), or to find the Close command once
             // close was called (nothing new can be accepted then, so this stays bounded).
             let drop_mode = self.link.is_none() && !self.config.keep_unpublished;
-            let read = (self.queue.is_empty() && self.room() > 0) || drop_mode;
+            // A closed, drained inbox answers at once: reading it would spin and starve the
+            // tasks that bring the last confirms.
+            let read = !inbox.is_finished() && ((self.queue.is_empty() && self.room() > 0) || drop_mode);
             let max = if drop_mode { 256 } else { self.room().min(256) };
             let wake = self.reconnect_at.map_or(Instant::now() + TICK, |r| r.min(Instant::now() + TICK));
             batch.clear();
@@ -670,7 +672,7 @@ impl Writer {
     async fn finish(mut self, inbox: &mut Inbox) {
         let (deadline, reply) = match self.closing.take() {
             Some((d, r)) => (d, Some(r)),
-            None => (inbox.close_deadline().unwrap_or_else(Instant::now), None),
+            None => (inbox.close_requested().unwrap_or_else(Instant::now), None),
         };
         let mut report = self.finish_pending(deadline).await;
         // Publishes that raced with close, and the Close command itself when it was still queued.

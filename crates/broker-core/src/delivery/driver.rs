@@ -408,22 +408,28 @@ impl<S: Sink> Driver<S> {
     async fn idle_check(&mut self) {
         let limit = self.options.attempt_timeout;
         if let Some(failure) = self.failure.take() {
-            match call(self.sink.recover(&failure), limit).await {
-                Call::Done(Ok(())) => {}
-                Call::Done(Err(e)) => return self.failed(Failure::Failed(e)),
-                Call::TimedOut(d) => return self.failed(Failure::TimedOut(d)),
-                Call::Panicked(m) => return self.die(m),
+            let recovered = call(self.sink.recover(&failure), limit).await;
+            if !self.succeeded(recovered) {
+                return;
             }
         }
-        match call(self.sink.ping(), limit).await {
-            Call::Done(Ok(())) => {
-                self.ready.set(true);
-                self.retry_at = None;
-            }
+        let pinged = call(self.sink.ping(), limit).await;
+        if self.succeeded(pinged) {
+            self.ready.set(true);
+            self.retry_at = None;
+        }
+    }
+
+    /// Records the outcome of a recover or ping: a failure schedules a retry, a panic kills the
+    /// sink. True when the call worked.
+    fn succeeded(&mut self, outcome: Call<Result<(), Error>>) -> bool {
+        match outcome {
+            Call::Done(Ok(())) => return true,
             Call::Done(Err(e)) => self.failed(Failure::Failed(e)),
             Call::TimedOut(d) => self.failed(Failure::TimedOut(d)),
             Call::Panicked(m) => self.die(m),
         }
+        false
     }
 
     /// Waits until `until` (or the deadline), waking early when a close is requested.
@@ -461,21 +467,7 @@ impl<S: Sink> Driver<S> {
             r = call(self.sink.recover(&failure), limit) => r,
             _ = until_close_deadline(&self.inbox) => Call::TimedOut(limit),
         };
-        match recovered {
-            Call::Done(Ok(())) => true,
-            Call::Done(Err(e)) => {
-                self.failed(Failure::Failed(e));
-                false
-            }
-            Call::TimedOut(d) => {
-                self.failed(Failure::TimedOut(d));
-                false
-            }
-            Call::Panicked(m) => {
-                self.die(m);
-                false
-            }
-        }
+        self.succeeded(recovered)
     }
 
     fn failed(&mut self, failure: Failure) {

@@ -188,15 +188,6 @@ impl Outbox {
         Ok(receipt)
     }
 
-    /// Hands an already accepted event on (a router splitting one queue into several keeps the
-    /// event's receipt). Waits for room whatever the policy: the event was accepted upstream.
-    pub async fn forward(&self, pending: Pending) -> Result<(), Pending> {
-        self.tx.send(Command::Publish(pending)).await.map_err(|e| match e.0 {
-            Command::Publish(p) => p,
-            Command::Flush(_) => unreachable!("we sent a Publish"),
-        })
-    }
-
     /// Waits until every event accepted before the call has its outcome.
     pub async fn flush(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
@@ -295,11 +286,6 @@ impl Inbox {
         self.shared.close().as_ref().map(|r| r.deadline)
     }
 
-    /// Alias of [`Inbox::close_requested`].
-    pub fn close_deadline(&self) -> Option<Instant> {
-        self.close_requested()
-    }
-
     /// Takes the reply of a requested close (once): the writer that answers it.
     pub fn take_close_reply(&mut self) -> Option<oneshot::Sender<CloseReport>> {
         self.shared.close().as_mut().and_then(|r| r.reply.take())
@@ -377,11 +363,6 @@ impl QueuedBroker {
     pub fn new(outbox: Outbox) -> (QueuedBroker, Readiness) {
         let ready = Readiness::new();
         (QueuedBroker { outbox, ready: ready.clone() }, ready)
-    }
-
-    /// A broker over `outbox` whose readiness is `ready`.
-    pub fn with_readiness(outbox: Outbox, ready: Readiness) -> QueuedBroker {
-        QueuedBroker { outbox, ready }
     }
 
     /// Publishes with extra message headers for this event.
