@@ -44,7 +44,6 @@ mod writer;
 use std::sync::Arc;
 
 use broker_core::delivery::{Layer, RaiseOnFailure};
-use broker_core::pipeline::{self, QueuedBroker};
 use broker_core::{
     Backend, BackendFactory, CloseReport, ConfigError, Configured, Error, Event, EventBroker, EventSource,
     PublishOptions, Receipt, SourceOptions, async_trait,
@@ -77,10 +76,9 @@ impl PikaBackend {
         self.config.validate()?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (link, link_id) = writer::first_link(&self.config, &tx).await?;
-        let (outbox, inbox) = pipeline::channel(NAME, self.config.delivery.clone());
-        let (queued, ready) = QueuedBroker::new(outbox);
-        let writer = writer::Writer::new(self.config.clone(), ready, link, link_id, tx, rx);
-        tokio::spawn(writer.run(inbox));
+        let sink = writer::PikaSink::new(self.config.clone(), link, link_id, tx, rx);
+        let options = writer::PikaSink::driver_options(&self.config);
+        let queued = broker_core::delivery::start(NAME, sink, self.config.delivery.clone(), options);
         let mut inner: Box<dyn EventBroker> = Box::new(queued);
         if self.config.raise_on_failure {
             inner = RaiseOnFailure.wrap_broker(inner);

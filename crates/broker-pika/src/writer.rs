@@ -11,7 +11,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use amqprs::callbacks::{ChannelCallback, ConnectionCallback};
 use amqprs::channel::{
@@ -20,10 +20,9 @@ use amqprs::channel::{
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, Close, CloseChannel, FieldTable, Nack, Return};
-use broker_core::backoff::Backoff;
-use broker_core::pipeline::{self, Command, Inbox, Pending, Readiness};
-use broker_core::{CloseReport, Error, Event, Position, async_trait};
-use tokio::sync::{mpsc, oneshot};
+use broker_core::delivery::{Batch, DriverOptions, Failure, Record, Sink, Verdict};
+use broker_core::{Error, Position, async_trait};
+use tokio::sync::mpsc;
 
 use crate::config::{AmqpTarget, NAME, PikaConfig};
 
@@ -224,58 +223,46 @@ fn server_size_limit(why: &str) -> Option<u64> {
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-/// An event published and waiting for its confirm.
-struct Flight {
-    seq: u64,
-    pending: Pending,
-    sent_at: Instant,
+/// One message sent on the live link, by delivery tag, and its outcome once confirmed.
+struct Slot {
+    message_id: String,
+    outcome: Option<Verdict>,
 }
 
-/// An event waiting to be (re)sent.
-struct Queued {
-    seq: u64,
-    pending: Pending,
-}
-
-pub(crate) struct Writer {
+/// The RabbitMQ writer as a windowed [`Sink`]: [`Sink::write`] publishes (answering
+/// [`Verdict::Sent`]), [`Sink::confirmed`] turns publisher confirms into verdicts in tag order,
+/// [`Sink::recover`] reconnects and declares the topology again. The driver owns the window,
+/// the resend after a lost link, the confirm timeout, `should_keep_unpublished_messages` and
+/// the close.
+pub(crate) struct PikaSink {
     config: Arc<PikaConfig>,
-    ready: Readiness,
     signals_tx: Signals,
     signals: mpsc::UnboundedReceiver<(u64, Signal)>,
     link: Option<Link>,
     link_id: u64,
-    /// Unconfirmed events by delivery tag: `inflight[i]` has tag `base_tag + i`; `None` once
-    /// settled out of order.
-    inflight: VecDeque<Option<Flight>>,
+    /// Messages sent on the live link: `slots[i]` has delivery tag `base_tag + i`.
+    slots: VecDeque<Slot>,
     base_tag: u64,
-    /// Events to send before anything new from the pipeline (after a reconnect), in order.
-    queue: VecDeque<Queued>,
-    /// Message ids RabbitMQ returned as unroutable; their confirm fails them.
+    /// Message ids RabbitMQ returned as unroutable; their confirm rejects them.
     returned: HashSet<String>,
-    flushes: VecDeque<(u64, oneshot::Sender<()>)>,
-    next_seq: u64,
-    backoff: Backoff,
-    reconnect_at: Option<Instant>,
-    stalled: bool,
-    closing: Option<(Instant, oneshot::Sender<CloseReport>)>,
-    /// The close deadline once known (from `close` or the Close command); reconnects keep it.
-    close_at: Option<Instant>,
+    /// Why the live link is gone, once a callback said so.
+    lost: Option<String>,
     properties: BasicProperties,
     /// `max_event_bytes`, lowered to RabbitMQ's `max_message_size` once a channel close reveals it.
     max_bytes: u64,
 }
 
-const TICK: Duration = Duration::from_millis(200);
+/// How often a wait for confirms also checks that the link is still open.
+const CHECK_EVERY: Duration = Duration::from_millis(200);
 
-impl Writer {
+impl PikaSink {
     pub(crate) fn new(
         config: Arc<PikaConfig>,
-        ready: Readiness,
         link: Link,
         link_id: u64,
         signals_tx: Signals,
         signals: mpsc::UnboundedReceiver<(u64, Signal)>,
-    ) -> Writer {
+    ) -> PikaSink {
         let mut properties = BasicProperties::default();
         properties.with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT);
         match &config.app_id {
@@ -286,175 +273,94 @@ impl Writer {
             Some(_) => tracing::warn!("pika: RASA_ENVIRONMENT is over 255 bytes; app_id left out"),
             None => {}
         }
-        let first = Duration::from_millis(100).min(config.retry_delay.max(Duration::from_millis(10)));
-        let backoff = Backoff::new(first, config.retry_delay.max(first));
-        Writer {
-            ready,
+        PikaSink {
             signals_tx,
             signals,
             link: Some(link),
             link_id,
-            inflight: VecDeque::new(),
+            slots: VecDeque::new(),
             base_tag: 1,
-            queue: VecDeque::new(),
             returned: HashSet::new(),
-            flushes: VecDeque::new(),
-            next_seq: 0,
-            backoff,
-            reconnect_at: None,
-            stalled: false,
-            closing: None,
-            close_at: None,
+            lost: None,
             properties,
             max_bytes: config.max_event_bytes,
             config,
         }
     }
 
-    fn room(&self) -> usize {
-        if self.link.is_none() || self.stalled {
-            return 0;
-        }
-        self.config.max_inflight.saturating_sub(self.inflight.len())
+    /// How the driver runs this sink: a window of `max_inflight`, `confirm_timeout`, Rasa's
+    /// `retry_delay_in_seconds` as the longest backoff, and `should_keep_unpublished_messages`.
+    pub(crate) fn driver_options(config: &PikaConfig) -> DriverOptions {
+        let first = Duration::from_millis(100).min(config.retry_delay.max(Duration::from_millis(10)));
+        let keep = (!config.keep_unpublished).then_some("should_keep_unpublished_messages: false");
+        DriverOptions::default()
+            .batch_size((config.max_inflight / 4).clamp(1, 256))
+            .max_event_bytes(usize::try_from(config.max_event_bytes).ok())
+            // Opening a link is bounded by twice connection_timeout (open_link).
+            .attempt_timeout(config.target.connection_timeout * 2 + Duration::from_secs(1))
+            .retry(first, config.retry_delay.max(first))
+            .ping_interval(Some(CHECK_EVERY))
+            .window(config.max_inflight, config.confirm_timeout)
+            .fail_while_away(keep)
     }
 
-    pub(crate) async fn run(mut self, mut inbox: Inbox) {
-        let mut batch = Vec::with_capacity(256);
-        loop {
-            if self.closing.is_some() && self.inflight.is_empty() && self.queue.is_empty() && inbox.is_finished() {
-                return self.finish(&mut inbox).await;
+    /// Handles the signals already waiting, without blocking.
+    fn drain_signals(&mut self) {
+        while let Ok((link, signal)) = self.signals.try_recv() {
+            if link == self.link_id {
+                self.on_signal(signal);
             }
-            if let Some(d) = inbox.close_requested() {
-                self.close_at = Some(self.close_at.map_or(d, |c| c.min(d)));
-                // Nothing new is accepted; the close is reached once what was queued before it
-                // has been read (publish order), as if it were the last command.
-                inbox.close();
-                if self.closing.is_none() && inbox.is_finished() {
-                    if let Some(reply) = inbox.take_close_reply() {
-                        self.closing = Some((d, reply));
-                    }
-                }
-            }
-            if self.close_at.is_some_and(|d| Instant::now() >= d) {
-                return self.finish(&mut inbox).await;
-            }
-            self.send_queued().await;
-            // Read the pipeline when there is room for new events, or to fail them at once
-            // (keep_unpublished false during an outage), or to find the Close command once
-            // close was called (nothing new can be accepted then, so this stays bounded).
-            let drop_mode = self.link.is_none() && !self.config.keep_unpublished;
-            // A closed, drained inbox answers at once: reading it would spin and starve the
-            // tasks that bring the last confirms.
-            let read = !inbox.is_finished() && ((self.queue.is_empty() && self.room() > 0) || drop_mode);
-            let max = if drop_mode { 256 } else { self.room().min(256) };
-            let wake = self.reconnect_at.map_or(Instant::now() + TICK, |r| r.min(Instant::now() + TICK));
-            batch.clear();
-            tokio::select! {
-                biased;
-                Some((link, signal)) = self.signals.recv() => {
-                    if link == self.link_id {
-                        self.on_signal(signal);
-                    }
-                }
-                n = inbox.recv_batch(&mut batch, max), if read => {
-                    if n == 0 && inbox.is_finished() && inbox.close_requested().is_none() {
-                        // Every handle is gone without close: deliver what we hold, then stop.
-                        let report = self.finish_pending(Instant::now() + self.config.delivery.close_timeout).await;
-                        if !report.is_clean() {
-                            tracing::error!("pika: {} events undelivered after the broker was dropped", report.undelivered.len());
-                        }
-                        return;
-                    }
-                    for cmd in batch.drain(..) {
-                        self.on_command(cmd).await;
-                    }
-                }
-                _ = tokio::time::sleep_until(wake.into()) => self.on_tick().await,
-            }
-            self.answer_flushes();
         }
     }
 
-    async fn on_command(&mut self, cmd: Command) {
-        match cmd {
-            Command::Publish(p) => {
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                if p.json.len() as u64 > self.max_bytes {
-                    self.reject_oversize(p);
-                } else if self.link.is_none() && !self.config.keep_unpublished {
-                    p.settle.settle(Err(Error::Unavailable {
-                        backend: NAME,
-                        reason: "RabbitMQ is not connected (should_keep_unpublished_messages: false)".into(),
-                        cause: None,
-                    }));
-                } else if self.queue.is_empty() && self.room() > 0 {
-                    self.send(Queued { seq, pending: p }).await;
-                } else {
-                    self.queue.push_back(Queued { seq, pending: p });
+    /// The live link, or why there is none.
+    fn live(&mut self) -> Result<&Link, Error> {
+        if self.lost.is_none() {
+            if let Some(link) = &self.link {
+                if !link.connection.is_open() || !link.channel.is_open() {
+                    self.lost = Some("the connection to RabbitMQ closed".into());
                 }
             }
-            Command::Flush(tx) => self.flushes.push_back((self.next_seq, tx)),
-            _ => {}
+        }
+        let unavailable = |reason: String| Error::Unavailable { backend: NAME, reason, cause: None };
+        match (&self.lost, &self.link) {
+            (Some(why), _) => Err(unavailable(format!("{}: {why}", self.config.target.describe()))),
+            (None, None) => Err(unavailable(format!("{}: not connected", self.config.target.describe()))),
+            (None, Some(link)) => Ok(link),
         }
     }
 
-    fn reject_oversize(&self, p: Pending) {
-        let len = p.json.len();
-        let limit = if self.max_bytes < self.config.max_event_bytes {
-            format!("RabbitMQ's max_message_size {}", self.max_bytes)
-        } else {
-            format!("max_event_bytes {}", self.max_bytes)
-        };
-        p.reject(NAME, format!("{len} bytes is over {limit}"));
+    /// Why this record cannot be sent at all (its own fault), if so.
+    fn refuse(&self, r: &Record) -> Option<String> {
+        if r.json.len() as u64 > self.max_bytes {
+            let limit = if self.max_bytes < self.config.max_event_bytes {
+                format!("RabbitMQ's max_message_size {}", self.max_bytes)
+            } else {
+                format!("max_event_bytes {}", self.max_bytes)
+            };
+            return Some(format!("{} bytes is over {limit}", r.json.len()));
+        }
+        let (k, _) = r.headers.iter().find(|(k, _)| k.is_empty() || k.len() > 255)?;
+        Some(format!(
+            "the header name {:?}... is {} bytes; AMQP allows 1 to 255",
+            k.chars().take(16).collect::<String>(),
+            k.len()
+        ))
     }
 
-    /// Publishes one event on the live link (the caller checked there is one with room).
-    async fn send(&mut self, q: Queued) {
-        if q.pending.json.len() as u64 > self.max_bytes {
-            return self.reject_oversize(q.pending);
-        }
-        if let Some((k, _)) = q.pending.headers.iter().find(|(k, _)| k.is_empty() || k.len() > 255) {
-            let reason = format!(
-                "the header name {:?}... is {} bytes; AMQP allows 1 to 255",
-                k.chars().take(16).collect::<String>(),
-                k.len()
-            );
-            return q.pending.reject(NAME, reason);
-        }
-        let Some(link) = &self.link else {
-            self.queue.push_front(q);
-            return;
-        };
+    fn properties(&self, message_id: &str, r: &Record) -> BasicProperties {
         let mut props = self.properties.clone();
-        props.with_message_id(&q.pending.id.to_string());
-        if !self.config.headers.is_empty() || !q.pending.headers.is_empty() {
+        props.with_message_id(message_id);
+        if !self.config.headers.is_empty() || !r.headers.is_empty() {
             let mut table = FieldTable::new();
-            for (k, v) in self.config.headers.iter().chain(q.pending.headers.iter()) {
+            for (k, v) in self.config.headers.iter().chain(r.headers.iter()) {
                 if let Ok(name) = k.clone().try_into() {
                     table.insert(name, v.clone().into());
                 }
             }
             props.with_headers(table);
         }
-        let mut args = BasicPublishArguments::new(&self.config.exchange, "");
-        args.mandatory(true);
-        match link.channel.basic_publish(props, q.pending.json.clone(), args).await {
-            Ok(()) => {
-                self.inflight.push_back(Some(Flight { seq: q.seq, pending: q.pending, sent_at: Instant::now() }));
-            }
-            Err(e) => {
-                self.queue.push_front(q);
-                self.on_lost(format!("publishing failed: {e}"));
-            }
-        }
-    }
-
-    async fn send_queued(&mut self) {
-        while self.room() > 0 {
-            let Some(q) = self.queue.pop_front() else { break };
-            self.send(q).await;
-        }
+        props
     }
 
     fn on_signal(&mut self, signal: Signal) {
@@ -467,229 +373,143 @@ impl Writer {
                     self.returned.insert(id);
                 }
             }
-            Signal::Lost(why) => self.on_lost(why),
+            Signal::Lost(why) => {
+                // RabbitMQ closes the channel on a message over its max_message_size: learn the
+                // limit, so that event fails alone instead of closing every channel it is sent on.
+                if let Some(limit) = server_size_limit(&why) {
+                    self.max_bytes = self.max_bytes.min(limit);
+                }
+                self.lost.get_or_insert(why);
+            }
         }
     }
 
+    /// Records the outcome of the message with `tag` (and, with `multiple`, of every earlier one
+    /// not confirmed yet).
     fn confirm(&mut self, tag: u64, multiple: bool, ack: bool) {
-        if self.stalled {
-            self.stalled = false;
-            tracing::info!("pika: RabbitMQ confirms again");
+        if tag < self.base_tag {
+            return;
         }
-        if self.link.is_some() {
-            self.ready.set(true);
-            self.backoff.reset();
+        let Ok(last) = usize::try_from(tag - self.base_tag) else { return };
+        if last >= self.slots.len() {
+            return; // not a tag of ours
         }
-        let settle = |w: &mut Writer, f: Flight, tag: u64| {
-            let id = f.pending.id.to_string();
-            if !w.returned.is_empty() && w.returned.remove(&id) {
-                f.pending.reject(
-                    NAME,
-                    format!(
-                        "unroutable: no queue is bound to the exchange {:?} (returned by RabbitMQ)",
-                        w.config.exchange
-                    ),
-                );
+        let first = if multiple { 0 } else { last };
+        for i in first..=last {
+            let t = self.base_tag + i as u64;
+            let slot = &mut self.slots[i];
+            if slot.outcome.is_some() {
+                continue;
+            }
+            slot.outcome = Some(if !self.returned.is_empty() && self.returned.remove(&slot.message_id) {
+                Verdict::Rejected(format!(
+                    "unroutable: no queue is bound to the exchange {:?} (returned by RabbitMQ)",
+                    self.config.exchange
+                ))
             } else if ack {
-                f.pending.settle.delivered(Some(Position::DeliveryTag(tag)));
+                Verdict::Delivered(Some(Position::DeliveryTag(t)))
             } else {
-                f.pending.settle.settle(Err(Error::Io {
+                Verdict::Retry(Error::Io {
                     backend: NAME,
                     operation: "publishing".into(),
                     reason: "RabbitMQ refused the message (basic.nack): a queue may be full (x-overflow: reject-publish) or the broker failed internally".into(),
                     cause: None,
-                }));
-            }
-        };
-        if tag < self.base_tag {
-            return;
+                })
+            });
         }
-        if multiple {
-            while self.base_tag <= tag {
-                let Some(slot) = self.inflight.pop_front() else { break };
-                let t = self.base_tag;
-                self.base_tag += 1;
-                if let Some(f) = slot {
-                    settle(self, f, t);
-                }
+    }
+
+    /// The outcomes known at the head of the window, in tag order.
+    fn take_settled(&mut self) -> Vec<Verdict> {
+        let mut out = Vec::new();
+        while self.slots.front().is_some_and(|s| s.outcome.is_some()) {
+            if let Some(Slot { outcome: Some(v), .. }) = self.slots.pop_front() {
+                out.push(v);
             }
-        } else {
-            let i = (tag - self.base_tag) as usize;
-            if let Some(f) = self.inflight.get_mut(i).and_then(Option::take) {
-                settle(self, f, tag);
-            }
-        }
-        while matches!(self.inflight.front(), Some(None)) {
-            self.inflight.pop_front();
             self.base_tag += 1;
         }
+        out
+    }
+}
+
+#[async_trait]
+impl Sink for PikaSink {
+    async fn write(&mut self, batch: &Batch) -> Result<Vec<Verdict>, Error> {
+        self.drain_signals();
+        self.live()?;
+        let mut verdicts = Vec::with_capacity(batch.len());
+        for r in batch.iter() {
+            if let Some(reason) = self.refuse(r) {
+                verdicts.push(Verdict::Rejected(reason));
+                continue;
+            }
+            let message_id = r.id.to_string();
+            let props = self.properties(&message_id, r);
+            let mut args = BasicPublishArguments::new(&self.config.exchange, "");
+            args.mandatory(true);
+            let link = self.live()?;
+            if let Err(e) = link.channel.basic_publish(props, r.json.clone(), args).await {
+                self.lost.get_or_insert(format!("publishing failed: {e}"));
+                return Err(self.live().err().unwrap_or_else(|| amqp_error(&self.config.target, e)));
+            }
+            self.slots.push_back(Slot { message_id, outcome: None });
+            verdicts.push(Verdict::Sent);
+        }
+        Ok(verdicts)
     }
 
-    /// The link is gone: unconfirmed events go back to the head of the queue (or fail, with
-    /// `should_keep_unpublished_messages: false`), and a reconnect is scheduled.
-    fn on_lost(&mut self, why: String) {
-        let Some(link) = self.link.take() else { return };
-        self.ready.set(false);
-        self.link_id += 1;
-        // RabbitMQ closes the channel on a message over its max_message_size: learn the limit, so
-        // that event fails alone instead of closing every channel it is sent on.
-        if let Some(limit) = server_size_limit(&why) {
-            self.max_bytes = self.max_bytes.min(limit);
+    async fn confirmed(&mut self) -> Result<Vec<Verdict>, Error> {
+        loop {
+            let settled = self.take_settled();
+            if !settled.is_empty() {
+                return Ok(settled);
+            }
+            self.live()?;
+            // Cancel-safe: a signal is handled as soon as it is received.
+            tokio::select! {
+                signal = self.signals.recv() => match signal {
+                    Some((link, signal)) if link == self.link_id => self.on_signal(signal),
+                    Some(_) => {}
+                    None => {
+                        self.lost.get_or_insert_with(|| "the confirm channel closed".into());
+                    }
+                },
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
+            }
         }
-        let unconfirmed: Vec<Flight> = self.inflight.drain(..).flatten().collect();
-        tracing::warn!("pika: {why}; {} unconfirmed events will be re-sent after reconnecting", unconfirmed.len());
+    }
+
+    async fn recover(&mut self, _failure: &Failure) -> Result<(), Error> {
+        if let Some(link) = self.link.take() {
+            let why = self.lost.take().unwrap_or_else(|| "the last attempt failed".into());
+            tracing::warn!(
+                "pika: {why}; {} unconfirmed events will be sent again after reconnecting",
+                self.slots.len()
+            );
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), link.connection.close()).await;
+            });
+        }
+        self.lost = None;
+        self.slots.clear();
         self.base_tag = 1;
         self.returned.clear();
-        self.stalled = false;
-        for f in unconfirmed.into_iter().rev() {
-            if self.config.keep_unpublished {
-                self.queue.push_front(Queued { seq: f.seq, pending: f.pending });
-            } else {
-                f.pending.settle.settle(Err(Error::Io {
-                    backend: NAME,
-                    operation: "publishing".into(),
-                    reason: format!(
-                        "{why} before RabbitMQ confirmed the message (should_keep_unpublished_messages: false)"
-                    ),
-                    cause: None,
-                }));
-            }
-        }
-        self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(1), link.connection.close()).await;
-        });
+        self.link_id += 1;
+        let link = open_link(&self.config, self.link_id, &self.signals_tx).await?;
+        tracing::info!("pika: reconnected to {}", self.config.target.describe());
+        self.link = Some(link);
+        Ok(())
     }
 
-    async fn on_tick(&mut self) {
-        if let Some(link) = &self.link {
-            if !link.connection.is_open() || !link.channel.is_open() {
-                self.on_lost("the connection to RabbitMQ closed".into());
-            }
-        }
-        if self.link.is_none() {
-            if self.reconnect_at.is_some_and(|r| Instant::now() >= r) {
-                self.reconnect().await;
-            }
-            return;
-        }
-        let oldest = self.inflight.iter().flatten().next().map(|f| f.sent_at);
-        if let Some(sent) = oldest {
-            if !self.stalled && sent.elapsed() >= self.config.confirm_timeout {
-                self.stalled = true;
-                self.ready.set(false);
-                tracing::warn!(
-                    "pika: no publisher confirm for {:?} ({} unconfirmed): RabbitMQ may be blocking publishers (memory or disk alarm); new events wait",
-                    self.config.confirm_timeout,
-                    self.inflight.iter().flatten().count()
-                );
-            }
-        }
+    async fn ping(&mut self) -> Result<(), Error> {
+        self.drain_signals();
+        self.live().map(|_| ())
     }
 
-    async fn reconnect(&mut self) {
-        let id = self.link_id + 1;
-        // While closing, an attempt may not outlast the close deadline.
-        let attempt = open_link(&self.config, id, &self.signals_tx);
-        let opened = match self.close_at {
-            Some(deadline) => match tokio::time::timeout_at(deadline.into(), attempt).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::Timeout(self.config.delivery.close_timeout)),
-            },
-            None => attempt.await,
-        };
-        match opened {
-            Ok(link) => {
-                // The backoff is reset by the first confirm on this link, not here: a link that
-                // drops right after each reconnect is retried ever more slowly.
-                self.link_id = id;
-                self.link = Some(link);
-                self.reconnect_at = None;
-                self.ready.set(true);
-                tracing::info!(
-                    "pika: reconnected to {}; re-sending {} events",
-                    self.config.target.describe(),
-                    self.queue.len()
-                );
-            }
-            Err(e) => {
-                self.link_id = id;
-                let delay = self.backoff.next_delay();
-                tracing::warn!("pika: reconnecting failed: {e}; next attempt in {delay:?}");
-                self.reconnect_at = Some(Instant::now() + delay);
-            }
-        }
-    }
-
-    fn lowest_unsettled(&self) -> u64 {
-        self.inflight
-            .iter()
-            .flatten()
-            .next()
-            .map(|f| f.seq)
-            .or_else(|| self.queue.front().map(|q| q.seq))
-            .unwrap_or(self.next_seq)
-    }
-
-    fn answer_flushes(&mut self) {
-        if self.flushes.is_empty() {
-            return;
-        }
-        let low = self.lowest_unsettled();
-        while self.flushes.front().is_some_and(|(barrier, _)| *barrier <= low) {
-            if let Some((_, tx)) = self.flushes.pop_front() {
-                let _ = tx.send(());
-            }
-        }
-    }
-
-    /// Waits for outstanding confirms until `deadline`, then gives up on what is left.
-    async fn finish_pending(&mut self, deadline: Instant) -> CloseReport {
-        while !(self.inflight.is_empty() && self.queue.is_empty()) && Instant::now() < deadline {
-            self.send_queued().await;
-            let wake = (Instant::now() + TICK).min(deadline);
-            tokio::select! {
-                Some((link, signal)) = self.signals.recv() => {
-                    if link == self.link_id {
-                        self.on_signal(signal);
-                    }
-                }
-                _ = tokio::time::sleep_until(wake.into()) => self.on_tick().await,
-            }
-            self.answer_flushes();
-        }
-        let after = self.config.delivery.close_timeout;
-        let mut undelivered: Vec<Event> = Vec::new();
-        for f in self.inflight.drain(..).flatten() {
-            f.pending.give_up(after, &mut undelivered);
-        }
-        for q in self.queue.drain(..) {
-            q.pending.give_up(after, &mut undelivered);
-        }
-        CloseReport::new(undelivered)
-    }
-
-    async fn finish(mut self, inbox: &mut Inbox) {
-        let (deadline, reply) = match self.closing.take() {
-            Some((d, r)) => (d, Some(r)),
-            None => (inbox.close_requested().unwrap_or_else(Instant::now), None),
-        };
-        let mut report = self.finish_pending(deadline).await;
-        // Publishes that raced with close, and the Close command itself when it was still queued.
-        let queued_close =
-            pipeline::drain_undelivered(inbox, self.config.delivery.close_timeout, &mut report.undelivered);
-        let reply = reply.or(queued_close);
-        for (_, tx) in self.flushes.drain(..) {
-            let _ = tx.send(());
-        }
-        self.ready.set(false);
-        // The report first: closing the link may wait on a broker that stopped answering.
-        if let Some(r) = reply {
-            let _ = r.send(report);
-        }
+    async fn close(&mut self) {
         if let Some(link) = self.link.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), link.channel.close()).await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), link.connection.close()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), link.channel.close()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), link.connection.close()).await;
         }
     }
 }

@@ -12,19 +12,15 @@
 //! panics cannot lose one. After a panic the driver stops writing; what it holds and what comes
 //! after fails at once and is listed in the close report.
 
-use std::any::Any;
-use std::collections::VecDeque;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
 use super::backoff::Backoff;
-use super::pipeline::{self, Command, Inbox, Pending, QueuedBroker, Readiness, event_of};
+use super::call::{Call, CatchUnwind, call};
+use super::pipeline::{self, Command, Inbox, QueuedBroker, Readiness};
 use super::sink::{Batch, Failure, Record, Sink, Verdict};
+use super::window::{Held, Sent, Window};
 use crate::broker::{CloseReport, Settle};
 use crate::config::{ConfigError, DeliveryOptions, Options};
 use crate::error::Error;
@@ -49,6 +45,16 @@ pub struct DriverOptions {
     pub linger: Duration,
     /// How often an idle driver pings the sink, so readiness tells the truth between events.
     pub ping_interval: Option<Duration>,
+    /// Most events sent and awaiting confirmation at a time, for a sink that answers
+    /// [`Verdict::Sent`] (publisher confirms); a batch never exceeds the room left.
+    pub max_in_flight: usize,
+    /// How long the oldest event in flight may wait for its confirmation before the backend is
+    /// not ready and nothing more is sent (a service blocking publishers); the events stay in
+    /// flight until confirmed, the link fails, or the close deadline passes.
+    pub confirm_timeout: Duration,
+    /// When set, events held while the sink fails are not kept: they fail at once (listed in
+    /// the close report) with this reason, e.g. Rasa's `should_keep_unpublished_messages: false`.
+    pub fail_while_away: Option<&'static str>,
 }
 
 impl Default for DriverOptions {
@@ -61,6 +67,9 @@ impl Default for DriverOptions {
             retry_max: Duration::from_secs(5),
             linger: Duration::ZERO,
             ping_interval: None,
+            max_in_flight: 1000,
+            confirm_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            fail_while_away: None,
         }
     }
 }
@@ -115,6 +124,21 @@ impl DriverOptions {
         self
     }
 
+    /// Sets the window of a sink that confirms later: the most events in flight, and how long
+    /// a confirmation may take before the backend counts as stalled.
+    pub fn window(mut self, max_in_flight: usize, confirm_timeout: Duration) -> Self {
+        self.max_in_flight = max_in_flight.max(1);
+        self.confirm_timeout = confirm_timeout;
+        self
+    }
+
+    /// Fails events at once while the sink fails, with `reason` (see
+    /// [`DriverOptions::fail_while_away`]).
+    pub fn fail_while_away(mut self, reason: Option<&'static str>) -> Self {
+        self.fail_while_away = reason;
+        self
+    }
+
     /// Sets the idle ping interval.
     pub fn ping_interval(mut self, d: Option<Duration>) -> Self {
         self.ping_interval = d;
@@ -137,118 +161,6 @@ pub fn start<S: Sink>(
     broker
 }
 
-/// One accepted event held by the driver until its verdict.
-struct Held {
-    seq: u64,
-    settle: Settle,
-    /// Write it on its own (it was in a batch the service refused).
-    alone: bool,
-}
-
-/// The events accepted and not settled yet, in publish order (records and receipts side by side),
-/// and the flush markers waiting behind them. Apart from the sink, so the driver can take new
-/// events while the sink writes.
-struct Window {
-    backend: &'static str,
-    batch_size: usize,
-    max_event_bytes: Option<usize>,
-    records: VecDeque<Record>,
-    held: VecDeque<Held>,
-    flushes: VecDeque<(u64, oneshot::Sender<()>)>,
-    next_seq: u64,
-}
-
-impl Window {
-    /// Takes queued commands until one batch waits beyond `in_flight` events being written.
-    fn take_beyond(&mut self, inbox: &mut Inbox, in_flight: usize) {
-        let room = (self.batch_size + in_flight).saturating_sub(self.held.len());
-        if room == 0 {
-            return;
-        }
-        let mut cmds = Vec::with_capacity(room.min(4096));
-        inbox.try_recv_batch(&mut cmds, room);
-        for cmd in cmds {
-            self.on_command(cmd);
-        }
-    }
-
-    fn take(&mut self, inbox: &mut Inbox) {
-        self.take_beyond(inbox, 0);
-    }
-
-    fn on_command(&mut self, cmd: Command) {
-        match cmd {
-            Command::Publish(p) => self.accept(p),
-            Command::Flush(tx) => {
-                if self.held.is_empty() {
-                    let _ = tx.send(());
-                } else {
-                    self.flushes.push_back((self.next_seq, tx));
-                }
-            }
-        }
-    }
-
-    fn accept(&mut self, p: Pending) {
-        if let Some(max) = self.max_event_bytes.filter(|m| p.json.len() > *m) {
-            let len = p.json.len();
-            p.reject(self.backend, format!("{len} bytes is over max_event_bytes {max}"));
-            return;
-        }
-        let Pending { id, json, sender_id, headers, settle } = p;
-        self.records.push_back(Record { id, json, sender_id, headers });
-        self.held.push_back(Held { seq: self.next_seq, settle, alone: false });
-        self.next_seq += 1;
-    }
-
-    fn answer_flushes(&mut self) {
-        let low = self.held.front().map_or(self.next_seq, |h| h.seq);
-        while self.flushes.front().is_some_and(|(barrier, _)| *barrier <= low) {
-            if let Some((_, tx)) = self.flushes.pop_front() {
-                let _ = tx.send(());
-            }
-        }
-    }
-}
-
-enum Call<T> {
-    Done(T),
-    TimedOut(Duration),
-    Panicked(String),
-}
-
-/// Polls a boxed future, turning a panic inside it into a value.
-struct CatchUnwind<'a, T>(Pin<Box<dyn Future<Output = T> + Send + 'a>>);
-
-impl<T> Future for CatchUnwind<'_, T> {
-    type Output = Result<T, Box<dyn Any + Send>>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let fut = self.0.as_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
-            Err(payload) => Poll::Ready(Err(payload)),
-        }
-    }
-}
-
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
-/// Runs `fut` for at most `limit`, catching a panic.
-async fn call<'a, T>(fut: Pin<Box<dyn Future<Output = T> + Send + 'a>>, limit: Duration) -> Call<T> {
-    match tokio::time::timeout(limit, CatchUnwind(fut)).await {
-        Ok(Ok(v)) => Call::Done(v),
-        Ok(Err(payload)) => Call::Panicked(panic_message(payload.as_ref())),
-        Err(_) => Call::TimedOut(limit),
-    }
-}
-
 struct Driver<S> {
     backend: &'static str,
     sink: S,
@@ -265,6 +177,8 @@ struct Driver<S> {
     /// After a failure, the next attempt writes exactly the events that failed (a sink may check
     /// whether an attempt whose outcome was lost committed after all: it must see the same batch).
     retry_len: Option<usize>,
+    /// No confirmation came within `confirm_timeout`: not ready, nothing more is sent.
+    stalled: bool,
     /// The deadline of a close nobody asked for (every broker handle dropped).
     implicit_deadline: Option<Instant>,
     /// Why the sink is dead (it panicked).
@@ -288,19 +202,12 @@ impl<S: Sink> Driver<S> {
             inbox,
             ready,
             close_timeout,
-            w: Window {
-                backend,
-                batch_size: options.batch_size,
-                max_event_bytes: options.max_event_bytes,
-                records: VecDeque::new(),
-                held: VecDeque::new(),
-                flushes: VecDeque::new(),
-                next_seq: 0,
-            },
+            w: Window::new(backend, options.batch_size, options.max_event_bytes),
             backoff,
             failure: None,
             retry_at: None,
             retry_len: None,
+            stalled: false,
             implicit_deadline: None,
             dead: None,
             undelivered: Vec::new(),
@@ -329,11 +236,14 @@ impl<S: Sink> Driver<S> {
                 continue;
             }
             self.take_queued();
-            self.answer_flushes();
+            if self.failure.is_some() {
+                self.fail_while_away();
+            }
+            self.w.answer_flushes();
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return self.finish().await;
             }
-            if self.w.records.is_empty() {
+            if self.w.is_empty() {
                 if deadline.is_some() && self.inbox.is_finished() {
                     return self.finish().await;
                 }
@@ -342,6 +252,17 @@ impl<S: Sink> Driver<S> {
                     return self.finish().await;
                 }
                 self.wait_for_work().await;
+                continue;
+            }
+            if !self.w.sent.is_empty() {
+                // Events in flight (a sink that confirms later): send more while the window
+                // has room, else wait for confirmations.
+                if self.can_send() {
+                    self.attempt(deadline).await;
+                } else {
+                    self.await_confirmations().await;
+                }
+                self.w.answer_flushes();
                 continue;
             }
             if let Some(at) = self.retry_at {
@@ -357,11 +278,18 @@ impl<S: Sink> Driver<S> {
                 }
             }
             let partial = self.attempt(deadline).await;
-            self.answer_flushes();
+            self.w.answer_flushes();
             // A busy stream (events arrived while the batch was written) lingers so the next batch
             // is a full one; a caller awaiting each receipt sends nothing meanwhile and never waits.
             let busy = self.inbox.queued() > 0;
-            if partial && busy && self.failure.is_none() && !self.options.linger.is_zero() && deadline.is_none() {
+            let idle_window = self.w.sent.is_empty();
+            if partial
+                && busy
+                && idle_window
+                && self.failure.is_none()
+                && !self.options.linger.is_zero()
+                && deadline.is_none()
+            {
                 self.linger().await;
             }
         }
@@ -375,12 +303,28 @@ impl<S: Sink> Driver<S> {
         }
     }
 
-    fn on_command(&mut self, cmd: Command) {
-        self.w.on_command(cmd);
+    /// With [`DriverOptions::fail_while_away`], events held while the sink is failing fail now.
+    fn fail_while_away(&mut self) {
+        let (Some(why), Some(failure)) = (self.options.fail_while_away, &self.failure) else { return };
+        if self.w.is_empty() {
+            return;
+        }
+        let error = Error::Unavailable {
+            backend: self.backend,
+            reason: format!("{failure}; the event is not kept ({why})"),
+            cause: None,
+        };
+        self.w.give_up(&error, &mut self.undelivered);
     }
 
-    fn answer_flushes(&mut self) {
-        self.w.answer_flushes();
+    /// A sink with events in flight may send more: the window has room, it is confirming, and
+    /// no retry is waiting.
+    fn can_send(&self) -> bool {
+        !self.w.records.is_empty()
+            && self.w.sent.len() < self.options.max_in_flight
+            && !self.stalled
+            && self.failure.is_none()
+            && self.retry_at.is_none_or(|at| Instant::now() >= at)
     }
 
     /// Nothing held: waits for commands, a close, or the idle ping.
@@ -397,7 +341,7 @@ impl<S: Sink> Driver<S> {
             None => Some(self.inbox.recv_batch(&mut cmds, max).await),
         };
         for cmd in cmds {
-            self.on_command(cmd);
+            self.w.on_command(cmd);
         }
         if received.is_none() {
             self.idle_check().await;
@@ -432,16 +376,31 @@ impl<S: Sink> Driver<S> {
         false
     }
 
-    /// Waits until `until` (or the deadline), waking early when a close is requested.
+    /// Waits until `until` (or the deadline), waking early when a close is requested, or when
+    /// events arrive that must fail at once ([`DriverOptions::fail_while_away`]).
     async fn pause(&mut self, until: Instant, deadline: Option<Instant>) {
         let until = deadline.map_or(until, |d| d.min(until));
+        let mut cmds = Vec::new();
+        let fail_new = self.options.fail_while_away.is_some() && self.failure.is_some();
         if deadline.is_some() {
             tokio::time::sleep_until(until.into()).await;
         } else {
+            let inbox = &mut self.inbox;
+            // Either way, a close request wakes it.
+            let woken = async {
+                if fail_new {
+                    inbox.recv_batch(&mut cmds, 256).await;
+                } else {
+                    inbox.close_signal().await;
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(until.into()) => {}
-                _ = self.inbox.close_signal() => {}
+                _ = woken => {}
             }
+        }
+        for cmd in cmds {
+            self.w.on_command(cmd);
         }
     }
 
@@ -472,19 +431,24 @@ impl<S: Sink> Driver<S> {
 
     fn failed(&mut self, failure: Failure) {
         self.ready.set(false);
+        self.stalled = false;
         let delay = self.backoff.next_delay();
-        tracing::warn!(backend = self.backend, held = self.w.held.len(), "{failure}; trying again in {delay:?}");
+        let held = self.w.held.len() + self.w.sent.len();
+        tracing::warn!(backend = self.backend, held, "{failure}; trying again in {delay:?}");
         self.failure = Some(failure);
         self.retry_at = Some(Instant::now() + delay);
+        self.fail_while_away();
     }
 
-    /// The next batch: a run of events not marked `alone`, or one that is.
+    /// The next batch: a run of events not marked `alone`, or one that is; never more than the
+    /// room left for events in flight.
     fn next_batch_len(&self) -> usize {
+        let room = self.options.max_in_flight.saturating_sub(self.w.sent.len()).max(1);
         match self.w.held.front() {
             None => 0,
             Some(h) if h.alone => 1,
             Some(_) => {
-                let max = self.retry_len.unwrap_or(self.options.batch_size).min(self.options.batch_size);
+                let max = self.retry_len.unwrap_or(self.options.batch_size).min(self.options.batch_size).min(room);
                 self.w.held.iter().take(max).take_while(|h| !h.alone).count()
             }
         }
@@ -525,31 +489,25 @@ impl<S: Sink> Driver<S> {
             Call::Done(Ok(v)) if v.len() == n => v,
             Call::Done(Ok(v)) => {
                 let why = format!("the sink returned {} verdicts for {n} events", v.len());
-                vec![
-                    Verdict::Retry(Error::Io {
-                        backend: self.backend,
-                        operation: "writing".into(),
-                        reason: why,
-                        cause: None
-                    });
-                    n
-                ]
+                vec![Verdict::Retry(self.io_error(why)); n]
             }
             Call::Done(Err(e)) => vec![Verdict::Retry(e); n],
             Call::TimedOut(d) => {
-                self.put_back(records, held);
+                self.w.requeue(records.into_iter().zip(held).collect());
+                self.w.abandon_sent();
                 self.retry_len = Some(n);
                 self.failed(Failure::TimedOut(d));
                 return false;
             }
             Call::Panicked(m) => {
-                self.put_back(records, held);
+                self.w.requeue(records.into_iter().zip(held).collect());
                 self.die(m);
                 return false;
             }
         };
         let mut again: Vec<(Record, Held)> = Vec::new();
         let mut retry_error = None;
+        let now = Instant::now();
         for ((record, mut h), verdict) in records.into_iter().zip(held).zip(verdicts) {
             match verdict {
                 Verdict::Delivered(position) => h.settle.delivered(position),
@@ -559,40 +517,143 @@ impl<S: Sink> Driver<S> {
                     h.alone = true;
                     again.push((record, h));
                 }
+                Verdict::Sent => self.w.sent.push_back(Sent { record, held: h, at: now }),
                 Verdict::Retry(e) => {
                     retry_error.get_or_insert(e);
                     again.push((record, h));
                 }
             }
         }
-        let (records, held): (Vec<Record>, Vec<Held>) = again.into_iter().unzip();
-        let requeued = records.len();
-        self.put_back(records, held);
+        let requeued = again.len();
+        self.w.requeue(again);
         match retry_error {
             Some(e) => {
+                // The attempt failed: what was in flight on the same link goes back too.
+                self.w.abandon_sent();
                 self.retry_len = Some(requeued);
                 self.failed(Failure::Failed(e));
             }
             None => {
                 self.retry_len = None;
-                self.ready.set(true);
+                if !self.stalled {
+                    self.ready.set(true);
+                }
                 self.backoff.reset();
             }
         }
         n < self.options.batch_size
     }
 
+    /// Events in flight and no room to send: waits for the sink's confirmations, for new events
+    /// when there is room, for a retry to be due, for the confirm timeout, or the close deadline.
+    async fn await_confirmations(&mut self) {
+        let now = Instant::now();
+        let oldest = self.w.sent.front().map_or(now, |s| s.at);
+        let mut wake =
+            if self.stalled { now + self.options.confirm_timeout } else { oldest + self.options.confirm_timeout };
+        if let Some(at) = self.retry_at.filter(|_| !self.w.records.is_empty()) {
+            wake = wake.min(at);
+        }
+        let room = self.w.sent.len() < self.options.max_in_flight && !self.stalled;
+        let want_more = room && self.w.records.is_empty() && !self.inbox.is_finished();
+        let mut cmds = Vec::new();
+        let max = self.options.batch_size;
+        let inbox = &mut self.inbox;
+        // New events to send (a close request wakes it too), or the close deadline.
+        let inbox_wake = async {
+            if want_more {
+                inbox.recv_batch(&mut cmds, max).await;
+            } else {
+                until_close_deadline(inbox).await;
+            }
+        };
+        let confirmed = tokio::select! {
+            biased;
+            r = CatchUnwind(self.sink.confirmed()) => Some(r),
+            _ = tokio::time::sleep_until(wake.into()) => None,
+            _ = inbox_wake => None,
+        };
+        for cmd in cmds {
+            self.w.on_command(cmd);
+        }
+        match confirmed {
+            Some(Ok(Ok(verdicts))) if !verdicts.is_empty() => self.settle_confirmed(verdicts),
+            Some(Ok(Ok(_))) => {
+                let e = self.io_error("the sink confirmed nothing".into());
+                self.w.abandon_sent();
+                self.failed(Failure::Failed(e));
+            }
+            Some(Ok(Err(e))) => {
+                self.w.abandon_sent();
+                self.failed(Failure::Failed(e));
+            }
+            Some(Err(m)) => {
+                self.w.abandon_sent();
+                self.die(m);
+            }
+            None => {
+                let waited = self.w.sent.front().map(|s| s.at.elapsed());
+                if !self.stalled && waited.is_some_and(|w| w >= self.options.confirm_timeout) {
+                    self.stalled = true;
+                    self.ready.set(false);
+                    tracing::warn!(
+                        backend = self.backend,
+                        in_flight = self.w.sent.len(),
+                        "no confirmation for {:?}: the service may be blocking publishers; new events wait",
+                        self.options.confirm_timeout
+                    );
+                }
+            }
+        }
+    }
+
+    /// Settles the oldest events in flight with the sink's confirmations.
+    fn settle_confirmed(&mut self, verdicts: Vec<Verdict>) {
+        if self.stalled {
+            self.stalled = false;
+            tracing::info!(backend = self.backend, "confirmations again");
+        }
+        let mut retry = None;
+        for verdict in verdicts {
+            let Some(Sent { record, held, .. }) = self.w.sent.pop_front() else {
+                tracing::warn!(backend = self.backend, "the sink confirmed more events than were in flight");
+                break;
+            };
+            match verdict {
+                Verdict::Delivered(position) => held.settle.delivered(position),
+                Verdict::Rejected(reason) | Verdict::Suspect(reason) => self.reject(&record, held.settle, reason),
+                Verdict::Retry(e) => {
+                    // Refused for now (e.g. a full queue): sent again after a backoff. Events
+                    // sent after it may land first.
+                    retry.get_or_insert(e);
+                    self.w.requeue(vec![(record, held)]);
+                }
+                Verdict::Sent => {
+                    retry.get_or_insert(self.io_error("the sink confirmed an event as Sent".into()));
+                    self.w.requeue(vec![(record, held)]);
+                }
+            }
+        }
+        match retry {
+            Some(e) => {
+                let delay = self.backoff.next_delay();
+                tracing::warn!(backend = self.backend, "{e}; sending it again in {delay:?}");
+                self.retry_at = Some(Instant::now() + delay);
+            }
+            None => {
+                self.ready.set(true);
+                self.backoff.reset();
+            }
+        }
+    }
+
+    fn io_error(&self, reason: String) -> Error {
+        Error::Io { backend: self.backend, operation: "writing".into(), reason, cause: None }
+    }
+
     fn reject(&self, record: &Record, settle: Settle, reason: String) {
         let event_id = record.id.to_string();
         settle.settle(Err(Error::Rejected { backend: self.backend, event_id, reason }));
-    }
-
-    /// Puts events back at the head of the window, in their order.
-    fn put_back(&mut self, records: Vec<Record>, held: Vec<Held>) {
-        for (r, h) in records.into_iter().rev().zip(held.into_iter().rev()) {
-            self.w.records.push_front(r);
-            self.w.held.push_front(h);
-        }
     }
 
     /// The sink panicked: stop writing; everything held now or accepted later fails at once and is
@@ -606,25 +667,14 @@ impl<S: Sink> Driver<S> {
 
     fn dead_error(&self) -> Error {
         let why = self.dead.clone().unwrap_or_default();
-        Error::Io {
-            backend: self.backend,
-            operation: "writing".into(),
-            reason: format!("the writer panicked: {why}"),
-            cause: None,
-        }
+        self.io_error(format!("the writer panicked: {why}"))
     }
 
     /// Fails every held event into the close report, in order: a timeout at the close deadline,
     /// or the panic of a dead sink.
     fn give_up_held(&mut self) {
         let error = if self.dead.is_some() { self.dead_error() } else { Error::Timeout(self.close_timeout) };
-        for (record, h) in self.w.records.drain(..).zip(self.w.held.drain(..)) {
-            if let Some(e) = event_of(record.id, &record.json) {
-                self.undelivered.push(e);
-            }
-            h.settle.settle(Err(error.clone()));
-        }
-        self.answer_flushes();
+        self.w.give_up(&error, &mut self.undelivered);
     }
 
     /// A dead driver fails what comes in until a close is requested or every handle is gone.

@@ -44,10 +44,12 @@
 
 pub mod backoff;
 pub mod blocking;
+mod call;
 pub mod driver;
 pub mod layer;
 pub mod pipeline;
 pub mod sink;
+mod window;
 
 pub use blocking::{BlockingSink, on_thread};
 pub use driver::{DriverOptions, start};

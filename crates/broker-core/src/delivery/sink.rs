@@ -69,6 +69,12 @@ pub enum Verdict {
     /// data error on a multi-row statement): the driver writes it on its own to find out. Alone,
     /// a suspect is rejected.
     Suspect(String),
+    /// Sent and not confirmed yet (a service that confirms later, like RabbitMQ's publisher
+    /// confirms): the outcome comes from [`Sink::confirmed`], in the order the events were sent.
+    /// The driver keeps up to [`DriverOptions::max_in_flight`] events sent at a time.
+    ///
+    /// [`DriverOptions::max_in_flight`]: crate::delivery::DriverOptions::max_in_flight
+    Sent,
 }
 
 /// Why the driver asks a sink to recover before trying again.
@@ -105,6 +111,22 @@ pub trait Sink: Send + 'static {
     /// A sink that confirms some events and not others must keep the order of each
     /// `sender_id`: an event after a retried one of the same sender is retried too.
     async fn write(&mut self, batch: &Batch) -> Result<Vec<Verdict>, Error>;
+
+    /// Waits for the outcome of the oldest events answered [`Verdict::Sent`] and returns it, one
+    /// verdict per event, in the order they were sent (at least one; a prefix of those in
+    /// flight). `Err` means the link they were sent on is gone: every event in flight is sent
+    /// again after [`Sink::recover`], which must forget them (at-least-once).
+    ///
+    /// Must be cancel-safe: the driver drops it to send more events, or at the close deadline.
+    /// A sink that never answers `Sent` need not implement it.
+    async fn confirmed(&mut self) -> Result<Vec<Verdict>, Error> {
+        Err(Error::Io {
+            backend: "sink",
+            operation: "confirming".into(),
+            reason: "the sink answered Verdict::Sent but does not implement Sink::confirmed".into(),
+            cause: None,
+        })
+    }
 
     /// Called after a failed or abandoned attempt, before the next one: re-establish what the
     /// failure broke (reconnect, roll back, cut a torn write). An error means the service is
