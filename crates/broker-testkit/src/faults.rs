@@ -112,7 +112,8 @@ async fn publish_n(broker: &dyn EventBroker, sender: &str, range: std::ops::Rang
     receipts
 }
 
-/// Per sender, the `seq`s read back from `reader` (from the beginning, until the end).
+/// Per sender, the `seq`s read back from `reader` (from the beginning, until the end), each
+/// acknowledged once read (a queue with a prefetch window sends no more until acked).
 pub async fn stored(reader: &dyn Backend) -> BTreeMap<String, Vec<u64>> {
     let mut source =
         reader.source(&SourceOptions::from(StartFrom::Beginning).follow(false)).await.expect("open a reader");
@@ -122,6 +123,7 @@ pub async fn stored(reader: &dyn Backend) -> BTreeMap<String, Vec<u64>> {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, source.next()).await {
             Ok(Ok(Some(r))) => {
+                source.ack(&r).await.expect("acknowledge a read event");
                 out.entry(r.event.sender_id().unwrap_or_default().to_owned())
                     .or_default()
                     .push(seq_of(&r.event).unwrap_or(u64::MAX));
