@@ -69,6 +69,21 @@ pub enum Error {
         #[source]
         cause: Option<Cause>,
     },
+    /// The service refused who we are: wrong user name or password, not authorized, a
+    /// certificate it does not trust or that does not match, a TLS handshake that cannot
+    /// succeed. A configuration problem: trying again with the same settings will not help.
+    #[error(
+        "{backend}: cannot connect: {reason} (refused: check the credentials and certificates; trying again will not help)"
+    )]
+    Denied {
+        /// The backend's type name.
+        backend: &'static str,
+        /// What happened, without secrets.
+        reason: String,
+        /// The client library's error.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The broker refused this event (too large, invalid); other events are unaffected. Permanent.
     #[error("{backend}: event {event_id} rejected: {reason}")]
     Rejected {
@@ -134,6 +149,7 @@ mod tests {
     fn temporary_and_permanent() {
         assert!(Error::Timeout(Duration::from_secs(1)).is_temporary());
         assert!(!Error::Closed.is_temporary());
+        assert!(!Error::Denied { backend: "pika", reason: "403 ACCESS_REFUSED".into(), cause: None }.is_temporary());
         assert!(!Error::Rejected { backend: "file", event_id: "x".into(), reason: "too big".into() }.is_temporary());
     }
 }

@@ -109,9 +109,9 @@ pub(crate) fn unavailable(what: impl std::fmt::Display) -> Error {
 }
 
 /// The last error librdkafka reported on a client (an SSL handshake or SASL failure), so a
-/// connection failure can say why instead of only "timed out".
+/// connection failure can say why instead of only "timed out", and whether it was a refusal.
 #[derive(Default)]
-pub(crate) struct LastError(Mutex<Option<String>>);
+pub(crate) struct LastError(Mutex<Option<(String, bool)>>);
 
 impl LastError {
     fn record(&self, error: &KafkaError, reason: &str) {
@@ -120,14 +120,30 @@ impl LastError {
         if last.is_some() && error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             return;
         }
-        *last = Some(format!("{error}: {reason}"));
+        let denied = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::SSL
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+            )
+        ) || reason.contains("SSL handshake failed")
+            || reason.contains("certificate verify failed")
+            || reason.contains("SASL authentication error");
+        *last = Some((format!("{error}: {reason}"), denied));
     }
 
-    /// `what`, with the last reported error when there is one.
-    fn explain(&self, what: impl std::fmt::Display) -> String {
+    /// `what` as an error, with the last reported error when there is one: [`Error::Denied`]
+    /// when the broker refused our credentials or certificates, else [`Error::Unavailable`].
+    pub(crate) fn error(&self, what: impl std::fmt::Display) -> Error {
         match self.0.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            Some(last) => format!("{what} (last broker error: {last})"),
-            None => what.to_string(),
+            Some((last, true)) => {
+                Error::Denied { backend: NAME, reason: format!("{what} (last broker error: {last})"), cause: None }
+            }
+            Some((last, false)) => unavailable(format!("{what} (last broker error: {last})")),
+            None => unavailable(what),
         }
     }
 }
@@ -152,9 +168,10 @@ async fn ensure_topic(config: &KafkaConfig, last_error: &Arc<LastError>) -> Resu
     let opts = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(10)))
         .request_timeout(Some(Duration::from_secs(10)));
-    let results = admin.create_topics([&topic], &opts).await.map_err(|e| {
-        unavailable(last_error.explain(format!("{}: creating topic {}: {e}", config.bootstrap, config.topic)))
-    })?;
+    let results = admin
+        .create_topics([&topic], &opts)
+        .await
+        .map_err(|e| last_error.error(format!("{}: creating topic {}: {e}", config.bootstrap, config.topic)))?;
     for r in results {
         match r {
             Ok(_) => {}
@@ -206,7 +223,7 @@ impl KafkaBackend {
                     self.config.bootstrap, self.config.topic
                 )));
             }
-            Err(e) => return Err(unavailable(shared.last_error.explain(format!("{}: {e}", self.config.bootstrap)))),
+            Err(e) => return Err(shared.last_error.error(format!("{}: {e}", self.config.bootstrap))),
         }
         let broker = KafkaBroker {
             producer: Arc::new(RwLock::new(producer)),

@@ -62,6 +62,7 @@ async fn scram_sha_512_login() {
     let text = err.to_string();
     println!("wrong password: {text}");
     assert!(text.contains("cannot connect") && text.contains("SASL") && !text.contains("not-the-password"), "{text}");
+    assert!(matches!(err, broker_core::Error::Denied { .. }), "a refused password is permanent: {err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,4 +99,5 @@ async fn tls_through_stunnel_with_host_name_verification() {
     let text = err.to_string();
     println!("wrong CA: {text}");
     assert!(text.contains("cannot connect") && text.contains("certificate"), "{text}");
+    assert!(matches!(err, broker_core::Error::Denied { .. }), "an untrusted certificate is permanent: {err:?}");
 }

@@ -83,18 +83,53 @@ impl ChannelCallback for Callbacks {
     }
 }
 
+/// An amqprs error as ours: refused credentials or certificates are [`Error::Denied`] (trying
+/// again will not help), anything else [`Error::Unavailable`].
 fn amqp_error(target: &AmqpTarget, e: amqprs::error::Error) -> Error {
     let text = e.to_string();
-    let hint = if text.contains("403") || text.contains("ACCESS_REFUSED") {
-        " (wrong user name or password?)"
-    } else if text.contains("InvalidCertificate") || text.contains("UnknownIssuer") {
-        " (the server certificate is not signed by the configured CA)"
+    let denied = if text.contains("403") || text.contains("ACCESS_REFUSED") {
+        Some(" (wrong user name or password?)")
+    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
+        Some(" (the server certificate is not for this host name)")
+    } else if text.contains("InvalidCertificate")
+        || text.contains("UnknownIssuer")
+        || text.contains("invalid peer certificate")
+    {
+        Some(" (the server certificate is not signed by the configured CA)")
     } else if text.contains("CertificateRequired") || text.contains("HandshakeFailure") {
-        " (the server requires a client certificate: set certfile/keyfile or RABBITMQ_SSL_CLIENT_*)"
+        Some(" (the server requires a client certificate: set certfile/keyfile or RABBITMQ_SSL_CLIENT_*)")
+    } else if text.contains("NOT_ALLOWED") && text.contains("vhost") {
+        Some(" (the user may not use this virtual host)")
     } else {
-        ""
+        None
     };
-    Error::Unavailable { backend: NAME, reason: format!("{}: {text}{hint}", target.describe()), cause: None }
+    let reason = format!("{}: {text}{}", target.describe(), denied.unwrap_or(""));
+    match denied {
+        Some(_) => Error::Denied { backend: NAME, reason, cause: None },
+        None => Error::Unavailable { backend: NAME, reason, cause: None },
+    }
+}
+
+/// A failed `Connection::open`. amqprs does not announce `authentication_failure_close`, so
+/// RabbitMQ answers a refused login by dropping the connection during the handshake: a reset
+/// there is reported as a probable refusal ([`Error::Denied`]), as Python's pika does
+/// (`ProbableAuthenticationError`).
+fn login_error(target: &AmqpTarget, e: amqprs::error::Error) -> Error {
+    let text = e.to_string();
+    if text.contains("reset by peer") {
+        let reason = format!(
+            "{}: {text} (RabbitMQ dropped the connection during login: probably a wrong user name or password, or a user without access to the virtual host {:?})",
+            target.describe(),
+            target.vhost
+        );
+        return Error::Denied { backend: NAME, reason, cause: None };
+    }
+    amqp_error(target, e)
+}
+
+/// Whether an error is a refusal for sure (not a probable one): retrying cannot help.
+fn surely_denied(e: &Error) -> bool {
+    matches!(e, Error::Denied { reason, .. } if !reason.contains("probably"))
 }
 
 /// An open connection and confirm-mode channel.
@@ -112,7 +147,7 @@ pub(crate) async fn open(target: &AmqpTarget, name: &str) -> Result<(Connection,
     }
     let connection = match tokio::time::timeout(target.connection_timeout, Connection::open(&args)).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(amqp_error(target, e)),
+        Ok(Err(e)) => return Err(login_error(target, e)),
         Err(_) => {
             return Err(Error::Unavailable {
                 backend: NAME,
@@ -203,6 +238,8 @@ pub(crate) async fn first_link(config: &PikaConfig, tx: &Signals) -> Result<(Lin
     loop {
         match open_link(config, u64::from(attempt), tx).await {
             Ok(link) => return Ok((link, u64::from(attempt))),
+            // Refused credentials or certificates: the next attempt would be refused too.
+            Err(e) if surely_denied(&e) => return Err(e),
             Err(e) if attempt >= config.connection_attempts => return Err(e),
             Err(e) => {
                 tracing::warn!(

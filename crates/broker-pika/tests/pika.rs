@@ -154,6 +154,7 @@ async fn connection_failures_are_clear_and_quick() {
     let err = PikaBackend::new(config).connect().await.expect_err("a closed port fails");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && text.contains(&port.to_string()), "{text}");
+    assert!(err.is_temporary(), "a closed port may open later: {err:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
 
     let t = common::config_with(&service.url, &["q"], "x", &[]).target;
@@ -162,6 +163,7 @@ async fn connection_failures_are_clear_and_quick() {
     let err = PikaBackend::new(config).connect().await.expect_err("a wrong password fails");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && !text.contains("wrong-password-123"), "{text}");
+    assert!(matches!(err, Error::Denied { .. }) && !err.is_temporary(), "a refused password is permanent: {err:?}");
 }
 
 /// A connection cut by the network (a proxy on loopback): unconfirmed and new events wait, are

@@ -69,17 +69,21 @@ async fn tls_with_client_certificates() {
     let text = err.to_string();
     println!("wrong CA: {text}");
     assert!(text.contains("cannot connect") && text.contains("certificate"), "{text}");
+    assert!(matches!(err, broker_core::Error::Denied { .. }), "an untrusted certificate is permanent: {err:?}");
 
     // The certificate is for localhost and 127.0.0.1, not for this name.
     let mut config = amqps("localhost", &ca.ca, true);
     config.target.server_name = Some("rabbit.example".into());
-    let text = publish_one(config).await.expect_err("a host name mismatch fails").to_string();
+    let err = publish_one(config).await.expect_err("a host name mismatch fails");
+    assert!(!err.is_temporary(), "a certificate for another name is permanent: {err:?}");
+    let text = err.to_string();
     println!("wrong name: {text}");
     assert!(text.contains("certificate") && text.contains("rabbit.example"), "{text}");
 
     // No client certificate: the server refuses the handshake.
-    let text =
-        publish_one(amqps("localhost", &ca.ca, false)).await.expect_err("no client certificate fails").to_string();
+    let err = publish_one(amqps("localhost", &ca.ca, false)).await.expect_err("no client certificate fails");
+    assert!(!err.is_temporary(), "a refused handshake is permanent: {err:?}");
+    let text = err.to_string();
     println!("no client certificate: {text}");
     assert!(text.contains("cannot connect") && text.contains("client certificate"), "{text}");
 

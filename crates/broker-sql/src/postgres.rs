@@ -34,20 +34,39 @@ fn cannot_connect(target: &PgTarget, e: impl std::fmt::Display) -> Error {
     Error::Unavailable { backend: NAME, reason: format!("{}: {e}", target.describe()), cause: None }
 }
 
+/// A failed connect as ours: a refused login (SQLSTATE class 28), a database that does not exist
+/// (3D000) or a certificate or TLS setting that cannot work is [`Error::Denied`] (trying again
+/// will not help); anything else [`Error::Unavailable`].
+fn connect_error(target: &PgTarget, e: &tokio_postgres::Error) -> Error {
+    let text = tls_reason(e);
+    let code = e.code().map(|c| c.code().to_owned()).unwrap_or_default();
+    let lower = text.to_lowercase();
+    let denied = code.starts_with("28")
+        || code == "3D000"
+        || lower.contains("certificate")
+        || lower.contains("server does not support tls");
+    let reason = format!("{}: {text}", target.describe());
+    if denied {
+        Error::Denied { backend: NAME, reason, cause: None }
+    } else {
+        Error::Unavailable { backend: NAME, reason, cause: None }
+    }
+}
+
 /// Connects (with TLS per `sslmode`) within `timeout`.
 pub(crate) async fn connect(target: &PgTarget, timeout: Duration) -> Result<AsyncPgConnection, Error> {
     let config = target.pg_config().map_err(|e| cannot_connect(target, e))?;
     let attempt = async {
         if target.tls.mode == crate::tls::SslMode::Disable {
             let (client, connection) =
-                config.connect(tokio_postgres::NoTls).await.map_err(|e| cannot_connect(target, e))?;
+                config.connect(tokio_postgres::NoTls).await.map_err(|e| connect_error(target, &e))?;
             return AsyncPgConnection::try_from_client_and_connection(client, connection)
                 .await
                 .map_err(|e| cannot_connect(target, e));
         }
         let tls = crate::tls::client_config(&target.tls).map_err(|e| cannot_connect(target, e))?;
         let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
-        let (client, connection) = config.connect(make).await.map_err(|e| cannot_connect(target, tls_reason(&e)))?;
+        let (client, connection) = config.connect(make).await.map_err(|e| connect_error(target, &e))?;
         AsyncPgConnection::try_from_client_and_connection(client, connection)
             .await
             .map_err(|e| cannot_connect(target, e))

@@ -150,3 +150,25 @@ async fn rows_hold_rasas_bytes() {
     }
     target.drop_tables().await;
 }
+
+/// A login PostgreSQL refuses (a role that does not exist) and a database that does not exist are
+/// permanent (`Error::Denied`: trying again will not help); a closed port is temporary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_logins_and_missing_databases_are_permanent() {
+    let Some(service) = broker_testkit::services::postgres("refused_logins_are_permanent").await else { return };
+    let rest = service.url.split_once("://").map_or(service.url.as_str(), |(_, r)| r);
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let (host, db) = host.split_once('/').unwrap_or((host, "test"));
+    let connect = |url: String| async move {
+        let config = SqlConfig::postgres_url(&url).table(TableName::new("never_created").unwrap());
+        SqlBackend::new(config).connect().await.expect_err("must fail")
+    };
+    let err = connect(format!("postgres://no_such_role_9f1c@{host}/{db}")).await;
+    assert!(matches!(err, broker_core::Error::Denied { .. }) && !err.is_temporary(), "unknown role: {err:?}");
+    assert!(err.to_string().contains("no_such_role_9f1c"), "{err}");
+    let err = connect(format!("postgres://postgres@{host}/no_such_database_9f1c")).await;
+    assert!(matches!(err, broker_core::Error::Denied { .. }), "unknown database: {err:?}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err = connect(format!("postgres://postgres@127.0.0.1:{port}/{db}")).await;
+    assert!(matches!(err, broker_core::Error::Unavailable { .. }) && err.is_temporary(), "closed port: {err:?}");
+}

@@ -104,12 +104,14 @@ async fn a_wrong_ca_or_host_name_fails_clearly() {
         .expect_err("wrong CA must fail");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && text.to_lowercase().contains("certificate"), "{text}");
+    assert!(matches!(err, broker_core::Error::Denied { .. }), "an untrusted certificate is permanent: {err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // The certificate names `localhost`; 127.0.0.1 is not in it.
     let err = backend("127.0.0.1", "verify-full", Some(&ca), &table).connect().await.expect_err("wrong name must fail");
     let text = err.to_string();
     assert!(text.contains("cannot connect") && text.to_lowercase().contains("name"), "{text}");
+    assert!(matches!(err, broker_core::Error::Denied { .. }), "a certificate for another name is permanent: {err:?}");
 
     // verify-ca checks the chain only, and require (no CA) only encrypts: both connect.
     for (host, mode, ca) in [("127.0.0.1", "verify-ca", Some(ca.as_str())), ("127.0.0.1", "require", None)] {
