@@ -1,17 +1,64 @@
 //! `broker`: publish, tail and check tracker events through the broker configured in Rasa's
-//! `endpoints.yml` (contracts §D).
+//! `endpoints.yml` (contracts §D). Exit codes: see [`code`].
 
-use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
+mod publish;
+
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
-use broker_core::{Backend, Error, Event, EventBroker, Receipt, SourceOptions, StartFrom};
+use anyhow::{Context, anyhow};
+use broker_core::{Backend, Error, EventBroker, SourceOptions, StartFrom};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// The exit codes, the same for every command (README, `--help`).
+pub(crate) mod code {
+    /// Everything delivered / ready.
+    pub const OK: u8 = 0;
+    /// Some events not delivered (all written to the undelivered file), or a failure midway.
+    pub const UNDELIVERED: u8 = 1;
+    /// A usage or configuration error (including refused credentials or certificates): nothing
+    /// was published.
+    pub const CONFIG: u8 = 2;
+    /// The service cannot be reached or is not ready.
+    pub const UNAVAILABLE: u8 = 3;
+    /// Interrupted (SIGINT, SIGTERM).
+    pub const INTERRUPTED: u8 = 130;
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 everything delivered (check: ready); 1 some events not delivered \
+(written to the undelivered file) or a failure midway; 2 usage or configuration error, refused \
+credentials or certificates (nothing was published); 3 the service cannot be reached or is not \
+ready; 130 interrupted (SIGINT/SIGTERM).";
+
+/// A failed command: the exit code and what to say on stderr.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    pub(crate) fn new(code: u8, error: impl Into<anyhow::Error>) -> Failure {
+        Failure { code, error: error.into() }
+    }
+
+    fn config(error: impl Into<anyhow::Error>) -> Failure {
+        Failure::new(code::CONFIG, error)
+    }
+}
+
+/// A backend that could not be opened: a configuration or refused login is code 2, a service
+/// that cannot be reached code 3.
+pub(crate) fn connect_failure(backend: &dyn Backend, e: Error) -> Failure {
+    let code = match &e {
+        Error::Config(_) | Error::Denied { .. } => code::CONFIG,
+        _ => code::UNAVAILABLE,
+    };
+    Failure::new(code, anyhow::Error::new(e).context(format!("connecting to {}", backend.describe())))
+}
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -21,7 +68,7 @@ const DEFAULT_SQLITE: &str = "events.db";
 
 /// Publish, tail and check Rasa tracker events through the broker configured in endpoints.yml.
 #[derive(Debug, Parser)]
-#[command(name = "broker", version, about, long_about = None)]
+#[command(name = "broker", version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
     /// The endpoints file. Default: ./endpoints.yml when it exists, else the embedded default
     /// (SQLite database events.db in the working directory).
@@ -41,6 +88,11 @@ enum Command {
         /// Count and report invalid lines instead of stopping at the first one.
         #[arg(long)]
         skip_invalid: bool,
+        /// Append every event read and not delivered to PATH (Rasa's bytes, one per line, in
+        /// publish order), for a later `broker publish PATH`. Default: a new
+        /// undelivered-<UTC timestamp>.jsonl in the working directory, named on stderr.
+        #[arg(long, value_name = "PATH")]
+        undelivered: Option<PathBuf>,
     },
     /// Print consumed events as JSON lines, exactly as stored.
     Tail {
@@ -77,18 +129,20 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
-    let backend = resolve_backend(cli.endpoints.as_deref())?;
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    let backend = resolve_backend(cli.endpoints.as_deref()).map_err(Failure::config)?;
     match cli.command {
-        Command::Publish { files, skip_invalid } => publish(backend.as_ref(), &files, skip_invalid).await,
+        Command::Publish { files, skip_invalid, undelivered } => {
+            publish::publish(backend.as_ref(), publish::Args { files, skip_invalid, undelivered }).await
+        }
         Command::Tail { from_beginning, limit, timeout, group } => {
             tail(backend.as_ref(), from_beginning, limit, timeout, group).await
         }
@@ -97,12 +151,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `--endpoints`, else `./endpoints.yml`, else the embedded default (said once on stderr).
-fn resolve_backend(endpoints: Option<&Path>) -> Result<Box<dyn Backend>> {
+fn resolve_backend(endpoints: Option<&Path>) -> anyhow::Result<Box<dyn Backend>> {
     let registry = broker_config::default_registry();
     let path = match endpoints {
         Some(p) => {
             if !p.exists() {
-                bail!("the endpoints file {} does not exist", p.display());
+                anyhow::bail!("the endpoints file {} does not exist", p.display());
             }
             Some(p.to_owned())
         }
@@ -123,7 +177,7 @@ fn resolve_backend(endpoints: Option<&Path>) -> Result<Box<dyn Backend>> {
     Ok(configured.backend)
 }
 
-fn progress(total_bytes: Option<u64>) -> ProgressBar {
+pub(crate) fn progress(total_bytes: Option<u64>) -> ProgressBar {
     let on_terminal = io::stderr().is_terminal() && io::stdout().is_terminal();
     if !on_terminal {
         return ProgressBar::hidden();
@@ -139,205 +193,22 @@ fn progress(total_bytes: Option<u64>) -> ProgressBar {
     bar
 }
 
-/// Counts of a publish run.
-#[derive(Default)]
-struct Tally {
-    read: u64,
-    delivered: u64,
-    failed: u64,
-    skipped: u64,
-    first_failure: Option<String>,
-}
-
-impl Tally {
-    fn settle(&mut self, outcome: Result<broker_core::Delivered, Error>) {
-        match outcome {
-            Ok(_) => self.delivered += 1,
-            Err(e) => {
-                self.failed += 1;
-                if self.first_failure.is_none() {
-                    self.first_failure = Some(e.to_string());
-                }
-            }
-        }
-    }
-}
-
-/// How many outcomes may be outstanding before the oldest is awaited; the broker's own buffer
-/// bounds memory further down.
-const WINDOW: usize = 65_536;
-
-/// Lines the reader thread hands over at once.
-const CHUNK: usize = 512;
-
-/// What the reader thread found, in input order.
-enum Item {
-    Event(Event),
-    /// An invalid line skipped under `--skip-invalid`.
-    Skipped(String),
-    /// An invalid line or unreadable input that ends the run.
-    Stop(String),
-}
-
-/// Reading and parsing run on their own thread, so on a multi-core machine they overlap with
-/// publishing (which encodes nothing for events read from bytes) and with the backend's writer.
-fn spawn_reader(
-    inputs: Vec<Option<PathBuf>>,
-    skip_invalid: bool,
-    bar: ProgressBar,
-) -> tokio::sync::mpsc::Receiver<Vec<Item>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Item>>(16);
-    std::thread::spawn(move || {
-        let send = |chunk: Vec<Item>| tx.blocking_send(chunk).is_ok();
-        for input in inputs {
-            let (name, reader): (String, Box<dyn Read>) = match &input {
-                Some(p) => match File::open(p) {
-                    Ok(f) => (p.display().to_string(), Box::new(f)),
-                    Err(e) => {
-                        send(vec![Item::Stop(format!("cannot open {}: {e}", p.display()))]);
-                        return;
-                    }
-                },
-                None => ("<stdin>".into(), Box::new(io::stdin().lock())),
-            };
-            let mut reader = BufReader::with_capacity(1 << 20, reader);
-            let mut line = Vec::with_capacity(4096);
-            let mut line_no = 0u64;
-            let mut chunk = Vec::with_capacity(CHUNK);
-            loop {
-                line.clear();
-                let n = match reader.read_until(b'\n', &mut line) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        chunk.push(Item::Stop(format!("reading {name}: {e}")));
-                        send(chunk);
-                        return;
-                    }
-                };
-                if n == 0 {
-                    break;
-                }
-                line_no += 1;
-                bar.inc(n as u64);
-                let text = line.strip_suffix(b"\n").unwrap_or(&line);
-                let text = text.strip_suffix(b"\r").unwrap_or(text);
-                if text.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                match Event::from_json(text) {
-                    Ok(e) => chunk.push(Item::Event(e)),
-                    Err(e) if skip_invalid => chunk.push(Item::Skipped(format!("{name}:{line_no}: {e}"))),
-                    Err(e) => {
-                        chunk.push(Item::Stop(format!(
-                            "{name}:{line_no}: invalid event: {e} (use --skip-invalid to skip such lines)"
-                        )));
-                        send(chunk);
-                        return;
-                    }
-                }
-                if chunk.len() >= CHUNK && !send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))) {
-                    return;
-                }
-            }
-            if !chunk.is_empty() && !send(chunk) {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-async fn publish(backend: &dyn Backend, files: &[PathBuf], skip_invalid: bool) -> Result<ExitCode> {
-    let inputs: Vec<Option<PathBuf>> = if files.is_empty() {
-        vec![None]
-    } else {
-        files.iter().map(|f| Some(f.clone()).filter(|p| p.as_path() != Path::new("-"))).collect()
-    };
-    let total: Option<u64> =
-        inputs.iter().map(|i| i.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len())).sum::<Option<u64>>();
-    let broker = backend.connect().await.with_context(|| format!("connecting to {}", backend.describe()))?;
-    let bar = progress(total);
-    let started = Instant::now();
-    let mut tally = Tally::default();
-    let mut pending: VecDeque<Receipt> = VecDeque::with_capacity(WINDOW);
-    let mut stop: Option<String> = None;
-    let mut chunks = spawn_reader(inputs, skip_invalid, bar.clone());
-
-    'chunks: while let Some(chunk) = chunks.recv().await {
-        for item in chunk {
-            let event = match item {
-                Item::Event(e) => e,
-                Item::Skipped(why) => {
-                    tally.skipped += 1;
-                    bar.suspend(|| eprintln!("skipped {why}"));
-                    continue;
-                }
-                Item::Stop(why) => {
-                    stop = Some(why);
-                    break 'chunks;
-                }
-            };
-            tally.read += 1;
-            match broker.publish(event).await {
-                Ok(receipt) => pending.push_back(receipt),
-                Err(e) => {
-                    stop = Some(format!("event {}: publish refused: {e}", tally.read));
-                    break 'chunks;
-                }
-            }
-            if pending.len() >= WINDOW {
-                if let Some(r) = pending.pop_front() {
-                    tally.settle(r.await);
-                }
-            }
-        }
-        bar.set_message(format!("{} events", tally.read));
-    }
-    // Stops the reader if it is still going.
-    drop(chunks);
-    for r in pending.drain(..) {
-        tally.settle(r.await);
-    }
-    let report = broker.close().await.context("closing the broker")?;
-    bar.finish_and_clear();
-    let secs = started.elapsed().as_secs_f64();
-    let rate = if secs > 0.0 { tally.delivered as f64 / secs } else { 0.0 };
-    let mut summary =
-        format!("broker: read {} events, delivered {}, failed {}", tally.read, tally.delivered, tally.failed);
-    if tally.skipped > 0 {
-        summary.push_str(&format!(", skipped {} invalid lines", tally.skipped));
-    }
-    summary.push_str(&format!(" in {secs:.2} s ({rate:.0} events/s) to {}", backend.describe()));
-    eprintln!("{summary}");
-    if !report.is_clean() {
-        eprintln!("broker: {} events were not delivered before the close deadline", report.undelivered.len());
-    }
-    if let Some(first) = &tally.first_failure {
-        eprintln!("broker: first failure: {first}");
-    }
-    if let Some(why) = stop {
-        eprintln!("error: {why}");
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(if tally.failed == 0 && report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-}
-
 async fn tail(
     backend: &dyn Backend,
     from_beginning: bool,
     limit: Option<u64>,
     timeout: Option<f64>,
     group: String,
-) -> Result<ExitCode> {
+) -> Result<u8, Failure> {
     let timeout = match timeout {
         Some(t) if t.is_finite() && t >= 0.0 => Some(Duration::from_secs_f64(t)),
-        Some(t) => bail!("--timeout must be a non-negative number of seconds, got {t}"),
+        Some(t) => return Err(Failure::config(anyhow!("--timeout must be a non-negative number of seconds, got {t}"))),
         None => None,
     };
+    let midway = |e: anyhow::Error| Failure::new(code::UNDELIVERED, e);
     let start = if from_beginning { StartFrom::Beginning } else { StartFrom::Resume };
     let options = SourceOptions::from(start).group(group);
-    let mut source =
-        backend.source(&options).await.with_context(|| format!("consuming from {}", backend.describe()))?;
+    let mut source = backend.source(&options).await.map_err(|e| connect_failure(backend, e))?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let mut count = 0u64;
@@ -354,41 +225,41 @@ async fn tail(
                 let written = out.write_all(&received.raw).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush());
                 if let Err(e) = written {
                     if e.kind() == io::ErrorKind::BrokenPipe {
-                        source.close().await?;
-                        return Ok(ExitCode::SUCCESS);
+                        source.close().await.map_err(|e| midway(e.into()))?;
+                        return Ok(code::OK);
                     }
-                    return Err(e).context("writing to stdout");
+                    return Err(midway(anyhow::Error::new(e).context("writing to stdout")));
                 }
-                source.ack(&received).await?;
+                source.ack(&received).await.map_err(|e| midway(e.into()))?;
                 count += 1;
             }
             Ok(None) => break,
             Err(e @ Error::Malformed { .. }) => eprintln!("broker: skipping {e}"),
-            Err(e) => return Err(e).context("consuming"),
+            Err(e) => return Err(midway(anyhow::Error::new(e).context("consuming"))),
         }
     }
     // Acknowledgements must reach the service before the process ends.
-    source.close().await.context("closing the consumer")?;
-    Ok(ExitCode::SUCCESS)
+    source.close().await.context("closing the consumer").map_err(midway)?;
+    Ok(code::OK)
 }
 
-async fn check(backend: &dyn Backend) -> Result<ExitCode> {
+async fn check(backend: &dyn Backend) -> Result<u8, Failure> {
     let describe = backend.describe();
     let broker: Box<dyn EventBroker> = match backend.connect().await {
         Ok(b) => b,
         Err(e) => {
             eprintln!("not ready: {describe}: {e}");
-            return Ok(ExitCode::FAILURE);
+            return Ok(connect_failure(backend, e).code);
         }
     };
     let ready = broker.is_ready().await;
-    broker.close().await?;
+    let _ = broker.close().await;
     if ready {
         println!("ready: {describe}");
-        Ok(ExitCode::SUCCESS)
+        Ok(code::OK)
     } else {
         eprintln!("not ready: {describe}");
-        Ok(ExitCode::FAILURE)
+        Ok(code::UNAVAILABLE)
     }
 }
 
@@ -400,15 +271,5 @@ mod tests {
     fn cli_definition_is_valid() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn reading_stdin_line_splitting_handles_crlf() {
-        let data = b"a\r\nb\n";
-        let mut r = BufReader::new(&data[..]);
-        let mut line = Vec::new();
-        r.read_until(b'\n', &mut line).unwrap();
-        let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        assert_eq!(text.strip_suffix(b"\r").unwrap_or(text), b"a");
     }
 }

@@ -62,7 +62,7 @@ fn an_invalid_line_stops_after_delivering_what_came_before() {
     let out = broker(dir.path(), &["publish", "--skip-invalid", "-"], Some(input));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("skipped <stdin>:2"), "{}", stderr(&out));
-    assert!(stderr(&out).contains("delivered 2, failed 0, skipped 1 invalid lines"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("delivered 2, failed 0, undelivered 0, skipped 1 invalid lines"), "{}", stderr(&out));
 }
 
 #[test]

@@ -113,6 +113,10 @@ impl Backend for MemoryBackend {
         "memory (in-process)".into()
     }
 
+    fn close_timeout(&self) -> std::time::Duration {
+        self.delivery.close_timeout
+    }
+
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let sink = MemorySink { store: self.store.clone(), faults: self.faults.clone() };
         let options = DriverOptions::default()

@@ -22,6 +22,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Where events go, for people (`"file rasa_event.log"`); never includes secrets.
     fn describe(&self) -> String;
 
+    /// How long `close` waits for delivery (`close_timeout`), for callers that bound their own
+    /// waits by it (the CLI stops reading when a publish is blocked this long).
+    fn close_timeout(&self) -> std::time::Duration {
+        crate::config::DeliveryOptions::default().close_timeout
+    }
+
     /// Connects and returns a broker ready to publish.
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error>;
 

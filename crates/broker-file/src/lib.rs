@@ -228,6 +228,10 @@ impl Backend for FileBackend {
         format!("file {}", self.config.path.display())
     }
 
+    fn close_timeout(&self) -> std::time::Duration {
+        self.config.delivery.close_timeout
+    }
+
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let path = self.config.path.clone();
         let mut file =

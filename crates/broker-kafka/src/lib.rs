@@ -192,6 +192,10 @@ impl Backend for KafkaBackend {
         format!("kafka {} topic {}", self.config.bootstrap, self.config.topic)
     }
 
+    fn close_timeout(&self) -> std::time::Duration {
+        self.config.delivery.close_timeout
+    }
+
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         Ok(Box::new(self.open().await?))
     }

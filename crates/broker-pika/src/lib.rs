@@ -117,6 +117,10 @@ impl Backend for PikaBackend {
         )
     }
 
+    fn close_timeout(&self) -> std::time::Duration {
+        self.config.delivery.close_timeout
+    }
+
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         Ok(Box::new(self.open().await?))
     }

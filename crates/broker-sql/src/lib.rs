@@ -262,6 +262,10 @@ impl Backend for SqlBackend {
         }
     }
 
+    fn close_timeout(&self) -> std::time::Duration {
+        self.config.delivery.close_timeout
+    }
+
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let config = &self.config;
         let options = DriverOptions::default()

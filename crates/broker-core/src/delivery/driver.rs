@@ -257,6 +257,9 @@ impl<S: Sink> Driver<S> {
             if !self.w.sent.is_empty() {
                 // Events in flight (a sink that confirms later): send more while the window
                 // has room, else wait for confirmations.
+                if self.retry_at.is_some_and(|at| Instant::now() >= at) {
+                    self.retry_at = None;
+                }
                 if self.can_send() {
                     self.attempt(deadline).await;
                 } else {
@@ -348,16 +351,30 @@ impl<S: Sink> Driver<S> {
         }
     }
 
-    /// While idle: gets the sink back if it failed, then pings it, and records the result.
+    /// While idle: gets the sink back if it failed (once its backoff has passed), then pings
+    /// it, and records the result. A close requested meanwhile cuts the call at its deadline.
     async fn idle_check(&mut self) {
         let limit = self.options.attempt_timeout;
-        if let Some(failure) = self.failure.take() {
-            let recovered = call(self.sink.recover(&failure), limit).await;
-            if !self.succeeded(recovered) {
+        if self.failure.is_some() {
+            if self.retry_at.is_some_and(|at| Instant::now() < at) {
                 return;
             }
+            if let Some(failure) = self.failure.take() {
+                let recovered = tokio::select! {
+                    biased;
+                    r = call(self.sink.recover(&failure), limit) => r,
+                    _ = until_close_deadline(&self.inbox) => Call::TimedOut(limit),
+                };
+                if !self.succeeded(recovered) {
+                    return;
+                }
+            }
         }
-        let pinged = call(self.sink.ping(), limit).await;
+        let pinged = tokio::select! {
+            biased;
+            r = call(self.sink.ping(), limit) => r,
+            _ = until_close_deadline(&self.inbox) => Call::TimedOut(limit),
+        };
         if self.succeeded(pinged) {
             self.ready.set(true);
             self.retry_at = None;
@@ -507,6 +524,7 @@ impl<S: Sink> Driver<S> {
         };
         let mut again: Vec<(Record, Held)> = Vec::new();
         let mut retry_error = None;
+        let mut sent_now = 0;
         let now = Instant::now();
         for ((record, mut h), verdict) in records.into_iter().zip(held).zip(verdicts) {
             match verdict {
@@ -517,7 +535,10 @@ impl<S: Sink> Driver<S> {
                     h.alone = true;
                     again.push((record, h));
                 }
-                Verdict::Sent => self.w.sent.push_back(Sent { record, held: h, at: now }),
+                Verdict::Sent => {
+                    sent_now += 1;
+                    self.w.sent.push_back(Sent { record, held: h, at: now });
+                }
                 Verdict::Retry(e) => {
                     retry_error.get_or_insert(e);
                     again.push((record, h));
@@ -535,10 +556,12 @@ impl<S: Sink> Driver<S> {
             }
             None => {
                 self.retry_len = None;
-                if !self.stalled {
+                // A batch only sent (to be confirmed later) proves nothing yet: readiness and the
+                // backoff follow its confirmations.
+                if sent_now < n && !self.stalled {
                     self.ready.set(true);
+                    self.backoff.reset();
                 }
-                self.backoff.reset();
             }
         }
         n < self.options.batch_size
@@ -551,10 +574,15 @@ impl<S: Sink> Driver<S> {
         let oldest = self.w.sent.front().map_or(now, |s| s.at);
         let mut wake =
             if self.stalled { now + self.options.confirm_timeout } else { oldest + self.options.confirm_timeout };
-        if let Some(at) = self.retry_at.filter(|_| !self.w.records.is_empty()) {
+        let room = self.w.sent.len() < self.options.max_in_flight && !self.stalled;
+        // A retry due later lets an event be sent then (only if there is room to send it).
+        if let Some(at) = self.retry_at.filter(|at| *at > now && room && !self.w.records.is_empty()) {
             wake = wake.min(at);
         }
-        let room = self.w.sent.len() < self.options.max_in_flight && !self.stalled;
+        // The deadline of a close nobody asked for (every handle dropped) too.
+        if let Some(d) = self.implicit_deadline {
+            wake = wake.min(d.max(now));
+        }
         let want_more = room && self.w.records.is_empty() && !self.inbox.is_finished();
         let mut cmds = Vec::new();
         let max = self.options.batch_size;
@@ -614,36 +642,44 @@ impl<S: Sink> Driver<S> {
             tracing::info!(backend = self.backend, "confirmations again");
         }
         let mut retry = None;
+        let mut again = Vec::new();
+        let mut delivered = false;
         for verdict in verdicts {
             let Some(Sent { record, held, .. }) = self.w.sent.pop_front() else {
                 tracing::warn!(backend = self.backend, "the sink confirmed more events than were in flight");
                 break;
             };
             match verdict {
-                Verdict::Delivered(position) => held.settle.delivered(position),
+                Verdict::Delivered(position) => {
+                    delivered = true;
+                    held.settle.delivered(position);
+                }
                 Verdict::Rejected(reason) | Verdict::Suspect(reason) => self.reject(&record, held.settle, reason),
                 Verdict::Retry(e) => {
                     // Refused for now (e.g. a full queue): sent again after a backoff. Events
                     // sent after it may land first.
                     retry.get_or_insert(e);
-                    self.w.requeue(vec![(record, held)]);
+                    again.push((record, held));
                 }
                 Verdict::Sent => {
                     retry.get_or_insert(self.io_error("the sink confirmed an event as Sent".into()));
-                    self.w.requeue(vec![(record, held)]);
+                    again.push((record, held));
                 }
             }
         }
+        self.w.requeue(again);
         match retry {
             Some(e) => {
                 let delay = self.backoff.next_delay();
                 tracing::warn!(backend = self.backend, "{e}; sending it again in {delay:?}");
+                self.ready.set(false);
                 self.retry_at = Some(Instant::now() + delay);
             }
-            None => {
+            None if delivered => {
                 self.ready.set(true);
                 self.backoff.reset();
             }
+            None => {}
         }
     }
 

@@ -61,6 +61,10 @@ impl Backend for Layered {
         self.inner.describe()
     }
 
+    fn close_timeout(&self) -> std::time::Duration {
+        self.inner.close_timeout()
+    }
+
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let mut broker = self.inner.connect().await?;
         for layer in &self.layers {

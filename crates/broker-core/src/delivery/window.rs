@@ -54,9 +54,10 @@ impl Window {
         }
     }
 
-    /// Nothing held: no event waits to be sent or confirmed.
+    /// Nothing held: no event waits to be sent, written or confirmed (receipts are in `held`
+    /// while their records are being written).
     pub(crate) fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.sent.is_empty()
+        self.held.is_empty() && self.sent.is_empty()
     }
 
     /// Takes queued commands until one batch waits beyond `in_flight` events being written.
@@ -103,10 +104,15 @@ impl Window {
 
     /// Answers the flush markers every event before which is settled.
     pub(crate) fn answer_flushes(&mut self) {
-        let low = match (self.sent.front(), self.held.front()) {
-            (Some(s), _) => s.held.seq,
-            (None, Some(h)) => h.seq,
-            (None, None) => self.next_seq,
+        if self.flushes.is_empty() {
+            return;
+        }
+        // An event sent again after a refusal may follow later ones in `sent`: take the lowest.
+        let in_flight = self.sent.iter().map(|s| s.held.seq).min();
+        let unsent = self.held.front().map(|h| h.seq);
+        let low = match (in_flight, unsent) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(self.next_seq),
         };
         while self.flushes.front().is_some_and(|(barrier, _)| *barrier <= low) {
             if let Some((_, tx)) = self.flushes.pop_front() {
@@ -115,9 +121,15 @@ impl Window {
         }
     }
 
-    /// Puts events back at the head of the events to send, in publish order (`events` may come
-    /// in any order; they all precede what is there now).
+    /// Puts events back among the events to send, in publish order (`events` may come in any
+    /// order; those to send stay sorted by publish order).
     pub(crate) fn requeue(&mut self, mut events: Vec<(Record, Held)>) {
+        let Some(last) = events.iter().map(|(_, h)| h.seq).max() else { return };
+        while self.held.front().is_some_and(|h| h.seq < last) {
+            if let (Some(r), Some(h)) = (self.records.pop_front(), self.held.pop_front()) {
+                events.push((r, h));
+            }
+        }
         events.sort_by_key(|(_, h)| h.seq);
         for (r, h) in events.into_iter().rev() {
             self.records.push_front(r);

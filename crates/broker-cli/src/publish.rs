@@ -1,0 +1,465 @@
+//! `broker publish`: read JSON lines, publish them in order, and account for every event read.
+//!
+//! The run never hangs and never drops an event it read: when the input ends it closes with the
+//! backend's `close_timeout`; when publishing has been blocked for longer than that (the service is
+//! down and the buffer full) it stops reading and closes the same way; on SIGINT/SIGTERM it stops
+//! reading and closes (a second signal exits at once). Every event read and not delivered
+//! (rejected, failed, undelivered at close, never accepted, or of unknown outcome) is appended to
+//! the undelivered file in its Rasa bytes, one per line, in publish order, so that
+//! `broker publish FILE` later sends exactly those. The summary is printed on every path.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use broker_core::{Backend, Error, Event, EventBroker, Receipt};
+use indicatif::ProgressBar;
+
+use crate::{Failure, code, progress};
+
+/// How many outcomes may be outstanding before the oldest is awaited; the broker's own buffer
+/// bounds memory further down.
+const WINDOW: usize = 65_536;
+
+/// Lines the reader thread hands over at once.
+const CHUNK: usize = 512;
+
+/// After close, how long the receipts still open may take to settle before they count as unknown.
+const SETTLE_AFTER_CLOSE: Duration = Duration::from_secs(2);
+
+/// What the reader thread found, in input order.
+enum Item {
+    Event(Event),
+    /// An invalid line skipped under `--skip-invalid`.
+    Skipped(String),
+    /// An invalid line or unreadable input that ends the run.
+    Stop(String),
+}
+
+/// Why reading stopped before the input ended.
+enum Stop {
+    /// Invalid or unreadable input.
+    Input(String),
+    /// `publish` refused an event (e.g. `when_full: error`, `raise_on_failure`).
+    Refused(String),
+    /// Publishing was blocked for longer than `close_timeout`.
+    Blocked(Duration),
+    /// SIGINT or SIGTERM.
+    Signal,
+}
+
+/// SIGINT and SIGTERM as one stream.
+pub(crate) struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(crate) fn new() -> io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    pub(crate) async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Counts of a publish run, and the events not delivered, in publish order.
+#[derive(Default)]
+struct Tally {
+    read: u64,
+    delivered: u64,
+    failed: u64,
+    skipped: u64,
+    /// Events of unknown outcome (a second signal, or a receipt still open after close).
+    unknown: u64,
+    first_failure: Option<String>,
+    undelivered: Vec<Event>,
+}
+
+impl Tally {
+    fn settle(&mut self, event: Event, outcome: Result<broker_core::Delivered, Error>) {
+        match outcome {
+            Ok(_) => self.delivered += 1,
+            Err(e) => {
+                self.failed += 1;
+                if self.first_failure.is_none() {
+                    self.first_failure = Some(e.to_string());
+                }
+                self.undelivered.push(event);
+            }
+        }
+    }
+}
+
+/// Reading and parsing run on their own thread, so on a multi-core machine they overlap with
+/// publishing (which encodes nothing for events read from bytes) and with the backend's writer.
+fn spawn_reader(
+    inputs: Vec<Option<PathBuf>>,
+    skip_invalid: bool,
+    bar: ProgressBar,
+) -> tokio::sync::mpsc::Receiver<Vec<Item>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Item>>(16);
+    std::thread::spawn(move || {
+        let send = |chunk: Vec<Item>| tx.blocking_send(chunk).is_ok();
+        for input in inputs {
+            let (name, reader): (String, Box<dyn Read>) = match &input {
+                Some(p) => match File::open(p) {
+                    Ok(f) => (p.display().to_string(), Box::new(f)),
+                    Err(e) => {
+                        send(vec![Item::Stop(format!("cannot open {}: {e}", p.display()))]);
+                        return;
+                    }
+                },
+                None => ("<stdin>".into(), Box::new(io::stdin().lock())),
+            };
+            let mut reader = BufReader::with_capacity(1 << 20, reader);
+            let mut line = Vec::with_capacity(4096);
+            let mut line_no = 0u64;
+            let mut chunk = Vec::with_capacity(CHUNK);
+            loop {
+                line.clear();
+                let n = match reader.read_until(b'\n', &mut line) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        chunk.push(Item::Stop(format!("reading {name}: {e}")));
+                        send(chunk);
+                        return;
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                line_no += 1;
+                bar.inc(n as u64);
+                let text = line.strip_suffix(b"\n").unwrap_or(&line);
+                let text = text.strip_suffix(b"\r").unwrap_or(text);
+                if text.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match Event::from_json(text) {
+                    Ok(e) => chunk.push(Item::Event(e)),
+                    Err(e) if skip_invalid => chunk.push(Item::Skipped(format!("{name}:{line_no}: {e}"))),
+                    Err(e) => {
+                        chunk.push(Item::Stop(format!(
+                            "{name}:{line_no}: invalid event: {e} (use --skip-invalid to skip such lines)"
+                        )));
+                        send(chunk);
+                        return;
+                    }
+                }
+                if chunk.len() >= CHUNK && !send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))) {
+                    return;
+                }
+            }
+            if !chunk.is_empty() && !send(chunk) {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// `broker publish`'s arguments.
+pub(crate) struct Args {
+    pub(crate) files: Vec<PathBuf>,
+    pub(crate) skip_invalid: bool,
+    pub(crate) undelivered: Option<PathBuf>,
+}
+
+/// A run in progress: the broker, the receipts not awaited yet (with their events), the tally.
+struct Run<'a> {
+    broker: &'a dyn EventBroker,
+    close_timeout: Duration,
+    pending: VecDeque<(Receipt, Event)>,
+    tally: Tally,
+    signals: Signals,
+}
+
+impl Run<'_> {
+    /// Publishes one event; `Err` says why reading must stop (the event is then undelivered).
+    async fn publish(&mut self, event: Event) -> Result<(), Stop> {
+        let accepted = tokio::select! {
+            biased;
+            _ = self.signals.recv() => Err(Stop::Signal),
+            r = tokio::time::timeout(self.close_timeout, self.broker.publish(event.clone())) => match r {
+                Ok(Ok(receipt)) => Ok(receipt),
+                Ok(Err(e)) => Err(Stop::Refused(format!("event {}: publish refused: {e}", self.tally.read))),
+                Err(_) => Err(Stop::Blocked(self.close_timeout)),
+            },
+        };
+        match accepted {
+            Ok(receipt) => self.pending.push_back((receipt, event)),
+            Err(stop) => {
+                // Never accepted: it goes to the undelivered file with the rest.
+                self.tally.undelivered.push(event);
+                return Err(stop);
+            }
+        }
+        if self.pending.len() >= WINDOW {
+            if let Some((receipt, event)) = self.pending.pop_front() {
+                let mut receipt = receipt;
+                let outcome = tokio::select! {
+                    biased;
+                    _ = self.signals.recv() => Err(Stop::Signal),
+                    r = tokio::time::timeout(self.close_timeout, &mut receipt) => r.map_err(|_| Stop::Blocked(self.close_timeout)),
+                };
+                match outcome {
+                    Ok(o) => self.tally.settle(event, o),
+                    Err(stop) => {
+                        self.pending.push_front((receipt, event));
+                        return Err(stop);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the broker and settles every receipt. `signals` more signals stop the wait (what
+    /// is still open then counts as unknown). Returns how many signals came meanwhile.
+    async fn close(&mut self, mut signals: u32) -> u32 {
+        let broker = self.broker;
+        let mut got = 0;
+        let mut close = std::pin::pin!(broker.close());
+        let closed = loop {
+            tokio::select! {
+                biased;
+                _ = self.signals.recv() => {
+                    got += 1;
+                    signals = signals.saturating_sub(1);
+                    if signals == 0 {
+                        self.give_up_pending();
+                        return got;
+                    }
+                    eprintln!("broker: closing (another signal exits at once)");
+                }
+                r = &mut close => break r,
+            }
+        };
+        if let Err(e) = closed {
+            self.tally.first_failure.get_or_insert(format!("close failed: {e}"));
+        }
+        let until = Instant::now() + SETTLE_AFTER_CLOSE;
+        while let Some((mut receipt, event)) = self.pending.pop_front() {
+            let left = until.saturating_duration_since(Instant::now());
+            let settled = tokio::select! {
+                biased;
+                _ = self.signals.recv() => None,
+                r = tokio::time::timeout(left, &mut receipt) => r.ok(),
+            };
+            match settled {
+                Some(outcome) => self.tally.settle(event, outcome),
+                None => {
+                    self.pending.push_front((receipt, event));
+                    self.give_up_pending();
+                    return got + 1;
+                }
+            }
+        }
+        got
+    }
+
+    /// Every receipt still open: outcome unknown, written to the undelivered file (it may have
+    /// been delivered too: never dropped, possibly duplicated).
+    fn give_up_pending(&mut self) {
+        for (_, event) in self.pending.drain(..) {
+            self.tally.unknown += 1;
+            self.tally.undelivered.push(event);
+        }
+    }
+}
+
+/// `undelivered-<UTC timestamp>.jsonl` in the working directory.
+fn default_undelivered_path() -> PathBuf {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
+    PathBuf::from(format!(
+        "undelivered-{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z.jsonl",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    ))
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Appends `events` to `path`, one Rasa encoding per line, and syncs it.
+fn write_undelivered(path: &Path, events: &[Event]) -> io::Result<()> {
+    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let mut out = io::BufWriter::new(file);
+    for e in events {
+        out.write_all(&e.to_json())?;
+        out.write_all(b"\n")?;
+    }
+    out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
+}
+
+pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Failure> {
+    let Args { files, skip_invalid, undelivered } = args;
+    let inputs: Vec<Option<PathBuf>> = if files.is_empty() {
+        vec![None]
+    } else {
+        files.iter().map(|f| Some(f.clone()).filter(|p| p.as_path() != Path::new("-"))).collect()
+    };
+    let total: Option<u64> =
+        inputs.iter().map(|i| i.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len())).sum::<Option<u64>>();
+    let signals = Signals::new().map_err(|e| Failure::new(code::UNDELIVERED, anyhow::anyhow!("cannot watch signals: {e}")))?;
+    let broker = match backend.connect().await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("broker: read 0 events, delivered 0, failed 0, undelivered 0 (nothing was published)");
+            return Err(crate::connect_failure(backend, e));
+        }
+    };
+    let bar = progress(total);
+    let started = Instant::now();
+    let mut run =
+        Run { broker: broker.as_ref(), close_timeout: backend.close_timeout(), pending: VecDeque::new(), tally: Tally::default(), signals };
+    let mut stop: Option<Stop> = None;
+    let mut chunks = spawn_reader(inputs, skip_invalid, bar.clone());
+
+    'chunks: loop {
+        let chunk = tokio::select! {
+            biased;
+            _ = run.signals.recv() => {
+                stop = Some(Stop::Signal);
+                break 'chunks;
+            }
+            c = chunks.recv() => c,
+        };
+        let Some(chunk) = chunk else { break };
+        for item in chunk {
+            let event = match item {
+                Item::Event(e) => e,
+                Item::Skipped(why) => {
+                    run.tally.skipped += 1;
+                    bar.suspend(|| eprintln!("skipped {why}"));
+                    continue;
+                }
+                Item::Stop(why) => {
+                    stop = Some(Stop::Input(why));
+                    break 'chunks;
+                }
+            };
+            run.tally.read += 1;
+            if let Err(why) = run.publish(event).await {
+                stop = Some(why);
+                break 'chunks;
+            }
+        }
+        bar.set_message(format!("{} events", run.tally.read));
+    }
+    // Stops the reader if it is still going.
+    drop(chunks);
+    let signalled = matches!(stop, Some(Stop::Signal));
+    match &stop {
+        Some(Stop::Signal) => bar.suspend(|| {
+            eprintln!("broker: interrupted: stopped reading; closing (a second signal exits at once)")
+        }),
+        Some(Stop::Blocked(d)) => bar.suspend(|| {
+            eprintln!("broker: publishing has been blocked for {d:?} (the service is not taking events): stopped reading; closing")
+        }),
+        _ => {}
+    }
+    // After a signal, one more exits at once; otherwise the first one means "stop", the second
+    // "exit now".
+    let late_signals = run.close(if signalled { 1 } else { 2 }).await;
+    bar.finish_and_clear();
+    let Run { tally, .. } = run;
+    let file = (!tally.undelivered.is_empty()).then(|| undelivered.clone().unwrap_or_else(default_undelivered_path));
+    let written = match &file {
+        Some(path) => match write_undelivered(path, &tally.undelivered) {
+            Ok(()) => Ok(Some(path.clone())),
+            Err(e) => Err(format!("writing the undelivered events to {}: {e}", path.display())),
+        },
+        None => Ok(None),
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let rate = if secs > 0.0 { tally.delivered as f64 / secs } else { 0.0 };
+    let mut summary = format!(
+        "broker: read {} events, delivered {}, failed {}, undelivered {}",
+        tally.read,
+        tally.delivered,
+        tally.failed,
+        tally.undelivered.len()
+    );
+    if let Ok(Some(path)) = &written {
+        summary.push_str(&format!(" (written to {})", path.display()));
+    }
+    if tally.unknown > 0 {
+        summary.push_str(&format!(", of which {} of unknown outcome (they may have been delivered too)", tally.unknown));
+    }
+    if tally.skipped > 0 {
+        summary.push_str(&format!(", skipped {} invalid lines", tally.skipped));
+    }
+    summary.push_str(&format!(" in {secs:.2} s ({rate:.0} events/s) to {}", backend.describe()));
+    eprintln!("{summary}");
+    if let Some(first) = &tally.first_failure {
+        eprintln!("broker: first failure: {first}");
+    }
+    if let Err(why) = &written {
+        eprintln!("error: {why}");
+    }
+    let stopped = stop.is_some();
+    if let Some(Stop::Input(why) | Stop::Refused(why)) = stop {
+        eprintln!("error: {why}");
+    }
+    if signalled || late_signals > 0 {
+        return Ok(code::INTERRUPTED);
+    }
+    Ok(if tally.undelivered.is_empty() && written.is_ok() && !stopped { code::OK } else { code::UNDELIVERED })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_788), (2026, 12, 1));
+    }
+
+    #[test]
+    fn reading_stdin_line_splitting_handles_crlf() {
+        let data = b"a\r\nb\n";
+        let mut r = BufReader::new(&data[..]);
+        let mut line = Vec::new();
+        r.read_until(b'\n', &mut line).unwrap();
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        assert_eq!(text.strip_suffix(b"\r").unwrap_or(text), b"a");
+    }
+}
