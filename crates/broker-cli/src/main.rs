@@ -72,8 +72,16 @@ const DEFAULT_SQLITE: &str = "events.db";
 struct Cli {
     /// The endpoints file. Default: ./endpoints.yml when it exists, else the embedded default
     /// (SQLite database events.db in the working directory).
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", env = "BROKER_ENDPOINTS")]
     endpoints: Option<PathBuf>,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG wins when set.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Only errors on stderr (the summary is still printed).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -113,19 +121,37 @@ enum Command {
     Check,
 }
 
-fn main() -> ExitCode {
+/// Logs to stderr: `RUST_LOG` (or its older name `BROKER_LOG`) when set, else the level of
+/// `-q`/`-v`; colours only on a terminal and without `NO_COLOR`.
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG"))
+        .unwrap_or_else(|_| level.into());
+    let colour = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(filter)
+        .with_ansi(colour)
         .with_target(false)
         .without_time()
         .init();
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(code::UNDELIVERED);
         }
     };
     match runtime.block_on(run(cli)) {

@@ -335,7 +335,8 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
     };
     let total: Option<u64> =
         inputs.iter().map(|i| i.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len())).sum::<Option<u64>>();
-    let signals = Signals::new().map_err(|e| Failure::new(code::UNDELIVERED, anyhow::anyhow!("cannot watch signals: {e}")))?;
+    let signals =
+        Signals::new().map_err(|e| Failure::new(code::UNDELIVERED, anyhow::anyhow!("cannot watch signals: {e}")))?;
     let broker = match backend.connect().await {
         Ok(b) => b,
         Err(e) => {
@@ -345,8 +346,13 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
     };
     let bar = progress(total);
     let started = Instant::now();
-    let mut run =
-        Run { broker: broker.as_ref(), close_timeout: backend.close_timeout(), pending: VecDeque::new(), tally: Tally::default(), signals };
+    let mut run = Run {
+        broker: broker.as_ref(),
+        close_timeout: backend.close_timeout(),
+        pending: VecDeque::new(),
+        tally: Tally::default(),
+        signals,
+    };
     let mut stop: Option<Stop> = None;
     let mut chunks = spawn_reader(inputs, skip_invalid, bar.clone());
 
@@ -419,7 +425,8 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
         summary.push_str(&format!(" (written to {})", path.display()));
     }
     if tally.unknown > 0 {
-        summary.push_str(&format!(", of which {} of unknown outcome (they may have been delivered too)", tally.unknown));
+        summary
+            .push_str(&format!(", of which {} of unknown outcome (they may have been delivered too)", tally.unknown));
     }
     if tally.skipped > 0 {
         summary.push_str(&format!(", skipped {} invalid lines", tally.skipped));

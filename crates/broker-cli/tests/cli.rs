@@ -54,7 +54,7 @@ fn an_invalid_line_stops_after_delivering_what_came_before() {
     let input = "{\"sender_id\": \"a\", \"event\": \"restart\", \"timestamp\": 1.0}\n[1, 2]\n{\"sender_id\": \"a\", \"event\": \"undo\", \"timestamp\": 2.0}\n";
     std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n").unwrap();
     let out = broker(dir.path(), &["publish"], Some(input));
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "stopped midway is exit code 1");
     assert!(stderr(&out).contains("<stdin>:2: invalid event: an event must be a JSON object"), "{}", stderr(&out));
     let written = std::fs::read_to_string(dir.path().join("rasa_event.log")).unwrap();
     assert_eq!(written, "{\"sender_id\": \"a\", \"event\": \"restart\", \"timestamp\": 1.0}\n");
@@ -77,7 +77,7 @@ fn endpoints_file_is_used_and_errors_name_file_and_line() {
     std::fs::write(dir.path().join("bad.yml"), "event_broker:\n  type: file\n  path: x.log\n  fsync: sometimes\n")
         .unwrap();
     let out = broker(dir.path(), &["--endpoints", "bad.yml", "check"], None);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a configuration error is exit code 2");
     assert_eq!(stderr(&out).lines().count(), 1, "one clear line: {}", stderr(&out));
     assert!(stderr(&out).starts_with("error: bad.yml:4:10: `fsync`: \"sometimes\" is not allowed"), "{}", stderr(&out));
 
@@ -88,6 +88,10 @@ fn endpoints_file_is_used_and_errors_name_file_and_line() {
 
     let out = broker(dir.path(), &["--endpoints", "missing.yml", "check"], None);
     assert!(stderr(&out).contains("missing.yml does not exist"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = broker(dir.path(), &["publish", "--no-such-flag"], None);
+    assert_eq!(out.status.code(), Some(2), "a usage error is exit code 2");
 }
 
 #[test]
@@ -96,7 +100,7 @@ fn check_fails_when_the_broker_cannot_start() {
     std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n  path: no/such/dir/x.log\n")
         .unwrap();
     let out = broker(dir.path(), &["check"], None);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "a backend that cannot start is exit code 3");
     assert!(stderr(&out).contains("not ready: file no/such/dir/x.log"), "{}", stderr(&out));
 }
 
@@ -141,4 +145,185 @@ fn publish_then_tail_through_rabbitmq() {
     if !out.is_ok_and(|o| o.status.success()) {
         eprintln!("note: could not delete the queue {queue} (rabbitmqctl unavailable)");
     }
+}
+
+/// Lines of `n` distinct events in Rasa's bytes (what `broker publish` sends unchanged).
+fn events(sender: &str, n: u64) -> Vec<String> {
+    (0..n).map(|i| String::from_utf8(broker_testkit::user_event(sender, i).to_json()).unwrap()).collect()
+}
+
+/// The `data` column of `table` in id order on the PostgreSQL at `url`; the table is dropped.
+async fn rows(url: &str, table: &str) -> Vec<String> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    let rows = client.query(&format!("SELECT data FROM \"{table}\" ORDER BY id"), &[]).await.unwrap_or_default();
+    let out = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    let _ = client.batch_execute(&format!("DROP TABLE IF EXISTS \"{table}\"")).await;
+    out
+}
+
+async fn count(url: &str, table: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client.query_one(&format!("SELECT COUNT(*) FROM \"{table}\""), &[]).await.map_or(0, |r| r.get::<_, i64>(0))
+}
+
+fn endpoints_pg(url: &str, table: &str) -> String {
+    format!(
+        "event_broker:\n  type: sql\n  dialect: postgresql\n  url: {url}\n  table: {table}\n  close_timeout: 2\n  attempt_timeout: 1\n  buffer_size: 1000\n"
+    )
+}
+
+/// A `postgres://user@host:port/db` URL as (`host:port`, the URL with `host:port` replaced).
+fn split_pg(url: &str) -> (String, impl Fn(&str) -> String) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r).to_owned();
+    let (user, hostpath) =
+        rest.rsplit_once('@').map_or((String::new(), rest.clone()), |(u, h)| (format!("{u}@"), h.to_owned()));
+    let (host, path) =
+        hostpath.split_once('/').map_or((hostpath.clone(), String::new()), |(h, p)| (h.to_owned(), format!("/{p}")));
+    (host, move |via: &str| format!("postgresql://{user}{via}{path}"))
+}
+
+/// The `N` of the summary's "read N events".
+fn read_count(stderr: &str) -> usize {
+    stderr.split("read ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).expect("a summary")
+}
+
+/// PostgreSQL cut mid-stream (a loopback proxy refusing from then on) and never back: `broker
+/// publish` from stdin exits 1 within close_timeout + 5 s of the input's end, and the rows stored
+/// plus the undelivered file are every event read, byte for byte.
+#[test]
+fn a_cut_mid_stream_exits_1_and_accounts_for_every_event() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let Some(service) = runtime.block_on(broker_testkit::services::postgres("a_cut_mid_stream_exits_1")) else {
+        return;
+    };
+    let (host, with_host) = split_pg(&service.url);
+    let proxy = runtime.block_on(broker_testkit::proxy::Proxy::start(&host)).expect("proxy");
+    let table = format!("cli_cut_{}", broker_testkit::services::unique_suffix());
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = endpoints_pg(&with_host(&proxy.addr().to_string()), &table);
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
+    let input = events("cut", 6000);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["publish"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for line in &input[..3000] {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
+    // Some rows land, then the service goes away for good.
+    let direct = with_host(&host);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while runtime.block_on(count(&direct, &table)) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no row stored within 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    runtime.block_on(proxy.refuse());
+    for line in &input[3000..] {
+        if writeln!(stdin, "{line}").is_err() {
+            break; // it stopped reading: blocked longer than close_timeout
+        }
+    }
+    drop(stdin);
+    let ended = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = ended.elapsed();
+    let err = stderr(&out);
+    println!("{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(took < std::time::Duration::from_secs(2 + 5), "exited {took:?} after the input ended");
+    let read = read_count(&err);
+    let file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("undelivered-")))
+        .expect("an undelivered-<timestamp>.jsonl file");
+    let name = file.file_name().unwrap().to_string_lossy().to_string();
+    assert!(err.contains(&name), "the file is named on stderr: {err}");
+    let undelivered: Vec<String> = std::fs::read_to_string(&file).unwrap().lines().map(str::to_owned).collect();
+    let stored = runtime.block_on(rows(&direct, &table));
+    println!("read {read}: stored {}, undelivered {}", stored.len(), undelivered.len());
+    assert!(!undelivered.is_empty(), "the cut left events undelivered");
+    // Every event read is stored or in the file, byte for byte; the rows in publish order.
+    let mut seen = std::collections::HashSet::new();
+    let distinct: Vec<&String> = stored.iter().chain(&undelivered).filter(|l| seen.insert(l.as_str())).collect();
+    assert_eq!(distinct.len(), read, "stored + undelivered = every event read");
+    let expected: std::collections::HashSet<&str> = input[..read].iter().map(String::as_str).collect();
+    assert!(distinct.iter().all(|l| expected.contains(l.as_str())), "only events read, in Rasa's bytes");
+    assert!(stored.iter().zip(&input).all(|(a, b)| a == b), "stored in publish order");
+}
+
+/// The service down before the start: exit code 3, nothing read, the summary printed.
+#[test]
+fn an_unreachable_service_exits_3_without_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("postgresql://postgres@127.0.0.1:{port}/test");
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints_pg(&url, "never")).unwrap();
+    let input = events("down", 10).join("\n");
+    let out = broker(dir.path(), &["publish"], Some(&input));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("read 0 events") && err.contains("cannot connect"), "{err}");
+}
+
+/// SIGINT in the middle of a publish: exit 130 with the summary, and the file written plus the
+/// undelivered file are exactly the events read, in order.
+#[test]
+fn sigint_midway_exits_130_and_accounts_for_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n  path: out.log\n").unwrap();
+    let input = events("int", 200_000);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["publish", "--undelivered", "left.jsonl"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = {
+        let input = input.clone();
+        std::thread::spawn(move || {
+            for (i, line) in input.iter().enumerate() {
+                if writeln!(stdin, "{line}").is_err() {
+                    return;
+                }
+                if i == 50_000 {
+                    let _ = stdin.flush();
+                    // Hold the rest back until the signal has gone in.
+                    std::thread::sleep(std::time::Duration::from_millis(1500));
+                }
+            }
+        })
+    };
+    let out_log = dir.path().join("out.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::metadata(&out_log).map_or(0, |m| m.len()) == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing written within 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let _ = writer.join();
+    let err = stderr(&out);
+    println!("{err}");
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let read = read_count(&err);
+    let written = std::fs::read_to_string(&out_log).unwrap();
+    let left = std::fs::read_to_string(dir.path().join("left.jsonl")).unwrap_or_default();
+    let got: Vec<&str> = written.lines().chain(left.lines()).collect();
+    assert!(read > 0 && read < input.len(), "interrupted midway: read {read}");
+    let want: Vec<&str> = input[..read].iter().map(String::as_str).collect();
+    assert_eq!(got, want, "written + undelivered = the events read, in order");
 }
