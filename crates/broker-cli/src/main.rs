@@ -2,6 +2,7 @@
 //! `endpoints.yml` (contracts §D). Exit codes: see [`code`].
 
 mod publish;
+mod serve;
 
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -98,9 +99,13 @@ enum Command {
         skip_invalid: bool,
         /// Append every event read and not delivered to PATH (Rasa's bytes, one per line, in
         /// publish order), for a later `broker publish PATH`. Default: a new
-        /// undelivered-<UTC timestamp>.jsonl in the working directory, named on stderr.
+        /// undelivered-YYYYMMDDTHHMMSSZ.jsonl (UTC) in the working directory, named on stderr.
         #[arg(long, value_name = "PATH")]
         undelivered: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics and readiness at /ready (200 or
+        /// 503) while the command runs, e.g. 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Print consumed events as JSON lines, exactly as stored.
     Tail {
@@ -116,6 +121,9 @@ enum Command {
         /// Consumer group (Kafka).
         #[arg(long, default_value = "broker-cli")]
         group: String,
+        /// Serve Prometheus metrics at http://ADDR/metrics and /ready while consuming.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Validate the configuration, connect, and report readiness.
     Check,
@@ -166,10 +174,15 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<u8, Failure> {
     let backend = resolve_backend(cli.endpoints.as_deref()).map_err(Failure::config)?;
     match cli.command {
-        Command::Publish { files, skip_invalid, undelivered } => {
-            publish::publish(backend.as_ref(), publish::Args { files, skip_invalid, undelivered }).await
+        Command::Publish { files, skip_invalid, undelivered, metrics_addr } => {
+            let args = publish::Args { files, skip_invalid, undelivered, metrics_addr };
+            publish::publish(backend.as_ref(), args).await
         }
-        Command::Tail { from_beginning, limit, timeout, group } => {
+        Command::Tail { from_beginning, limit, timeout, group, metrics_addr } => {
+            if let Some(addr) = metrics_addr {
+                let handle = serve::install().map_err(Failure::config)?;
+                serve::serve(addr, handle, serve::Readiness::Running).await.map_err(Failure::config)?;
+            }
             tail(backend.as_ref(), from_beginning, limit, timeout, group).await
         }
         Command::Check => check(backend.as_ref()).await,

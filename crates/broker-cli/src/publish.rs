@@ -166,7 +166,10 @@ fn spawn_reader(
                         return;
                     }
                 }
-                if chunk.len() >= CHUNK && !send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))) {
+                // A full chunk goes at once; so does a partial one when the next read would wait
+                // for input (a slow pipe: events are published as they come, not 512 at a time).
+                let ready = chunk.len() >= CHUNK || (reader.buffer().is_empty() && !chunk.is_empty());
+                if ready && !send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))) {
                     return;
                 }
             }
@@ -183,6 +186,7 @@ pub(crate) struct Args {
     pub(crate) files: Vec<PathBuf>,
     pub(crate) skip_invalid: bool,
     pub(crate) undelivered: Option<PathBuf>,
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A run in progress: the broker, the receipts not awaited yet (with their events), the tally.
@@ -327,7 +331,12 @@ fn write_undelivered(path: &Path, events: &[Event]) -> io::Result<()> {
 }
 
 pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Failure> {
-    let Args { files, skip_invalid, undelivered } = args;
+    let Args { files, skip_invalid, undelivered, metrics_addr } = args;
+    // Before anything is recorded.
+    let metrics = match metrics_addr {
+        Some(addr) => Some((addr, crate::serve::install().map_err(|e| Failure::new(code::CONFIG, e))?)),
+        None => None,
+    };
     let inputs: Vec<Option<PathBuf>> = if files.is_empty() {
         vec![None]
     } else {
@@ -337,13 +346,17 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
         inputs.iter().map(|i| i.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len())).sum::<Option<u64>>();
     let signals =
         Signals::new().map_err(|e| Failure::new(code::UNDELIVERED, anyhow::anyhow!("cannot watch signals: {e}")))?;
-    let broker = match backend.connect().await {
-        Ok(b) => b,
+    let broker: std::sync::Arc<dyn EventBroker> = match backend.connect().await {
+        Ok(b) => b.into(),
         Err(e) => {
             eprintln!("broker: read 0 events, delivered 0, failed 0, undelivered 0 (nothing was published)");
             return Err(crate::connect_failure(backend, e));
         }
     };
+    if let Some((addr, handle)) = metrics {
+        let ready = crate::serve::Readiness::Broker(broker.clone());
+        crate::serve::serve(addr, handle, ready).await.map_err(|e| Failure::new(code::CONFIG, e))?;
+    }
     let bar = progress(total);
     let started = Instant::now();
     let mut run = Run {

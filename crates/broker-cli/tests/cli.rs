@@ -327,3 +327,66 @@ fn sigint_midway_exits_130_and_accounts_for_every_event() {
     let want: Vec<&str> = input[..read].iter().map(String::as_str).collect();
     assert_eq!(got, want, "written + undelivered = the events read, in order");
 }
+
+/// `GET path` on 127.0.0.1:`port`: (status line, body), or `None` while nothing listens.
+fn http_get(port: u16, path: &str) -> Option<(String, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
+}
+
+/// The value of the sample `name` (with its labels) in Prometheus text.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+}
+
+/// `--metrics-addr` during a publish: the delivered count matches the summary, the latency
+/// histogram counts every delivered event, and `/ready` answers 200.
+#[test]
+fn metrics_during_a_publish_match_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n  path: out.log\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["publish", "--metrics-addr", &addr])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for line in events("m", 1000) {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
+    let delivered = "broker_events_delivered_total{backend=\"file\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let body = loop {
+        if let Some((status, body)) = http_get(port, "/metrics") {
+            assert_eq!(status, "HTTP/1.1 200 OK");
+            if sample(&body, delivered) == Some(1000.0) {
+                break body;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "1000 delivered events never showed in /metrics");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(sample(&body, "broker_events_accepted_total{backend=\"file\"}"), Some(1000.0), "{body}");
+    assert_eq!(sample(&body, "broker_delivery_seconds_count{backend=\"file\"}"), Some(1000.0), "{body}");
+    assert!(body.contains("broker_delivery_seconds_bucket{backend=\"file\",le=\"0.001\"}"), "{body}");
+    assert_eq!(sample(&body, "broker_ready{backend=\"file\"}"), Some(1.0), "{body}");
+    let (status, _) = http_get(port, "/ready").expect("/ready answers");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("read 1000 events, delivered 1000, failed 0, undelivered 0"), "{err}");
+}

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;
@@ -49,10 +50,18 @@ enum ReceiptInner {
 }
 
 impl Receipt {
-    /// A receipt and the sender that settles it.
+    /// A receipt and the sender that settles it, not measured (see [`Receipt::metered`]).
     pub fn channel(id: EventId) -> (Receipt, Settle) {
         let (tx, rx) = oneshot::channel();
-        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, tx })
+        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, tx, metered: None })
+    }
+
+    /// A receipt for an event published to `backend`, and the sender that settles it: its outcome
+    /// and latency (from now) are recorded when settled ([`crate::metrics`]). The caller counts it
+    /// accepted once it is queued ([`crate::metrics::accepted`]).
+    pub fn metered(backend: &'static str, id: EventId) -> (Receipt, Settle) {
+        let (tx, rx) = oneshot::channel();
+        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, tx, metered: Some((backend, Instant::now())) })
     }
 
     /// A receipt that is already settled.
@@ -92,6 +101,8 @@ impl Future for Receipt {
 pub struct Settle {
     id: EventId,
     tx: oneshot::Sender<Outcome>,
+    /// The backend and the time of `publish`, for the metrics.
+    metered: Option<(&'static str, Instant)>,
 }
 
 impl Settle {
@@ -102,6 +113,9 @@ impl Settle {
 
     /// Reports the outcome. A dropped receipt is fine: nobody was waiting.
     pub fn settle(self, outcome: Outcome) {
+        if let Some((backend, since)) = self.metered {
+            crate::metrics::settled(backend, since, &outcome.as_ref().map(|_| ()));
+        }
         let _ = self.tx.send(outcome);
     }
 

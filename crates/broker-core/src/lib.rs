@@ -39,6 +39,7 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod memory;
+pub mod metrics;
 pub mod registry;
 
 pub use codec::{event, json};

@@ -76,7 +76,7 @@ impl EventBroker for KafkaBroker {
             return Err(Error::Closed);
         }
         let id = event.id();
-        let (receipt, settle) = Receipt::channel(id);
+        let (receipt, settle) = Receipt::metered(NAME, id);
         let (json, sender) = event.into_parts();
         let id_text = id.to_string();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -99,7 +99,10 @@ impl EventBroker for KafkaBroker {
                 producer.send(record).map_err(|(e, record)| (e, record.delivery_opaque))
             };
             match sent {
-                Ok(()) => return Ok(receipt),
+                Ok(()) => {
+                    broker_core::metrics::accepted(NAME);
+                    return Ok(receipt);
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     tracked = back;
                     if !self.config.blocks_when_full() {
@@ -209,6 +212,7 @@ impl KafkaBroker {
             }
         }
         let undelivered = std::mem::take(&mut *self.shared.undelivered.lock().unwrap_or_else(PoisonError::into_inner));
+        broker_core::metrics::undelivered(NAME, undelivered.len());
         Ok(CloseReport::new(undelivered))
     }
 }

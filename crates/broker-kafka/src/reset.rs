@@ -148,6 +148,7 @@ pub(crate) fn reset(
 ) {
     let mut guard = producer.write().unwrap_or_else(PoisonError::into_inner);
     shared.resetting.store(true, Ordering::Release);
+    broker_core::metrics::reconnected(NAME);
     shared.reset_needed.store(false, Ordering::Release);
     guard.purge(PurgeConfig::default().queue().inflight());
     let _ = guard.flush(Duration::from_secs(10));

@@ -239,6 +239,7 @@ impl<S: Sink> Driver<S> {
             if self.failure.is_some() {
                 self.fail_while_away();
             }
+            crate::metrics::depth(self.backend, self.inbox.queued(), self.w.held.len() + self.w.sent.len());
             self.w.answer_flushes();
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return self.finish().await;
@@ -368,6 +369,7 @@ impl<S: Sink> Driver<S> {
                 if !self.succeeded(recovered) {
                     return;
                 }
+                crate::metrics::reconnected(self.backend);
             }
         }
         let pinged = tokio::select! {
@@ -376,7 +378,7 @@ impl<S: Sink> Driver<S> {
             _ = until_close_deadline(&self.inbox) => Call::TimedOut(limit),
         };
         if self.succeeded(pinged) {
-            self.ready.set(true);
+            self.ready.set_for(self.backend, true);
             self.retry_at = None;
         }
     }
@@ -443,15 +445,20 @@ impl<S: Sink> Driver<S> {
             r = call(self.sink.recover(&failure), limit) => r,
             _ = until_close_deadline(&self.inbox) => Call::TimedOut(limit),
         };
-        self.succeeded(recovered)
+        let ok = self.succeeded(recovered);
+        if ok {
+            crate::metrics::reconnected(self.backend);
+        }
+        ok
     }
 
     fn failed(&mut self, failure: Failure) {
-        self.ready.set(false);
+        self.ready.set_for(self.backend, false);
         self.stalled = false;
         let delay = self.backoff.next_delay();
         let held = self.w.held.len() + self.w.sent.len();
         tracing::warn!(backend = self.backend, held, "{failure}; trying again in {delay:?}");
+        crate::metrics::retried(self.backend, held);
         self.failure = Some(failure);
         self.retry_at = Some(Instant::now() + delay);
         self.fail_while_away();
@@ -559,7 +566,7 @@ impl<S: Sink> Driver<S> {
                 // A batch only sent (to be confirmed later) proves nothing yet: readiness and the
                 // backoff follow its confirmations.
                 if sent_now < n && !self.stalled {
-                    self.ready.set(true);
+                    self.ready.set_for(self.backend, true);
                     self.backoff.reset();
                 }
             }
@@ -623,7 +630,7 @@ impl<S: Sink> Driver<S> {
                 let waited = self.w.sent.front().map(|s| s.at.elapsed());
                 if !self.stalled && waited.is_some_and(|w| w >= self.options.confirm_timeout) {
                     self.stalled = true;
-                    self.ready.set(false);
+                    self.ready.set_for(self.backend, false);
                     tracing::warn!(
                         backend = self.backend,
                         in_flight = self.w.sent.len(),
@@ -672,11 +679,11 @@ impl<S: Sink> Driver<S> {
             Some(e) => {
                 let delay = self.backoff.next_delay();
                 tracing::warn!(backend = self.backend, "{e}; sending it again in {delay:?}");
-                self.ready.set(false);
+                self.ready.set_for(self.backend, false);
                 self.retry_at = Some(Instant::now() + delay);
             }
             None if delivered => {
-                self.ready.set(true);
+                self.ready.set_for(self.backend, true);
                 self.backoff.reset();
             }
             None => {}
@@ -696,7 +703,7 @@ impl<S: Sink> Driver<S> {
     /// listed in the close report.
     fn die(&mut self, message: String) {
         tracing::error!(backend = self.backend, "the writer panicked: {message}; its events are reported undelivered");
-        self.ready.set(false);
+        self.ready.set_for(self.backend, false);
         self.dead = Some(message);
         self.give_up_held();
     }
@@ -737,10 +744,11 @@ impl<S: Sink> Driver<S> {
         for (_, tx) in self.w.flushes.drain(..) {
             let _ = tx.send(());
         }
-        self.ready.set(false);
+        self.ready.set_for(self.backend, false);
         if self.dead.is_none() {
             let _ = call(self.sink.close(), Duration::from_secs(1)).await;
         }
+        crate::metrics::undelivered(self.backend, self.undelivered.len());
         let report = CloseReport::new(std::mem::take(&mut self.undelivered));
         match reply {
             Some(reply) => {

@@ -174,7 +174,7 @@ impl Outbox {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let (receipt, settle) = Receipt::channel(event.id());
+        let (receipt, settle) = Receipt::metered(self.backend, event.id());
         let mut pending = Pending::new(event, settle);
         pending.headers = options.headers;
         let cmd = Command::Publish(pending);
@@ -185,6 +185,7 @@ impl Outbox {
                 mpsc::error::TrySendError::Closed(_) => Error::Closed,
             })?,
         }
+        crate::metrics::accepted(self.backend);
         Ok(receipt)
     }
 
@@ -336,6 +337,12 @@ impl Readiness {
     /// Records whether the last attempt to deliver worked.
     pub fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Release);
+    }
+
+    /// Records readiness and reports it as `broker_ready{backend}` ([`crate::metrics`]).
+    pub fn set_for(&self, backend: &'static str, ready: bool) {
+        self.set(ready);
+        crate::metrics::ready(backend, ready);
     }
 
     /// The last recorded state.
