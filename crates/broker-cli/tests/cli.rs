@@ -147,6 +147,18 @@ fn publish_then_tail_through_rabbitmq() {
     }
 }
 
+/// `broker ARGS` (a publish) in `dir` with stdin piped (for the test to feed) and stderr captured.
+fn spawn_publish(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Lines of `n` distinct events in Rasa's bytes (what `broker publish` sends unchanged).
 fn events(sender: &str, n: u64) -> Vec<String> {
     (0..n).map(|i| String::from_utf8(broker_testkit::user_event(sender, i).to_json()).unwrap()).collect()
@@ -205,14 +217,7 @@ fn a_cut_mid_stream_exits_1_and_accounts_for_every_event() {
     let endpoints = endpoints_pg(&with_host(&proxy.addr().to_string()), &table);
     std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
     let input = events("cut", 6000);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args(["publish"])
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_publish(dir.path(), &["publish"]);
     let mut stdin = child.stdin.take().unwrap();
     for line in &input[..3000] {
         writeln!(stdin, "{line}").unwrap();
@@ -281,14 +286,7 @@ fn sigint_midway_exits_130_and_accounts_for_every_event() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n  path: out.log\n").unwrap();
     let input = events("int", 200_000);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args(["publish", "--undelivered", "left.jsonl"])
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_publish(dir.path(), &["publish", "--undelivered", "left.jsonl"]);
     let mut stdin = child.stdin.take().unwrap();
     let writer = {
         let input = input.clone();
@@ -353,14 +351,7 @@ fn metrics_during_a_publish_match_the_summary() {
     std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n  path: out.log\n").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args(["publish", "--metrics-addr", &addr])
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_publish(dir.path(), &["publish", "--metrics-addr", &addr]);
     let mut stdin = child.stdin.take().unwrap();
     for line in events("m", 1000) {
         writeln!(stdin, "{line}").unwrap();
