@@ -125,8 +125,13 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
-    /// Validate the configuration, connect, and report readiness.
+    /// Validate the configuration, connect, and report readiness and the server's version.
     Check,
+    /// Print a shell completion script (e.g. `broker completions bash > /etc/bash_completion.d/broker`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Logs to stderr: `RUST_LOG` (or its older name `BROKER_LOG`) when set, else the level of
@@ -172,6 +177,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(shell, &mut Cli::command(), "broker", &mut io::stdout());
+        return Ok(code::OK);
+    }
     let backend = resolve_backend(cli.endpoints.as_deref()).map_err(Failure::config)?;
     match cli.command {
         Command::Publish { files, skip_invalid, undelivered, metrics_addr } => {
@@ -186,6 +196,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             tail(backend.as_ref(), from_beginning, limit, timeout, group).await
         }
         Command::Check => check(backend.as_ref()).await,
+        Command::Completions { .. } => Ok(code::OK),
     }
 }
 
@@ -293,13 +304,20 @@ async fn check(backend: &dyn Backend) -> Result<u8, Failure> {
     };
     let ready = broker.is_ready().await;
     let _ = broker.close().await;
+    // What the service says it is, where the protocol tells (asked over a connection of its own).
+    let server = backend.server_version().await;
     if ready {
         println!("ready: {describe}");
-        Ok(code::OK)
     } else {
         eprintln!("not ready: {describe}");
-        Ok(code::UNAVAILABLE)
     }
+    match server {
+        Ok(Some(version)) if ready => println!("server: {version}"),
+        Ok(Some(version)) => eprintln!("server: {version}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("server: unknown ({e})"),
+    }
+    Ok(if ready { code::OK } else { code::UNAVAILABLE })
 }
 
 #[cfg(test)]

@@ -31,7 +31,9 @@ const SETTLE_AFTER_CLOSE: Duration = Duration::from_secs(2);
 
 /// What the reader thread found, in input order.
 enum Item {
-    Event(Event),
+    /// An event and a copy of its Rasa bytes (made on the reader thread), kept until its outcome
+    /// is known, for the undelivered file.
+    Event(Event, Vec<u8>),
     /// An invalid line skipped under `--skip-invalid`.
     Skipped(String),
     /// An invalid line or unreadable input that ends the run.
@@ -92,11 +94,12 @@ struct Tally {
     /// Events of unknown outcome (a second signal, or a receipt still open after close).
     unknown: u64,
     first_failure: Option<String>,
-    undelivered: Vec<Event>,
+    /// Rasa bytes of the events not delivered, in publish order.
+    undelivered: Vec<Vec<u8>>,
 }
 
 impl Tally {
-    fn settle(&mut self, event: Event, outcome: Result<broker_core::Delivered, Error>) {
+    fn settle(&mut self, event: Vec<u8>, outcome: Result<broker_core::Delivered, Error>) {
         match outcome {
             Ok(_) => self.delivered += 1,
             Err(e) => {
@@ -156,7 +159,10 @@ fn spawn_reader(
                     continue;
                 }
                 match Event::from_json(text) {
-                    Ok(e) => chunk.push(Item::Event(e)),
+                    Ok(e) => {
+                        let bytes = e.to_json();
+                        chunk.push(Item::Event(e, bytes));
+                    }
                     Err(e) if skip_invalid => chunk.push(Item::Skipped(format!("{name}:{line_no}: {e}"))),
                     Err(e) => {
                         chunk.push(Item::Stop(format!(
@@ -193,28 +199,28 @@ pub(crate) struct Args {
 struct Run<'a> {
     broker: &'a dyn EventBroker,
     close_timeout: Duration,
-    pending: VecDeque<(Receipt, Event)>,
+    pending: VecDeque<(Receipt, Vec<u8>)>,
     tally: Tally,
     signals: Signals,
 }
 
 impl Run<'_> {
     /// Publishes one event; `Err` says why reading must stop (the event is then undelivered).
-    async fn publish(&mut self, event: Event) -> Result<(), Stop> {
+    async fn publish(&mut self, event: Event, bytes: Vec<u8>) -> Result<(), Stop> {
         let accepted = tokio::select! {
             biased;
             _ = self.signals.recv() => Err(Stop::Signal),
-            r = tokio::time::timeout(self.close_timeout, self.broker.publish(event.clone())) => match r {
+            r = tokio::time::timeout(self.close_timeout, self.broker.publish(event)) => match r {
                 Ok(Ok(receipt)) => Ok(receipt),
                 Ok(Err(e)) => Err(Stop::Refused(format!("event {}: publish refused: {e}", self.tally.read))),
                 Err(_) => Err(Stop::Blocked(self.close_timeout)),
             },
         };
         match accepted {
-            Ok(receipt) => self.pending.push_back((receipt, event)),
+            Ok(receipt) => self.pending.push_back((receipt, bytes)),
             Err(stop) => {
                 // Never accepted: it goes to the undelivered file with the rest.
-                self.tally.undelivered.push(event);
+                self.tally.undelivered.push(bytes);
                 return Err(stop);
             }
         }
@@ -320,11 +326,11 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// Appends `events` to `path`, one Rasa encoding per line, and syncs it.
-fn write_undelivered(path: &Path, events: &[Event]) -> io::Result<()> {
+fn write_undelivered(path: &Path, events: &[Vec<u8>]) -> io::Result<()> {
     let file = OpenOptions::new().create(true).append(true).open(path)?;
     let mut out = io::BufWriter::new(file);
     for e in events {
-        out.write_all(&e.to_json())?;
+        out.write_all(e)?;
         out.write_all(b"\n")?;
     }
     out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
@@ -381,7 +387,7 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
         let Some(chunk) = chunk else { break };
         for item in chunk {
             let event = match item {
-                Item::Event(e) => e,
+                Item::Event(e, bytes) => (e, bytes),
                 Item::Skipped(why) => {
                     run.tally.skipped += 1;
                     bar.suspend(|| eprintln!("skipped {why}"));
@@ -393,7 +399,7 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
                 }
             };
             run.tally.read += 1;
-            if let Err(why) = run.publish(event).await {
+            if let Err(why) = run.publish(event.0, event.1).await {
                 stop = Some(why);
                 break 'chunks;
             }

@@ -105,10 +105,11 @@ mod tests {
     #[test]
     fn renders_what_core_records() {
         let handle = super::install().unwrap();
-        broker_core::metrics::accepted("file");
-        broker_core::metrics::depth("file", 1, 2);
-        broker_core::metrics::reconnected("file");
+        let meter = broker_core::metrics::Meter::new("file", "out.log");
+        meter.accepted();
+        meter.depth(1, 2);
+        meter.reconnected();
         let text = handle.render();
-        assert!(text.contains("broker_events_accepted_total{backend=\"file\"} 1"), "{text}");
+        assert!(text.contains("broker_events_accepted_total{backend=\"file\",destination=\"out.log\"} 1"), "{text}");
     }
 }

@@ -46,6 +46,12 @@ fn publish_then_tail_gives_back_rasas_bytes() {
         String::from_utf8(out.stdout).unwrap(),
         SAMPLE.lines().take(2).map(|l| format!("{l}\n")).collect::<String>()
     );
+
+    // `check` names what it opened and the SQLite library's version.
+    let out = broker(dir.path(), &["check"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("ready: sql sqlite events.db table events\nserver: SQLite 3."), "{text}");
 }
 
 #[test]
@@ -112,6 +118,18 @@ fn help_and_version() {
         assert!(out.status.success(), "{cmd:?}");
         assert!(!out.stdout.is_empty());
     }
+    // Completion scripts, without an endpoints file.
+    let out = broker(dir.path(), &["completions", "bash"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_broker()") && script.contains("--metrics-addr") && script.contains("publish"),
+        "{script}"
+    );
+    let out = broker(dir.path(), &["completions", "zsh"], None);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("#compdef broker"));
+    let out = broker(dir.path(), &["completions", "tcsh"], None);
+    assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
 }
 
 /// With RabbitMQ (`type: pika`, Rasa's no-type section): what `publish` sends, `tail` gives back
@@ -130,6 +148,12 @@ fn publish_then_tail_through_rabbitmq() {
         format!("event_broker:\n  url: {}\n  queues: [{queue}]\n  exchange_name: {exchange}\n", service.url);
     std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
     std::fs::write(dir.path().join("in.jsonl"), SAMPLE).unwrap();
+    let out = broker(dir.path(), &["check"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ready: pika amqp://") && text.contains(&format!("exchange {exchange}")), "{text}");
+    assert!(text.contains("\nserver: RabbitMQ "), "RabbitMQ announces its version: {text}");
+    assert!(!text.contains("guest:guest"), "no password in what check prints: {text}");
     let out = broker(dir.path(), &["publish", "in.jsonl"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("delivered 106, failed 0"), "{}", stderr(&out));
@@ -194,6 +218,29 @@ fn split_pg(url: &str) -> (String, impl Fn(&str) -> String) {
     let (host, path) =
         hostpath.split_once('/').map_or((hostpath.clone(), String::new()), |(h, p)| (h.to_owned(), format!("/{p}")));
     (host, move |via: &str| format!("postgresql://{user}{via}{path}"))
+}
+
+/// `check` on PostgreSQL: what it connected to (no password) and the server's own version.
+#[test]
+fn check_names_the_postgresql_server_version() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let Some(service) = runtime.block_on(broker_testkit::services::postgres("check_names_the_server_version")) else {
+        return;
+    };
+    let version: String = runtime.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&service.url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        client.query_one("SHOW server_version", &[]).await.expect("a version").get(0)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let table = format!("check_{}", broker_testkit::services::unique_suffix());
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints_pg(&service.url, &table)).unwrap();
+    let out = broker(dir.path(), &["check"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("ready: sql postgres") && text.contains("@127.0.0.1:5432/test table check_"), "{text}");
+    assert!(text.ends_with(&format!("\nserver: PostgreSQL {version}\n")), "{text}");
+    runtime.block_on(rows(&service.url, &table));
 }
 
 /// The `N` of the summary's "read N events".
@@ -338,9 +385,15 @@ fn http_get(port: u16, path: &str) -> Option<(String, String)> {
     Some((head.lines().next()?.to_owned(), body.to_owned()))
 }
 
-/// The value of the sample `name` (with its labels) in Prometheus text.
-fn sample(body: &str, name: &str) -> Option<f64> {
-    body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+/// The value of the first sample `name` in Prometheus text whose labels include each of `labels`
+/// (`key="value"`).
+fn sample(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    body.lines().find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+        let have: Vec<&str> = rest.strip_suffix('}')?.split(',').collect();
+        (n == name && labels.iter().all(|want| have.contains(want))).then(|| value.parse().ok())?
+    })
 }
 
 /// `--metrics-addr` during a publish: the delivered count matches the summary, the latency
@@ -357,22 +410,24 @@ fn metrics_during_a_publish_match_the_summary() {
         writeln!(stdin, "{line}").unwrap();
     }
     stdin.flush().unwrap();
-    let delivered = "broker_events_delivered_total{backend=\"file\"}";
+    // Every series names the backend and the destination (the file).
+    let file = ["backend=\"file\"", "destination=\"out.log\""];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let body = loop {
         if let Some((status, body)) = http_get(port, "/metrics") {
             assert_eq!(status, "HTTP/1.1 200 OK");
-            if sample(&body, delivered) == Some(1000.0) {
+            if sample(&body, "broker_events_delivered_total", &file) == Some(1000.0) {
                 break body;
             }
         }
         assert!(std::time::Instant::now() < deadline, "1000 delivered events never showed in /metrics");
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    assert_eq!(sample(&body, "broker_events_accepted_total{backend=\"file\"}"), Some(1000.0), "{body}");
-    assert_eq!(sample(&body, "broker_delivery_seconds_count{backend=\"file\"}"), Some(1000.0), "{body}");
-    assert!(body.contains("broker_delivery_seconds_bucket{backend=\"file\",le=\"0.001\"}"), "{body}");
-    assert_eq!(sample(&body, "broker_ready{backend=\"file\"}"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "broker_events_accepted_total", &file), Some(1000.0), "{body}");
+    assert_eq!(sample(&body, "broker_delivery_seconds_count", &file), Some(1000.0), "{body}");
+    let bucket = [file[0], file[1], "le=\"0.001\""];
+    assert!(sample(&body, "broker_delivery_seconds_bucket", &bucket).is_some(), "{body}");
+    assert_eq!(sample(&body, "broker_ready", &file), Some(1.0), "{body}");
     let (status, _) = http_get(port, "/ready").expect("/ready answers");
     assert_eq!(status, "HTTP/1.1 200 OK");
     drop(stdin);
@@ -380,4 +435,85 @@ fn metrics_during_a_publish_match_the_summary() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("read 1000 events, delivered 1000, failed 0, undelivered 0"), "{err}");
+}
+
+/// Polls `/metrics` on `port` until `done` holds for the body (at most 30 s); the body then.
+fn scrape_until(port: u16, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some((_, body)) = http_get(port, "/metrics") {
+            if done(&body) {
+                return body;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} never showed in /metrics");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kafka through the CLI: `check` names the cluster's brokers; a publish with `--metrics-addr`
+/// shows the delivered count, readiness and librdkafka's statistics (queue depth, round trip),
+/// all labelled with the topic; a `tail` shows its consumer lag per partition.
+#[test]
+fn kafka_metrics_carry_librdkafka_statistics_and_consumer_lag() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let Some(service) = runtime.block_on(broker_testkit::services::kafka("kafka_metrics_carry_librdkafka_statistics"))
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let topic = format!("cli-metrics-{}", broker_testkit::services::unique_suffix());
+    let endpoints = format!(
+        "event_broker:\n  type: kafka\n  url: {}\n  topic: {topic}\n  security_protocol: PLAINTEXT\n  create_topic: true\n  librdkafka:\n    statistics.interval.ms: 100\n",
+        service.url
+    );
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
+
+    let out = broker(dir.path(), &["check"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("ready: kafka {} topic {topic}\n", service.url)), "{text}");
+    assert!(text.contains("\nserver: Kafka cluster of 1 broker: "), "{text}");
+
+    let port = free_port();
+    let mut child = spawn_publish(dir.path(), &["publish", "--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let mut stdin = child.stdin.take().unwrap();
+    for line in events("k", 1000) {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
+    let labels = ["backend=\"kafka\"".to_owned(), format!("destination=\"{topic}\"")];
+    let labels = [labels[0].as_str(), labels[1].as_str()];
+    let body = scrape_until(port, "1000 delivered events and librdkafka's statistics", |b| {
+        sample(b, "broker_events_delivered_total", &labels) == Some(1000.0)
+            && sample(b, "broker_kafka_rtt_seconds", &labels).is_some()
+    });
+    assert_eq!(sample(&body, "broker_ready", &labels), Some(1.0), "{body}");
+    assert!(sample(&body, "broker_kafka_queue_events", &labels).is_some_and(|n| n >= 0.0), "{body}");
+    assert!(sample(&body, "broker_kafka_rtt_seconds", &labels).is_some_and(|s| s > 0.0 && s < 5.0), "{body}");
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("read 1000 events, delivered 1000, failed 0"), "{}", stderr(&out));
+
+    // A consumer that read everything: its lag on the one partition is known and 0.
+    let port = free_port();
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["tail", "--from-beginning", "--timeout", "20", "--group", &topic])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lag = [labels[0], labels[1], "partition=\"0\""];
+    let body = scrape_until(port, "the consumer's lag", |b| sample(b, "broker_consumer_lag_events", &lag).is_some());
+    assert!(sample(&body, "broker_consumer_lag_events", &lag).is_some_and(|n| (0.0..=1000.0).contains(&n)), "{body}");
+    let _ = tail.kill();
+    let _ = tail.wait();
 }

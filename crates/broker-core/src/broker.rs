@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Position};
 use crate::event::{Event, EventId};
+use crate::metrics::Meter;
 
 /// An event the service has confirmed: Kafka delivery report with `acks=all`, RabbitMQ publisher
 /// confirm, SQL commit, file write (and fsync per policy).
@@ -56,12 +57,13 @@ impl Receipt {
         (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, tx, metered: None })
     }
 
-    /// A receipt for an event published to `backend`, and the sender that settles it: its outcome
-    /// and latency (from now) are recorded when settled ([`crate::metrics`]). The caller counts it
-    /// accepted once it is queued ([`crate::metrics::accepted`]).
-    pub fn metered(backend: &'static str, id: EventId) -> (Receipt, Settle) {
+    /// A receipt for an event published through `meter`'s broker, and the sender that settles
+    /// it: its outcome and latency (from now) are recorded when settled ([`crate::metrics`]). The
+    /// caller counts it accepted once it is queued ([`crate::metrics::Meter::accepted`]).
+    pub fn metered(meter: &Meter, id: EventId) -> (Receipt, Settle) {
         let (tx, rx) = oneshot::channel();
-        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, tx, metered: Some((backend, Instant::now())) })
+        let metered = Some((meter.clone(), Instant::now()));
+        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, tx, metered })
     }
 
     /// A receipt that is already settled.
@@ -101,8 +103,8 @@ impl Future for Receipt {
 pub struct Settle {
     id: EventId,
     tx: oneshot::Sender<Outcome>,
-    /// The backend and the time of `publish`, for the metrics.
-    metered: Option<(&'static str, Instant)>,
+    /// The broker's meter and the time of `publish`, for the metrics.
+    metered: Option<(Meter, Instant)>,
 }
 
 impl Settle {
@@ -113,8 +115,8 @@ impl Settle {
 
     /// Reports the outcome. A dropped receipt is fine: nobody was waiting.
     pub fn settle(self, outcome: Outcome) {
-        if let Some((backend, since)) = self.metered {
-            crate::metrics::settled(backend, since, &outcome.as_ref().map(|_| ()));
+        if let Some((meter, since)) = self.metered {
+            meter.settled(since, &outcome.as_ref().map(|_| ()));
         }
         let _ = self.tx.send(outcome);
     }

@@ -1,9 +1,11 @@
 //! What every backend records, through the [`metrics`] facade: nothing happens until the program
 //! installs a recorder (the CLI's `--metrics-addr` installs a Prometheus one; a library user
-//! installs any). Recorded in one place each: the receipt ([`crate::Receipt::metered`]:
-//! [`crate::broker::Settle`] records the outcome and latency), the queue (accepted), the delivery driver (queue
-//! depth, events held, retries, reconnects, close reports) and readiness. Every metric has the
-//! label `backend` (the type name, never a secret).
+//! installs any, **before** connecting: a [`Meter`] registers its handles once, when the broker
+//! starts). Recorded in one place each: the receipt ([`crate::Receipt::metered`]:
+//! [`crate::broker::Settle`] records the outcome and latency), the queue (accepted), the delivery
+//! driver (queue depth, events held, retries, reconnects, close reports) and readiness. Every
+//! metric has the labels `backend` (the type name) and `destination` (topic, queue or exchange,
+//! database, file path; never a URL, never a secret).
 //!
 //! | name | kind | what |
 //! |---|---|---|
@@ -18,8 +20,14 @@
 //! | `broker_held_events` | gauge | events the writer holds (being written, in flight, waiting to retry) |
 //! | `broker_reconnects_total` | counter | recoveries after a failure (reconnects, producer resets) |
 //! | `broker_ready` | gauge | 1 when the last attempt worked, else 0 |
+//! | `broker_consumer_lag_events` | gauge | a consumer's lag, where the service reports it (Kafka: per `partition`) |
+//!
+//! Backends may add their own (Kafka: librdkafka's queue depth and round trips).
 
+use std::sync::Arc;
 use std::time::Instant;
+
+use metrics::{Counter, Gauge, Histogram};
 
 use crate::error::Error;
 
@@ -47,48 +55,129 @@ pub mod names {
     pub const RECONNECTS: &str = "broker_reconnects_total";
     /// Readiness, 0 or 1.
     pub const READY: &str = "broker_ready";
+    /// A consumer's lag in events (per partition where the service has partitions), recorded
+    /// by the backends whose service reports it.
+    pub const CONSUMER_LAG: &str = "broker_consumer_lag_events";
 }
 
-/// One event accepted by `publish` (queued for the writer).
-pub fn accepted(backend: &'static str) {
-    metrics::counter!(names::ACCEPTED, "backend" => backend).increment(1);
+/// The handles one broker records through, labelled `backend` and `destination`; cheap to
+/// clone. Registered once (at [`Meter::new`]), so recording costs no lookup per event.
+///
+/// ```
+/// use broker_core::metrics::Meter;
+/// let meter = Meter::new("kafka", "rasa_events");
+/// assert_eq!((meter.backend(), meter.destination()), ("kafka", "rasa_events"));
+/// meter.accepted(); // a no-op until a recorder is installed
+/// ```
+#[derive(Clone)]
+pub struct Meter(Arc<Handles>);
+
+struct Handles {
+    backend: &'static str,
+    destination: String,
+    accepted: Counter,
+    delivered: Counter,
+    rejected: Counter,
+    failed: Counter,
+    retried: Counter,
+    undelivered: Counter,
+    delivery: Histogram,
+    buffer: Gauge,
+    held: Gauge,
+    reconnects: Counter,
+    ready: Gauge,
 }
 
-pub(crate) fn settled(backend: &'static str, since: Instant, outcome: &Result<(), &Error>) {
-    match outcome {
-        Ok(()) => {
-            metrics::counter!(names::DELIVERED, "backend" => backend).increment(1);
-            metrics::histogram!(names::DELIVERY_SECONDS, "backend" => backend).record(since.elapsed().as_secs_f64());
+impl std::fmt::Debug for Meter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meter").field("backend", &self.0.backend).field("destination", &self.0.destination).finish()
+    }
+}
+
+impl Meter {
+    /// Registers the handles of `backend` writing to `destination` with the recorder installed
+    /// now (none: every call is a no-op).
+    pub fn new(backend: &'static str, destination: impl Into<String>) -> Meter {
+        let destination: String = destination.into();
+        let labels = [("backend", backend.to_owned()), ("destination", destination.clone())];
+        let counter = |name: &'static str| metrics::counter!(name, &labels);
+        let gauge = |name: &'static str| metrics::gauge!(name, &labels);
+        Meter(Arc::new(Handles {
+            backend,
+            accepted: counter(names::ACCEPTED),
+            delivered: counter(names::DELIVERED),
+            rejected: counter(names::REJECTED),
+            failed: counter(names::FAILED),
+            retried: counter(names::RETRIED),
+            undelivered: counter(names::UNDELIVERED),
+            delivery: metrics::histogram!(names::DELIVERY_SECONDS, &labels),
+            buffer: gauge(names::BUFFER),
+            held: gauge(names::HELD),
+            reconnects: counter(names::RECONNECTS),
+            ready: gauge(names::READY),
+            destination,
+        }))
+    }
+
+    /// The backend's type name.
+    pub fn backend(&self) -> &'static str {
+        self.0.backend
+    }
+
+    /// The destination label.
+    pub fn destination(&self) -> &str {
+        &self.0.destination
+    }
+
+    /// One event accepted by `publish` (queued for the writer).
+    pub fn accepted(&self) {
+        self.0.accepted.increment(1);
+    }
+
+    pub(crate) fn settled(&self, since: Instant, outcome: &Result<(), &Error>) {
+        match outcome {
+            Ok(()) => {
+                self.0.delivered.increment(1);
+                self.0.delivery.record(since.elapsed().as_secs_f64());
+            }
+            Err(Error::Rejected { .. }) => self.0.rejected.increment(1),
+            Err(_) => self.0.failed.increment(1),
         }
-        Err(Error::Rejected { .. }) => metrics::counter!(names::REJECTED, "backend" => backend).increment(1),
-        Err(_) => metrics::counter!(names::FAILED, "backend" => backend).increment(1),
+    }
+
+    /// `n` events put back for another attempt.
+    pub fn retried(&self, n: usize) {
+        self.0.retried.increment(n as u64);
+    }
+
+    /// `n` events listed in a close report.
+    pub fn undelivered(&self, n: usize) {
+        if n > 0 {
+            self.0.undelivered.increment(n as u64);
+        }
+    }
+
+    /// A recovery after a failure (a reconnect, a producer reset).
+    pub fn reconnected(&self) {
+        self.0.reconnects.increment(1);
+    }
+
+    /// The queue before the writer and what the writer holds.
+    pub fn depth(&self, buffer: usize, held: usize) {
+        self.0.buffer.set(buffer as f64);
+        self.0.held.set(held as f64);
+    }
+
+    /// Readiness.
+    pub fn ready(&self, ready: bool) {
+        self.0.ready.set(if ready { 1.0 } else { 0.0 });
     }
 }
 
-/// `n` events put back for another attempt.
-pub fn retried(backend: &'static str, n: usize) {
-    metrics::counter!(names::RETRIED, "backend" => backend).increment(n as u64);
-}
-
-/// `n` events listed in a close report.
-pub fn undelivered(backend: &'static str, n: usize) {
-    if n > 0 {
-        metrics::counter!(names::UNDELIVERED, "backend" => backend).increment(n as u64);
+/// A meter for `backend` with no destination (what [`crate::delivery::start`] and
+/// [`crate::delivery::channel`] make of a bare type name).
+impl From<&'static str> for Meter {
+    fn from(backend: &'static str) -> Meter {
+        Meter::new(backend, "")
     }
-}
-
-/// A recovery after a failure (a reconnect, a producer reset).
-pub fn reconnected(backend: &'static str) {
-    metrics::counter!(names::RECONNECTS, "backend" => backend).increment(1);
-}
-
-/// The queue before the writer and what the writer holds.
-pub fn depth(backend: &'static str, buffer: usize, held: usize) {
-    metrics::gauge!(names::BUFFER, "backend" => backend).set(buffer as f64);
-    metrics::gauge!(names::HELD, "backend" => backend).set(held as f64);
-}
-
-/// Readiness.
-pub fn ready(backend: &'static str, ready: bool) {
-    metrics::gauge!(names::READY, "backend" => backend).set(if ready { 1.0 } else { 0.0 });
 }

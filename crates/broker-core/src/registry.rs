@@ -33,6 +33,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Opens a consumer.
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error>;
+
+    /// What the service says it is (product and version, e.g. `PostgreSQL 15.19`), asked over a
+    /// short connection of its own, for `broker check`; `None` when the protocol does not tell
+    /// (the default).
+    async fn server_version(&self) -> Result<Option<String>, Error> {
+        Ok(None)
+    }
 }
 
 /// Builds a [`Backend`] from its options.

@@ -193,6 +193,11 @@ impl FileBackend {
     pub fn config(&self) -> &FileConfig {
         &self.config
     }
+
+    /// Metrics and spans: `backend="file"`, `destination=<path>`.
+    fn meter(&self) -> broker_core::metrics::Meter {
+        broker_core::metrics::Meter::new(NAME, self.config.path.display().to_string())
+    }
 }
 
 /// Factory for `type: file`.
@@ -232,6 +237,7 @@ impl Backend for FileBackend {
         self.config.delivery.close_timeout
     }
 
+    #[tracing::instrument(name = "connect", skip_all, fields(backend = NAME, destination = %self.config.path.display()))]
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let path = self.config.path.clone();
         let mut file =
@@ -258,7 +264,7 @@ impl Backend for FileBackend {
             .retry(Duration::from_millis(50), Duration::from_secs(5))
             .linger(self.config.linger)
             .ping_interval(ping);
-        Ok(Box::new(delivery::start(NAME, sink, self.config.delivery.clone(), options)))
+        Ok(Box::new(delivery::start(self.meter(), sink, self.config.delivery.clone(), options)))
     }
 
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {

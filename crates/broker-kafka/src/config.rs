@@ -384,6 +384,8 @@ impl KafkaConfig {
             c.set("ssl.key.location", key);
         }
         c.set("ssl.endpoint.identification.algorithm", if self.ssl_check_hostname { "https" } else { "none" });
+        // librdkafka's statistics become metrics (crate::stats); a `librdkafka:` setting wins.
+        c.set("statistics.interval.ms", crate::stats::INTERVAL_MS);
         for (k, v) in &self.extra {
             c.set(k, v);
         }

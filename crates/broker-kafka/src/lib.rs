@@ -41,12 +41,14 @@ mod config;
 mod producer;
 mod reset;
 mod source;
+mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use broker_core::backoff::Backoff;
+use broker_core::metrics::Meter;
 use broker_core::{
     Backend, BackendFactory, CloseReport, ConfigError, Configured, Error, Event, EventBroker, EventId, EventSource,
     Position, PublishOptions, Receipt, Received, Settle, SourceOptions, StartFrom, async_trait,
@@ -156,7 +158,12 @@ impl ClientContext for AdminContext {
         self.0.record(&error, reason);
         tracing::warn!("kafka: {error}: {reason}");
     }
+
+    /// The admin client lives for one request: its statistics say nothing.
+    fn stats(&self, _: rdkafka::Statistics) {}
 }
+
+impl rdkafka::consumer::ConsumerContext for AdminContext {}
 
 async fn ensure_topic(config: &KafkaConfig, last_error: &Arc<LastError>) -> Result<(), Error> {
     let Some((partitions, replication)) = config.create_topic else { return Ok(()) };
@@ -203,13 +210,34 @@ impl Backend for KafkaBackend {
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
         KafkaSource::open(&self.config, options).map(|s| Box::new(s) as Box<dyn EventSource>)
     }
+
+    /// Kafka's protocol gives no product version through librdkafka: the cluster's brokers, from
+    /// a metadata request (`Kafka cluster of 1 broker: 1 at 127.0.0.1:9092`).
+    async fn server_version(&self) -> Result<Option<String>, Error> {
+        let last_error = Arc::new(LastError::default());
+        let client: BaseConsumer<AdminContext> = self
+            .config
+            .client_config()
+            .create_with_context(AdminContext(last_error.clone()))
+            .map_err(|e| unavailable(format!("{}: {e}", self.config.bootstrap)))?;
+        let metadata = tokio::task::spawn_blocking(move || client.fetch_metadata(None, Duration::from_secs(10)))
+            .await
+            .map_err(unavailable)?
+            .map_err(|e| last_error.error(format!("{}: {e}", self.config.bootstrap)))?;
+        let brokers: Vec<String> =
+            metadata.brokers().iter().map(|b| format!("{} at {}:{}", b.id(), b.host(), b.port())).collect();
+        let plural = if brokers.len() == 1 { "" } else { "s" };
+        Ok(Some(format!("Kafka cluster of {} broker{plural}: {}", brokers.len(), brokers.join(", "))))
+    }
 }
 
 impl KafkaBackend {
     /// Creates the topic when configured, checks that the broker answers, and starts the
     /// producer; the typed broker (`connect` boxes it).
+    #[tracing::instrument(name = "connect", skip_all, fields(backend = NAME, destination = %self.config.topic))]
     pub async fn open(&self) -> Result<KafkaBroker, Error> {
-        let shared = Arc::new(Shared { ready: AtomicBool::new(true), ..Shared::default() });
+        let shared = Arc::new(Shared::new(Meter::new(NAME, self.config.topic.clone())));
+        shared.meter.ready(true);
         ensure_topic(&self.config, &shared.last_error).await?;
         let producer = Arc::new(new_producer(&self.config, &shared)?);
         // Fail fast when nothing answers at start (Rasa waits; we say why).

@@ -76,7 +76,7 @@ impl EventBroker for KafkaBroker {
             return Err(Error::Closed);
         }
         let id = event.id();
-        let (receipt, settle) = Receipt::metered(NAME, id);
+        let (receipt, settle) = Receipt::metered(&self.shared.meter, id);
         let (json, sender) = event.into_parts();
         let id_text = id.to_string();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -100,7 +100,7 @@ impl EventBroker for KafkaBroker {
             };
             match sent {
                 Ok(()) => {
-                    broker_core::metrics::accepted(NAME);
+                    self.shared.meter.accepted();
                     return Ok(receipt);
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -172,7 +172,7 @@ impl EventBroker for KafkaBroker {
                 .await;
         // A metadata round trip is the truth about the broker right now.
         let up = matches!(probe, Ok(Ok(_)));
-        self.shared.ready.store(up, Ordering::Release);
+        self.shared.set_ready(up);
         up
     }
 
@@ -212,7 +212,7 @@ impl KafkaBroker {
             }
         }
         let undelivered = std::mem::take(&mut *self.shared.undelivered.lock().unwrap_or_else(PoisonError::into_inner));
-        broker_core::metrics::undelivered(NAME, undelivered.len());
+        self.shared.meter.undelivered(undelivered.len());
         Ok(CloseReport::new(undelivered))
     }
 }

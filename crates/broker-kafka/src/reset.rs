@@ -5,8 +5,9 @@
 use super::*;
 
 /// State shared by the broker and the delivery reports of every producer it creates.
-#[derive(Default)]
 pub(crate) struct Shared {
+    /// Metrics: `backend="kafka"`, `destination=<topic>`.
+    pub(crate) meter: Meter,
     /// The last error librdkafka reported.
     pub(crate) last_error: Arc<LastError>,
     /// Set while closing: failed events are kept for the close report.
@@ -21,6 +22,29 @@ pub(crate) struct Shared {
     pub(crate) resetting: AtomicBool,
     /// How many times the producer was replaced.
     pub(crate) resets: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(meter: Meter) -> Shared {
+        Shared {
+            meter,
+            last_error: Arc::default(),
+            closing: AtomicBool::new(false),
+            undelivered: Mutex::default(),
+            ready: AtomicBool::new(true),
+            resend: Mutex::default(),
+            reset_needed: AtomicBool::new(false),
+            resetting: AtomicBool::new(false),
+            resets: AtomicU64::new(0),
+        }
+    }
+
+    /// Records readiness (also as `broker_ready`).
+    pub(crate) fn set_ready(&self, ready: bool) {
+        if self.ready.swap(ready, Ordering::AcqRel) != ready {
+            self.meter.ready(ready);
+        }
+    }
 }
 
 /// What travels with each message to its delivery report.
@@ -66,7 +90,7 @@ impl ClientContext for Reports {
     fn error(&self, error: KafkaError, reason: &str) {
         self.shared.last_error.record(&error, reason);
         match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::AllBrokersDown) => self.shared.ready.store(false, Ordering::Release),
+            Some(RDKafkaErrorCode::AllBrokersDown) => self.shared.set_ready(false),
             Some(RDKafkaErrorCode::BrokerTransportFailure) => {
                 tracing::debug!("kafka: transport failure (librdkafka reconnects): {reason}");
                 return;
@@ -74,6 +98,10 @@ impl ClientContext for Reports {
             _ => {}
         }
         tracing::warn!("kafka: {error}: {reason}");
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        crate::stats::record(self.shared.meter.destination(), &statistics);
     }
 }
 
@@ -84,7 +112,7 @@ impl ProducerContext for Reports {
         let shared = &self.shared;
         let (e, m) = match result {
             Ok(m) => {
-                shared.ready.store(true, Ordering::Release);
+                shared.set_ready(true);
                 tracked.settle.delivered(Some(Position::Partition { partition: m.partition(), offset: m.offset() }));
                 return;
             }
@@ -148,7 +176,7 @@ pub(crate) fn reset(
 ) {
     let mut guard = producer.write().unwrap_or_else(PoisonError::into_inner);
     shared.resetting.store(true, Ordering::Release);
-    broker_core::metrics::reconnected(NAME);
+    shared.meter.reconnected();
     shared.reset_needed.store(false, Ordering::Release);
     guard.purge(PurgeConfig::default().queue().inflight());
     let _ = guard.flush(Duration::from_secs(10));

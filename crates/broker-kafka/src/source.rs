@@ -4,11 +4,24 @@ use super::*;
 
 /// A consumer-group reader. Offsets are committed for events acknowledged with `ack`.
 pub struct KafkaSource {
-    pub(crate) consumer: Arc<BaseConsumer>,
+    pub(crate) consumer: Arc<BaseConsumer<SourceContext>>,
     pub(crate) topic: String,
     pub(crate) follow: bool,
     pub(crate) buffered: std::collections::VecDeque<Polled>,
 }
+
+/// The consumer's context: its statistics give the lag per partition ([`crate::stats`]).
+pub(crate) struct SourceContext {
+    topic: String,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        crate::stats::record(&self.topic, &statistics);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for SourceContext {}
 
 /// A message taken from librdkafka, not yet handed over.
 pub(crate) enum Polled {
@@ -26,7 +39,9 @@ impl KafkaSource {
         c.set("auto.commit.interval.ms", "1000");
         c.set("enable.auto.offset.store", "false");
         c.set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer = c.create().map_err(|e| unavailable(format!("{}: {e}", config.bootstrap)))?;
+        let context = SourceContext { topic: config.topic.clone() };
+        let consumer: BaseConsumer<SourceContext> =
+            c.create_with_context(context).map_err(|e| unavailable(format!("{}: {e}", config.bootstrap)))?;
         match options.start {
             StartFrom::Beginning | StartFrom::Offset(_) => {
                 // Read every partition from the start (or the offset), still committing to the

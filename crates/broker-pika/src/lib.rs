@@ -70,15 +70,22 @@ impl PikaBackend {
         &self.config
     }
 
+    /// Metrics and spans: `backend="pika"`, `destination=<exchange>` (the fanout exchange every
+    /// event goes to).
+    fn meter(&self) -> broker_core::metrics::Meter {
+        broker_core::metrics::Meter::new(NAME, self.config.exchange.clone())
+    }
+
     /// Connects (Rasa's `connection_attempts` × `retry_delay_in_seconds`), declares the topology
     /// and starts the writer; the typed broker, for [`PikaBroker::publish_with_headers`].
+    #[tracing::instrument(name = "connect", skip_all, fields(backend = NAME, destination = %self.config.exchange))]
     pub async fn open(&self) -> Result<PikaBroker, Error> {
         self.config.validate()?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (link, link_id) = writer::first_link(&self.config, &tx).await?;
         let sink = writer::PikaSink::new(self.config.clone(), link, link_id, tx, rx);
         let options = writer::PikaSink::driver_options(&self.config);
-        let queued = broker_core::delivery::start(NAME, sink, self.config.delivery.clone(), options);
+        let queued = broker_core::delivery::start(self.meter(), sink, self.config.delivery.clone(), options);
         let mut inner: Box<dyn EventBroker> = Box::new(queued);
         if self.config.raise_on_failure {
             inner = RaiseOnFailure.wrap_broker(inner);
@@ -130,6 +137,21 @@ impl Backend for PikaBackend {
         self.config.validate()?;
         let queue = self.config.queues.first().cloned().unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
         Ok(Box::new(PikaSource::open(self.config.clone(), queue, options.clone()).await?))
+    }
+
+    /// The product and version RabbitMQ announces when a connection opens.
+    async fn server_version(&self) -> Result<Option<String>, Error> {
+        self.config.validate()?;
+        let target = &self.config.target;
+        let (connection, channel) = writer::open(target, "broker check").await?;
+        let properties = connection.server_properties();
+        let version = format!("{} {}", properties.product(), properties.version());
+        let _ = tokio::time::timeout(target.connection_timeout, async {
+            let _ = channel.close().await;
+            let _ = connection.close().await;
+        })
+        .await;
+        Ok(Some(version))
     }
 }
 

@@ -77,6 +77,12 @@ impl Row<'_> {
 }
 
 #[derive(diesel::QueryableByName)]
+pub(crate) struct VersionRow {
+    #[diesel(sql_type = Text)]
+    pub(crate) version: String,
+}
+
+#[derive(diesel::QueryableByName)]
 pub(crate) struct IdRow {
     #[diesel(sql_type = BigInt)]
     pub(crate) id: i64,
@@ -266,6 +272,7 @@ impl Backend for SqlBackend {
         self.config.delivery.close_timeout
     }
 
+    #[tracing::instrument(name = "connect", skip_all, fields(backend = NAME, destination = %self.config.table.as_str()))]
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let config = &self.config;
         let options = DriverOptions::default()
@@ -274,6 +281,7 @@ impl Backend for SqlBackend {
             .attempt_timeout(config.attempt_timeout)
             .retry(config.retry_max_delay / 10, config.retry_max_delay);
         let delivery = config.delivery.clone();
+        let meter = broker_core::metrics::Meter::new(NAME, config.table.as_str());
         let broker = match &config.database {
             Database::Sqlite { path } => {
                 let (db, table) = (path.clone(), config.table.clone());
@@ -281,13 +289,13 @@ impl Backend for SqlBackend {
                     Error::Io { backend: NAME, operation: "opening".into(), reason: e.to_string(), cause: None }
                 })??;
                 let sink = sqlite::SqliteSink { conn: Some(conn), table: config.table.clone(), path: path.clone() };
-                delivery::start(NAME, delivery::on_thread("broker-sqlite-writer", sink)?, delivery, options)
+                delivery::start(meter.clone(), delivery::on_thread("broker-sqlite-writer", sink)?, delivery, options)
             }
             Database::Postgres(target) => {
                 let options = options.ping_interval(Some(postgres::HEALTH_INTERVAL));
                 if config.pool_size <= 1 {
                     let sink = postgres::start_sink(target.clone(), config.clone()).await?;
-                    delivery::start(NAME, sink, delivery, options)
+                    delivery::start(meter.clone(), sink, delivery, options)
                 } else {
                     let mut sinks = Vec::with_capacity(config.pool_size);
                     for _ in 0..config.pool_size {
@@ -295,7 +303,7 @@ impl Backend for SqlBackend {
                     }
                     // Each connection commits up to `batch_size` rows of every batch.
                     let options = options.batch_size(config.batch_size * config.pool_size);
-                    delivery::start(NAME, PoolSink { sinks }, delivery, options)
+                    delivery::start(meter.clone(), PoolSink { sinks }, delivery, options)
                 }
             }
         };
@@ -335,6 +343,22 @@ impl Backend for SqlBackend {
             Database::Postgres(target) => {
                 let source = postgres::PgSource::open(target, &self.config, &options.start, options.follow).await?;
                 Ok(Box::new(source))
+            }
+        }
+    }
+
+    async fn server_version(&self) -> Result<Option<String>, Error> {
+        match &self.config.database {
+            Database::Sqlite { path } => {
+                let path = path.clone();
+                let version =
+                    tokio::task::spawn_blocking(move || sqlite::library_version(&path)).await.map_err(|e| {
+                        Error::Io { backend: NAME, operation: "opening".into(), reason: e.to_string(), cause: None }
+                    })??;
+                Ok(Some(version))
+            }
+            Database::Postgres(target) => {
+                Ok(Some(postgres::server_version(target, self.config.connect_timeout).await?))
             }
         }
     }

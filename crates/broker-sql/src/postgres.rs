@@ -77,6 +77,18 @@ pub(crate) async fn connect(target: &PgTarget, timeout: Duration) -> Result<Asyn
     }
 }
 
+/// `PostgreSQL <server_version>`, over a connection of its own.
+pub(crate) async fn server_version(target: &PgTarget, timeout: Duration) -> Result<String, Error> {
+    let mut conn = connect(target, timeout).await?;
+    let query = diesel::sql_query("SELECT current_setting('server_version') AS version")
+        .get_result::<crate::VersionRow>(&mut conn);
+    match tokio::time::timeout(timeout, query).await {
+        Ok(Ok(row)) => Ok(format!("PostgreSQL {}", row.version)),
+        Ok(Err(e)) => Err(cannot_connect(target, e)),
+        Err(_) => Err(cannot_connect(target, format!("no answer within {timeout:?}"))),
+    }
+}
+
 /// The error with its causes, so a TLS failure says why (unknown issuer, wrong name).
 fn tls_reason(e: &tokio_postgres::Error) -> String {
     let mut text = e.to_string();

@@ -27,6 +27,16 @@ fn unavailable(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Unavailable { backend: NAME, reason: format!("{what} {}: {e}", path.display()), cause: None }
 }
 
+/// `SQLite <version>` of the library this program links.
+pub(crate) fn library_version(path: &Path) -> Result<String, Error> {
+    let mut conn = SqliteConnection::establish(&path.to_string_lossy())
+        .map_err(|e| unavailable(path, "cannot open SQLite database", e))?;
+    let row = diesel::sql_query("SELECT sqlite_version() AS version")
+        .get_result::<crate::VersionRow>(&mut conn)
+        .map_err(|e| unavailable(path, "cannot query", e))?;
+    Ok(format!("SQLite {}", row.version))
+}
+
 /// Opens the database with WAL, a busy timeout and full sync, and creates the table if missing.
 pub(crate) fn open(path: &Path, table: &TableName) -> Result<SqliteConnection, Error> {
     let url = path.to_string_lossy();

@@ -25,6 +25,7 @@ use crate::broker::{CloseReport, Settle};
 use crate::config::{ConfigError, DeliveryOptions, Options};
 use crate::error::Error;
 use crate::event::Event;
+use crate::metrics::Meter;
 
 /// How the driver runs one backend's sink.
 #[derive(Debug, Clone)]
@@ -147,22 +148,28 @@ impl DriverOptions {
 }
 
 /// Starts a driver for `sink` on the current tokio runtime and returns the broker that feeds it.
+/// `meter` is the backend's [`Meter`] (type name and destination, for metrics and spans), or
+/// just its type name.
 pub fn start<S: Sink>(
-    backend: &'static str,
+    meter: impl Into<Meter>,
     sink: S,
     delivery: DeliveryOptions,
     options: DriverOptions,
 ) -> QueuedBroker {
     let close_timeout = delivery.close_timeout;
-    let (outbox, inbox) = pipeline::channel(backend, delivery);
+    let (outbox, inbox) = pipeline::channel(meter, delivery);
+    let meter = outbox.meter().clone();
     let (broker, ready) = QueuedBroker::new(outbox);
-    let driver = Driver::new(backend, sink, inbox, ready, options, close_timeout);
-    tokio::spawn(driver.run());
+    // Every log line of the driver carries the backend and the destination.
+    let span = tracing::info_span!("delivery", backend = meter.backend(), destination = meter.destination());
+    let driver = Driver::new(meter, sink, inbox, ready, options, close_timeout);
+    tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
     broker
 }
 
 struct Driver<S> {
     backend: &'static str,
+    meter: Meter,
     sink: S,
     inbox: Inbox,
     ready: Readiness,
@@ -171,6 +178,8 @@ struct Driver<S> {
     /// Accepted events not settled yet, and flush markers.
     w: Window,
     backoff: Backoff,
+    /// Failed attempts in a row (the span field `attempt` is this plus one).
+    failures: u32,
     /// Set after a failed attempt: the sink recovers before the next one, not before `retry_at`.
     failure: Option<Failure>,
     retry_at: Option<Instant>,
@@ -188,7 +197,7 @@ struct Driver<S> {
 
 impl<S: Sink> Driver<S> {
     fn new(
-        backend: &'static str,
+        meter: Meter,
         sink: S,
         inbox: Inbox,
         ready: Readiness,
@@ -196,14 +205,17 @@ impl<S: Sink> Driver<S> {
         close_timeout: Duration,
     ) -> Driver<S> {
         let backoff = Backoff::new(options.retry_first, options.retry_max);
+        let backend = meter.backend();
         Driver {
             backend,
+            meter,
             sink,
             inbox,
             ready,
             close_timeout,
             w: Window::new(backend, options.batch_size, options.max_event_bytes),
             backoff,
+            failures: 0,
             failure: None,
             retry_at: None,
             retry_len: None,
@@ -239,7 +251,7 @@ impl<S: Sink> Driver<S> {
             if self.failure.is_some() {
                 self.fail_while_away();
             }
-            crate::metrics::depth(self.backend, self.inbox.queued(), self.w.held.len() + self.w.sent.len());
+            self.meter.depth(self.inbox.queued(), self.w.held.len() + self.w.sent.len());
             self.w.answer_flushes();
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return self.finish().await;
@@ -369,7 +381,7 @@ impl<S: Sink> Driver<S> {
                 if !self.succeeded(recovered) {
                     return;
                 }
-                crate::metrics::reconnected(self.backend);
+                self.meter.reconnected();
             }
         }
         let pinged = tokio::select! {
@@ -378,7 +390,7 @@ impl<S: Sink> Driver<S> {
             _ = until_close_deadline(&self.inbox) => Call::TimedOut(limit),
         };
         if self.succeeded(pinged) {
-            self.ready.set_for(self.backend, true);
+            self.ready.set_for(&self.meter, true);
             self.retry_at = None;
         }
     }
@@ -438,6 +450,7 @@ impl<S: Sink> Driver<S> {
     }
 
     /// Asks the sink to recover from `failure`; false when it is still away.
+    #[tracing::instrument(name = "reconnect", level = "info", skip_all, fields(attempt = self.failures + 1))]
     async fn recover(&mut self, failure: Failure, deadline: Option<Instant>) -> bool {
         let limit = self.limit(deadline);
         let recovered = tokio::select! {
@@ -447,18 +460,19 @@ impl<S: Sink> Driver<S> {
         };
         let ok = self.succeeded(recovered);
         if ok {
-            crate::metrics::reconnected(self.backend);
+            self.meter.reconnected();
         }
         ok
     }
 
     fn failed(&mut self, failure: Failure) {
-        self.ready.set_for(self.backend, false);
+        self.ready.set_for(&self.meter, false);
         self.stalled = false;
         let delay = self.backoff.next_delay();
         let held = self.w.held.len() + self.w.sent.len();
-        tracing::warn!(backend = self.backend, held, "{failure}; trying again in {delay:?}");
-        crate::metrics::retried(self.backend, held);
+        self.failures = self.failures.saturating_add(1);
+        tracing::warn!(held, attempt = self.failures, "{failure}; trying again in {delay:?}");
+        self.meter.retried(held);
         self.failure = Some(failure);
         self.retry_at = Some(Instant::now() + delay);
         self.fail_while_away();
@@ -479,10 +493,21 @@ impl<S: Sink> Driver<S> {
     }
 
     /// Writes the next batch and settles what it can. Returns whether the batch was partial.
+    #[tracing::instrument(
+        name = "write",
+        level = "debug",
+        skip_all,
+        fields(events = tracing::field::Empty, attempt = self.failures + 1, in_flight = self.w.sent.len())
+    )]
     async fn attempt(&mut self, deadline: Option<Instant>) -> bool {
         let n = self.next_batch_len();
         if n == 0 {
             return false;
+        }
+        tracing::Span::current().record("events", n);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let ids: Vec<String> = self.w.records.iter().take(n).map(|r| r.id.to_string()).collect();
+            tracing::debug!(ids = ?ids, "writing");
         }
         let alone = n == 1 && self.w.held.front().is_some_and(|h| h.alone);
         let batch = Batch::new(self.w.records.drain(..n).collect());
@@ -566,8 +591,9 @@ impl<S: Sink> Driver<S> {
                 // A batch only sent (to be confirmed later) proves nothing yet: readiness and the
                 // backoff follow its confirmations.
                 if sent_now < n && !self.stalled {
-                    self.ready.set_for(self.backend, true);
+                    self.ready.set_for(&self.meter, true);
                     self.backoff.reset();
+                    self.failures = 0;
                 }
             }
         }
@@ -576,6 +602,7 @@ impl<S: Sink> Driver<S> {
 
     /// Events in flight and no room to send: waits for the sink's confirmations, for new events
     /// when there is room, for a retry to be due, for the confirm timeout, or the close deadline.
+    #[tracing::instrument(name = "confirm", level = "debug", skip_all, fields(in_flight = self.w.sent.len()))]
     async fn await_confirmations(&mut self) {
         let now = Instant::now();
         let oldest = self.w.sent.front().map_or(now, |s| s.at);
@@ -630,9 +657,8 @@ impl<S: Sink> Driver<S> {
                 let waited = self.w.sent.front().map(|s| s.at.elapsed());
                 if !self.stalled && waited.is_some_and(|w| w >= self.options.confirm_timeout) {
                     self.stalled = true;
-                    self.ready.set_for(self.backend, false);
+                    self.ready.set_for(&self.meter, false);
                     tracing::warn!(
-                        backend = self.backend,
                         in_flight = self.w.sent.len(),
                         "no confirmation for {:?}: the service may be blocking publishers; new events wait",
                         self.options.confirm_timeout
@@ -646,14 +672,14 @@ impl<S: Sink> Driver<S> {
     fn settle_confirmed(&mut self, verdicts: Vec<Verdict>) {
         if self.stalled {
             self.stalled = false;
-            tracing::info!(backend = self.backend, "confirmations again");
+            tracing::info!("confirmations again");
         }
         let mut retry = None;
         let mut again = Vec::new();
         let mut delivered = false;
         for verdict in verdicts {
             let Some(Sent { record, held, .. }) = self.w.sent.pop_front() else {
-                tracing::warn!(backend = self.backend, "the sink confirmed more events than were in flight");
+                tracing::warn!("the sink confirmed more events than were in flight");
                 break;
             };
             match verdict {
@@ -678,13 +704,14 @@ impl<S: Sink> Driver<S> {
         match retry {
             Some(e) => {
                 let delay = self.backoff.next_delay();
-                tracing::warn!(backend = self.backend, "{e}; sending it again in {delay:?}");
-                self.ready.set_for(self.backend, false);
+                tracing::warn!("{e}; sending it again in {delay:?}");
+                self.ready.set_for(&self.meter, false);
                 self.retry_at = Some(Instant::now() + delay);
             }
             None if delivered => {
-                self.ready.set_for(self.backend, true);
+                self.ready.set_for(&self.meter, true);
                 self.backoff.reset();
+                self.failures = 0;
             }
             None => {}
         }
@@ -702,8 +729,8 @@ impl<S: Sink> Driver<S> {
     /// The sink panicked: stop writing; everything held now or accepted later fails at once and is
     /// listed in the close report.
     fn die(&mut self, message: String) {
-        tracing::error!(backend = self.backend, "the writer panicked: {message}; its events are reported undelivered");
-        self.ready.set_for(self.backend, false);
+        tracing::error!("the writer panicked: {message}; its events are reported undelivered");
+        self.ready.set_for(&self.meter, false);
         self.dead = Some(message);
         self.give_up_held();
     }
@@ -738,17 +765,19 @@ impl<S: Sink> Driver<S> {
     }
 
     /// Lists what is left, releases the sink, and answers the close.
+    #[tracing::instrument(name = "close", level = "info", skip_all, fields(undelivered = tracing::field::Empty))]
     async fn finish(mut self) {
         self.give_up_held();
         let reply = pipeline::drain_undelivered(&mut self.inbox, self.close_timeout, &mut self.undelivered);
         for (_, tx) in self.w.flushes.drain(..) {
             let _ = tx.send(());
         }
-        self.ready.set_for(self.backend, false);
+        self.ready.set_for(&self.meter, false);
         if self.dead.is_none() {
             let _ = call(self.sink.close(), Duration::from_secs(1)).await;
         }
-        crate::metrics::undelivered(self.backend, self.undelivered.len());
+        self.meter.undelivered(self.undelivered.len());
+        tracing::Span::current().record("undelivered", self.undelivered.len());
         let report = CloseReport::new(std::mem::take(&mut self.undelivered));
         match reply {
             Some(reply) => {

@@ -22,6 +22,7 @@ use crate::broker::{CloseReport, EventBroker, PublishOptions, Receipt, Settle};
 use crate::config::{DeliveryOptions, WhenFull};
 use crate::error::Error;
 use crate::event::{Event, EventId};
+use crate::metrics::Meter;
 
 /// An accepted event waiting for its writer, already in Rasa's encoding.
 ///
@@ -120,7 +121,7 @@ impl Shared {
 /// The publishing side of a backend's queue.
 #[derive(Debug)]
 pub struct Outbox {
-    backend: &'static str,
+    meter: Meter,
     tx: mpsc::Sender<Command>,
     options: DeliveryOptions,
     closed: AtomicBool,
@@ -136,13 +137,15 @@ pub struct Inbox {
     shared: Arc<Shared>,
 }
 
-/// A queue for `backend` with the bound and policy of `options`.
-pub fn channel(backend: &'static str, options: DeliveryOptions) -> (Outbox, Inbox) {
+/// A queue for a backend (its [`Meter`], or just its type name) with the bound and policy of
+/// `options`.
+pub fn channel(meter: impl Into<Meter>, options: DeliveryOptions) -> (Outbox, Inbox) {
+    let meter = meter.into();
     let (tx, rx) = mpsc::channel(options.buffer_size.max(1));
     let shared = Arc::new(Shared::default());
     (
         Outbox {
-            backend,
+            meter,
             tx,
             options,
             closed: AtomicBool::new(false),
@@ -174,7 +177,7 @@ impl Outbox {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let (receipt, settle) = Receipt::metered(self.backend, event.id());
+        let (receipt, settle) = Receipt::metered(&self.meter, event.id());
         let mut pending = Pending::new(event, settle);
         pending.headers = options.headers;
         let cmd = Command::Publish(pending);
@@ -185,7 +188,7 @@ impl Outbox {
                 mpsc::error::TrySendError::Closed(_) => Error::Closed,
             })?,
         }
-        crate::metrics::accepted(self.backend);
+        self.meter.accepted();
         Ok(receipt)
     }
 
@@ -215,7 +218,7 @@ impl Outbox {
         // The writer owns the deadline; the grace covers a writer finishing its last attempt.
         let result = match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
             Ok(Ok(report)) => Ok(report.undelivered),
-            Ok(Err(_)) => Err(writer_gone(self.backend)),
+            Ok(Err(_)) => Err(writer_gone(self.meter.backend())),
             Err(_) => Err(Error::Timeout(timeout)),
         };
         *closing = Some(result.clone());
@@ -224,7 +227,12 @@ impl Outbox {
 
     /// The backend this queue belongs to.
     pub fn backend(&self) -> &'static str {
-        self.backend
+        self.meter.backend()
+    }
+
+    /// What this queue records through.
+    pub fn meter(&self) -> &Meter {
+        &self.meter
     }
 }
 
@@ -339,10 +347,10 @@ impl Readiness {
         self.0.store(ready, Ordering::Release);
     }
 
-    /// Records readiness and reports it as `broker_ready{backend}` ([`crate::metrics`]).
-    pub fn set_for(&self, backend: &'static str, ready: bool) {
+    /// Records readiness and reports it as `broker_ready` through `meter`.
+    pub fn set_for(&self, meter: &Meter, ready: bool) {
         self.set(ready);
-        crate::metrics::ready(backend, ready);
+        meter.ready(ready);
     }
 
     /// The last recorded state.
