@@ -10,8 +10,11 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use broker_core::{Backend, Error, Event, EventBroker, Receipt};
@@ -21,7 +24,7 @@ use crate::{Failure, code, progress};
 
 /// How many outcomes may be outstanding before the oldest is awaited; the broker's own buffer
 /// bounds memory further down.
-const WINDOW: usize = 65_536;
+const WINDOW: usize = 16_384;
 
 /// Lines the reader thread hands over at once.
 const CHUNK: usize = 512;
@@ -207,13 +210,20 @@ struct Run<'a> {
 impl Run<'_> {
     /// Publishes one event; `Err` says why reading must stop (the event is then undelivered).
     async fn publish(&mut self, event: Event, bytes: Vec<u8>) -> Result<(), Stop> {
-        let accepted = tokio::select! {
-            biased;
-            _ = self.signals.recv() => Err(Stop::Signal),
-            r = tokio::time::timeout(self.close_timeout, self.broker.publish(event)) => match r {
-                Ok(Ok(receipt)) => Ok(receipt),
-                Ok(Err(e)) => Err(Stop::Refused(format!("event {}: publish refused: {e}", self.tally.read))),
-                Err(_) => Err(Stop::Blocked(self.close_timeout)),
+        // Accepted at once unless the buffer is full: only then are a timer and the signals
+        // watched (a signal between chunks is seen by the caller's loop).
+        let mut publish = std::pin::pin!(self.broker.publish(event));
+        let first = std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
+        let refused = |e: Error, read| Stop::Refused(format!("event {read}: publish refused: {e}"));
+        let accepted = match first {
+            Poll::Ready(r) => r.map_err(|e| refused(e, self.tally.read)),
+            Poll::Pending => tokio::select! {
+                biased;
+                _ = self.signals.recv() => Err(Stop::Signal),
+                r = tokio::time::timeout(self.close_timeout, publish) => match r {
+                    Ok(r) => r.map_err(|e| refused(e, self.tally.read)),
+                    Err(_) => Err(Stop::Blocked(self.close_timeout)),
+                },
             },
         };
         match accepted {
@@ -227,10 +237,15 @@ impl Run<'_> {
         if self.pending.len() >= WINDOW {
             if let Some((receipt, event)) = self.pending.pop_front() {
                 let mut receipt = receipt;
-                let outcome = tokio::select! {
-                    biased;
-                    _ = self.signals.recv() => Err(Stop::Signal),
-                    r = tokio::time::timeout(self.close_timeout, &mut receipt) => r.map_err(|_| Stop::Blocked(self.close_timeout)),
+                // Usually settled already: a timer and the signals only when it is not.
+                let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut receipt).poll(cx))).await;
+                let outcome = match first {
+                    Poll::Ready(o) => Ok(o),
+                    Poll::Pending => tokio::select! {
+                        biased;
+                        _ = self.signals.recv() => Err(Stop::Signal),
+                        r = tokio::time::timeout(self.close_timeout, &mut receipt) => r.map_err(|_| Stop::Blocked(self.close_timeout)),
+                    },
                 };
                 match outcome {
                     Ok(o) => self.tally.settle(event, o),
