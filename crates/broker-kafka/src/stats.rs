@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `broker_kafka_queue_events` | gauge | messages in the producer's queues (librdkafka's `msg_cnt`) |
 //! | `broker_kafka_queue_bytes` | gauge | their size (`msg_size`) |
-//! | `broker_kafka_rtt_seconds` | gauge | mean request round trip per Kafka broker (label `broker`, `host:port`) |
+//! | `broker_kafka_rtt_seconds` | gauge | mean request round trip per Kafka broker (label `broker`, `host:port`), over the last interval with requests |
 //! | `broker_consumer_lag_events` | gauge | a consumer's lag per partition (label `partition`), where Kafka reports it |
 
 use broker_core::metrics::names::CONSUMER_LAG;
@@ -29,7 +29,8 @@ pub(crate) fn record(topic: &str, stats: &Statistics) {
         metrics::gauge!(QUEUE_BYTES, &labels).set(stats.msg_size as f64);
     }
     for broker in stats.brokers.values().filter(|b| b.nodeid >= 0) {
-        if let Some(rtt) = &broker.rtt {
+        // A window without requests says nothing (its mean is 0): the gauge keeps the last one.
+        if let Some(rtt) = broker.rtt.as_ref().filter(|w| w.cnt > 0) {
             let labels = [labels[0].clone(), labels[1].clone(), ("broker", broker.nodename.clone())];
             metrics::gauge!(RTT_SECONDS, &labels).set(rtt.avg as f64 / 1e6);
         }
