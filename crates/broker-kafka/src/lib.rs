@@ -240,6 +240,7 @@ impl KafkaBackend {
         shared.meter.ready(true);
         ensure_topic(&self.config, &shared.last_error).await?;
         let producer = Arc::new(new_producer(&self.config, &shared)?);
+        reset::hasten_producer_id(&producer, &self.config.topic);
         // Fail fast when nothing answers at start (Rasa waits; we say why).
         let probe = producer.clone();
         let topic = self.config.topic.clone();

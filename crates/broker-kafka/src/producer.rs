@@ -142,22 +142,26 @@ impl EventBroker for KafkaBroker {
     }
 
     async fn flush(&self) -> Result<(), Error> {
-        // Through resets too: until nothing is queued, in flight or waiting to go again.
+        // Through resets too: until nothing is queued, in flight or waiting to go again. Not
+        // rdkafka's `flush`: with the polling thread serving the delivery reports, its own poll
+        // sleeps its full 100 ms interval, so every flush took at least 100 ms. Instead: wake the
+        // broker threads (librdkafka's flush with no wait: lingering messages go now), then
+        // watch the count of messages not yet reported, 1 ms at first, then up to every 10 ms.
+        let mut wait = Duration::from_millis(1);
         loop {
             let producer = self.current();
-            let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(3600)))
-                .await
-                .map_err(unavailable)?;
-            flushed.map_err(|e| Error::Io {
-                backend: NAME,
-                operation: "flushing".into(),
-                reason: e.to_string(),
-                cause: None,
-            })?;
-            if !self.resending() && self.current().in_flight_count() == 0 {
+            match producer.flush(Duration::ZERO) {
+                Ok(()) | Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {}
+                Err(e) => {
+                    let reason = e.to_string();
+                    return Err(Error::Io { backend: NAME, operation: "flushing".into(), reason, cause: None });
+                }
+            }
+            if !self.resending() && producer.in_flight_count() == 0 {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(10));
         }
     }
 
