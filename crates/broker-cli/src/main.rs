@@ -179,7 +179,12 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<u8, Failure> {
     if let Command::Completions { shell } = cli.command {
         use clap::CommandFactory;
-        clap_complete::generate(shell, &mut Cli::command(), "broker", &mut io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "broker", &mut script);
+        let mut out = io::stdout().lock();
+        out.write_all(&script).and_then(|()| out.flush()).map_err(|e| {
+            Failure::new(code::UNDELIVERED, anyhow::Error::new(e).context("writing the completion script"))
+        })?;
         return Ok(code::OK);
     }
     let backend = resolve_backend(cli.endpoints.as_deref()).map_err(Failure::config)?;
@@ -304,16 +309,16 @@ async fn check(backend: &dyn Backend) -> Result<u8, Failure> {
     };
     let ready = broker.is_ready().await;
     let _ = broker.close().await;
-    // What the service says it is, where the protocol tells (asked over a connection of its own).
-    let server = backend.server_version().await;
+    // What the service says it is, where the protocol tells (asked over a connection of its own;
+    // not when it is not ready: that would only wait for another timeout).
+    let server = if ready { backend.server_version().await } else { Ok(None) };
     if ready {
         println!("ready: {describe}");
     } else {
         eprintln!("not ready: {describe}");
     }
     match server {
-        Ok(Some(version)) if ready => println!("server: {version}"),
-        Ok(Some(version)) => eprintln!("server: {version}"),
+        Ok(Some(version)) => println!("server: {version}"),
         Ok(None) => {}
         Err(e) => eprintln!("server: unknown ({e})"),
     }

@@ -237,7 +237,7 @@ impl Backend for FileBackend {
         self.config.delivery.close_timeout
     }
 
-    #[tracing::instrument(name = "connect", skip_all, fields(backend = NAME, destination = %self.config.path.display()))]
+    #[tracing::instrument(name = "connect", level = "error", skip_all, fields(backend = NAME, destination = %self.config.path.display()))]
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let path = self.config.path.clone();
         let mut file =

@@ -384,17 +384,24 @@ impl KafkaConfig {
             c.set("ssl.key.location", key);
         }
         c.set("ssl.endpoint.identification.algorithm", if self.ssl_check_hostname { "https" } else { "none" });
-        // librdkafka's statistics become metrics (crate::stats); a `librdkafka:` setting wins.
-        c.set("statistics.interval.ms", crate::stats::INTERVAL_MS);
         for (k, v) in &self.extra {
             c.set(k, v);
         }
         c
     }
 
+    /// librdkafka's statistics, which become metrics (crate::stats), for the long-lived
+    /// clients (producer, consumer); a `librdkafka:` setting of the interval wins.
+    pub(crate) fn with_statistics(&self, c: &mut rdkafka::ClientConfig) {
+        if !self.extra.iter().any(|(k, _)| k == "statistics.interval.ms") {
+            c.set("statistics.interval.ms", crate::stats::INTERVAL_MS);
+        }
+    }
+
     /// The producer settings: `acks=all` and idempotence, so order per key survives retries.
     pub(crate) fn producer_config(&self) -> rdkafka::ClientConfig {
         let mut c = self.client_config();
+        self.with_statistics(&mut c);
         c.set("acks", "all");
         c.set("enable.idempotence", "true");
         c.set("message.timeout.ms", self.message_timeout.as_millis().min(i32::MAX as u128).to_string());

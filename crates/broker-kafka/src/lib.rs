@@ -234,10 +234,9 @@ impl Backend for KafkaBackend {
 impl KafkaBackend {
     /// Creates the topic when configured, checks that the broker answers, and starts the
     /// producer; the typed broker (`connect` boxes it).
-    #[tracing::instrument(name = "connect", skip_all, fields(backend = NAME, destination = %self.config.topic))]
+    #[tracing::instrument(name = "connect", level = "error", skip_all, fields(backend = NAME, destination = %self.config.topic))]
     pub async fn open(&self) -> Result<KafkaBroker, Error> {
         let shared = Arc::new(Shared::new(Meter::new(NAME, self.config.topic.clone())));
-        shared.meter.ready(true);
         ensure_topic(&self.config, &shared.last_error).await?;
         let producer = Arc::new(new_producer(&self.config, &shared)?);
         reset::hasten_producer_id(&producer, &self.config.topic);
@@ -258,6 +257,7 @@ impl KafkaBackend {
             }
             Err(e) => return Err(shared.last_error.error(format!("{}: {e}", self.config.bootstrap))),
         }
+        shared.set_ready(true);
         let broker = KafkaBroker {
             producer: Arc::new(RwLock::new(producer)),
             shared,

@@ -117,6 +117,8 @@ impl EventBroker for KafkaBroker {
                     tokio::time::sleep(FULL_WAIT).await;
                 }
                 Err((e, back)) if classify::events_fault(e.rdkafka_error_code()) => {
+                    // Accepted (it has a receipt) and refused at once as its own fault.
+                    self.shared.meter.accepted();
                     let reason = e.to_string();
                     back.settle.settle(Err(Error::Rejected { backend: NAME, event_id: id_text.clone(), reason }));
                     return Ok(receipt);
@@ -135,6 +137,8 @@ impl EventBroker for KafkaBroker {
                     };
                     self.shared.resend.lock().unwrap_or_else(PoisonError::into_inner).push(resend);
                     self.shared.reset_needed.store(true, Ordering::Release);
+                    self.shared.meter.accepted();
+                    self.shared.meter.retried(1);
                     return Ok(receipt);
                 }
             }
@@ -217,6 +221,8 @@ impl KafkaBroker {
         }
         let undelivered = std::mem::take(&mut *self.shared.undelivered.lock().unwrap_or_else(PoisonError::into_inner));
         self.shared.meter.undelivered(undelivered.len());
+        // Closed: not ready, whatever the last delivery report said.
+        self.shared.set_ready(false);
         Ok(CloseReport::new(undelivered))
     }
 }

@@ -39,11 +39,10 @@ impl Shared {
         }
     }
 
-    /// Records readiness (also as `broker_ready`).
+    /// Records readiness (also as `broker_ready`; both each time, so they cannot disagree).
     pub(crate) fn set_ready(&self, ready: bool) {
-        if self.ready.swap(ready, Ordering::AcqRel) != ready {
-            self.meter.ready(ready);
-        }
+        self.ready.store(ready, Ordering::Release);
+        self.meter.ready(ready);
     }
 }
 
@@ -102,6 +101,9 @@ impl ClientContext for Reports {
 
     fn stats(&self, statistics: rdkafka::Statistics) {
         crate::stats::record(self.shared.meter.destination(), &statistics);
+        // What waits outside librdkafka: events to send again through a new producer.
+        let waiting = self.shared.resend.lock().unwrap_or_else(PoisonError::into_inner).len();
+        self.shared.meter.depth(statistics.msg_cnt as usize, waiting);
     }
 }
 
@@ -151,6 +153,7 @@ impl ProducerContext for Reports {
             tracked,
         };
         shared.resend.lock().unwrap_or_else(PoisonError::into_inner).push(resend);
+        shared.meter.retried(1);
         if !purged {
             shared.reset_needed.store(true, Ordering::Release);
         }

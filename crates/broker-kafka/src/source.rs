@@ -32,6 +32,7 @@ pub(crate) enum Polled {
 impl KafkaSource {
     pub(crate) fn open(config: &KafkaConfig, options: &SourceOptions) -> Result<KafkaSource, Error> {
         let mut c = config.client_config();
+        config.with_statistics(&mut c);
         c.set("group.id", options.group.as_deref().unwrap_or("broker-cli"));
         // Offsets are stored when an event is acknowledged (after it was handed over) and
         // committed by librdkafka every second and when the consumer closes.

@@ -7,6 +7,10 @@
 //! | `broker_kafka_queue_bytes` | gauge | their size (`msg_size`) |
 //! | `broker_kafka_rtt_seconds` | gauge | mean request round trip per Kafka broker (label `broker`, `host:port`), over the last interval with requests |
 //! | `broker_consumer_lag_events` | gauge | a consumer's lag per partition (label `partition`), where Kafka reports it |
+//!
+//! With each report the producer also sets the shared `broker_buffer_events` (librdkafka's
+//! `msg_cnt`: queued and in flight) and `broker_held_events` (events waiting to go again through
+//! a new producer).
 
 use broker_core::metrics::names::CONSUMER_LAG;
 use rdkafka::Statistics;

@@ -78,7 +78,7 @@ impl PikaBackend {
 
     /// Connects (Rasa's `connection_attempts` × `retry_delay_in_seconds`), declares the topology
     /// and starts the writer; the typed broker, for [`PikaBroker::publish_with_headers`].
-    #[tracing::instrument(name = "connect", skip_all, fields(backend = NAME, destination = %self.config.exchange))]
+    #[tracing::instrument(name = "connect", level = "error", skip_all, fields(backend = NAME, destination = %self.config.exchange))]
     pub async fn open(&self) -> Result<PikaBroker, Error> {
         self.config.validate()?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -143,14 +143,11 @@ impl Backend for PikaBackend {
     async fn server_version(&self) -> Result<Option<String>, Error> {
         self.config.validate()?;
         let target = &self.config.target;
-        let (connection, channel) = writer::open(target, "broker check").await?;
+        // The handshake is all it takes (no channel); `connect_only` bounds it.
+        let connection = writer::connect_only(target, "broker check").await?;
         let properties = connection.server_properties();
         let version = format!("{} {}", properties.product(), properties.version());
-        let _ = tokio::time::timeout(target.connection_timeout, async {
-            let _ = channel.close().await;
-            let _ = connection.close().await;
-        })
-        .await;
+        let _ = tokio::time::timeout(target.connection_timeout, connection.close()).await;
         Ok(Some(version))
     }
 }

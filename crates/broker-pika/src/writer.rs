@@ -138,26 +138,36 @@ pub(crate) struct Link {
     pub(crate) channel: Channel,
 }
 
-/// Opens a connection (within `connection_timeout`) and a channel.
+/// Opens a connection (within `connection_timeout`) and a channel (within it too).
 pub(crate) async fn open(target: &AmqpTarget, name: &str) -> Result<(Connection, Channel), Error> {
+    let connection = connect_only(target, name).await?;
+    let channel = match tokio::time::timeout(target.connection_timeout, connection.open_channel(None)).await {
+        Ok(r) => r.map_err(|e| amqp_error(target, e))?,
+        Err(_) => return Err(no_answer(target)),
+    };
+    Ok((connection, channel))
+}
+
+fn no_answer(target: &AmqpTarget) -> Error {
+    Error::Unavailable {
+        backend: NAME,
+        reason: format!("{}: no answer within {:?}", target.describe(), target.connection_timeout),
+        cause: None,
+    }
+}
+
+/// Opens a connection (the AMQP handshake) within `connection_timeout`.
+pub(crate) async fn connect_only(target: &AmqpTarget, name: &str) -> Result<Connection, Error> {
     let mut args = OpenConnectionArguments::new(&target.host, target.port, &target.username, target.password.expose());
     args.virtual_host(&target.vhost).heartbeat(target.heartbeat).connection_name(name);
     if target.tls {
         args.tls_adaptor(crate::tls::adaptor(target)?);
     }
-    let connection = match tokio::time::timeout(target.connection_timeout, Connection::open(&args)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(login_error(target, e)),
-        Err(_) => {
-            return Err(Error::Unavailable {
-                backend: NAME,
-                reason: format!("{}: no answer within {:?}", target.describe(), target.connection_timeout),
-                cause: None,
-            });
-        }
-    };
-    let channel = connection.open_channel(None).await.map_err(|e| amqp_error(target, e))?;
-    Ok((connection, channel))
+    match tokio::time::timeout(target.connection_timeout, Connection::open(&args)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(login_error(target, e)),
+        Err(_) => Err(no_answer(target)),
+    }
 }
 
 /// Declares Rasa's topology on `channel`: a non-durable fanout exchange and durable queues

@@ -272,7 +272,7 @@ impl Backend for SqlBackend {
         self.config.delivery.close_timeout
     }
 
-    #[tracing::instrument(name = "connect", skip_all, fields(backend = NAME, destination = %self.config.table.as_str()))]
+    #[tracing::instrument(name = "connect", level = "error", skip_all, fields(backend = NAME, destination = %self.config.table.as_str()))]
     async fn connect(&self) -> Result<Box<dyn EventBroker>, Error> {
         let config = &self.config;
         let options = DriverOptions::default()

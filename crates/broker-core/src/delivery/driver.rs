@@ -160,8 +160,9 @@ pub fn start<S: Sink>(
     let (outbox, inbox) = pipeline::channel(meter, delivery);
     let meter = outbox.meter().clone();
     let (broker, ready) = QueuedBroker::new(outbox);
-    // Every log line of the driver carries the backend and the destination.
-    let span = tracing::info_span!("delivery", backend = meter.backend(), destination = meter.destination());
+    // Every log line of the driver carries the backend and the destination: the span is at the
+    // error level so that it is on whenever the driver's warnings are (default filter: warn).
+    let span = tracing::error_span!("delivery", backend = meter.backend(), destination = meter.destination());
     let driver = Driver::new(meter, sink, inbox, ready, options, close_timeout);
     tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
     broker
