@@ -158,7 +158,22 @@ fn publish_then_tail_through_rabbitmq() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("delivered 106, failed 0"), "{}", stderr(&out));
 
-    let out = broker(dir.path(), &["tail", "--from-beginning", "--limit", "106", "--timeout", "10"], None);
+    // A tail with metrics: the lag is what RabbitMQ counted at subscribe (106 ready), then, at
+    // the next count (every 5 s), 0.
+    let port = free_port();
+    let tail = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["tail", "--from-beginning", "--timeout", "7", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lag = ["backend=\"pika\"".to_owned(), format!("destination=\"{queue}\"")];
+    let lag = [lag[0].as_str(), lag[1].as_str()];
+    scrape_until(port, "a lag of 106", |b| sample(b, "broker_consumer_lag_events", &lag) == Some(106.0));
+    scrape_until(port, "a lag of 0", |b| sample(b, "broker_consumer_lag_events", &lag) == Some(0.0));
+    let out = tail.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), SAMPLE, "Rasa's bytes, in order");
     let out = broker(dir.path(), &["tail", "--timeout", "1"], None);

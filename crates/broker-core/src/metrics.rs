@@ -20,7 +20,7 @@
 //! | `broker_held_events` | gauge | events the writer holds (being written, in flight, waiting to retry) |
 //! | `broker_reconnects_total` | counter | recoveries after a failure (reconnects, producer resets) |
 //! | `broker_ready` | gauge | 1 when the last attempt worked, else 0 |
-//! | `broker_consumer_lag_events` | gauge | a consumer's lag, where the service reports it (Kafka: per `partition`) |
+//! | `broker_consumer_lag_events` | gauge | a consumer's lag, where the service reports it (Kafka: per `partition`; RabbitMQ: messages ready in the queue) |
 //!
 //! Backends may add their own (Kafka: librdkafka's queue depth and round trips).
 

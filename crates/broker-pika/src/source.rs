@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicQosArguments, BasicRejectArguments, Channel, ConsumerMessage,
@@ -43,7 +43,14 @@ pub struct PikaSource {
     remaining: Option<u64>,
     backoff: Backoff,
     subscriptions: u64,
+    /// `broker_consumer_lag_events{backend="pika", destination=<queue>}`: the messages ready in
+    /// the queue, as RabbitMQ counts them (queue.declare-ok), refreshed every [`LAG_EVERY`].
+    lag: metrics::Gauge,
+    lag_at: Instant,
 }
+
+/// How often the consumer asks RabbitMQ how many messages wait in its queue.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for PikaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,8 +68,19 @@ impl PikaSource {
         options: SourceOptions,
     ) -> Result<PikaSource, Error> {
         let backoff = Backoff::new(Duration::from_millis(100), config.retry_delay.max(Duration::from_millis(100)));
-        let mut source =
-            PikaSource { config, queue, options, consumer: None, remaining: None, backoff, subscriptions: 0 };
+        let labels = [("backend", NAME.to_owned()), ("destination", queue.clone())];
+        let lag = metrics::gauge!(broker_core::metrics::names::CONSUMER_LAG, &labels);
+        let mut source = PikaSource {
+            config,
+            queue,
+            options,
+            consumer: None,
+            remaining: None,
+            backoff,
+            subscriptions: 0,
+            lag,
+            lag_at: Instant::now(),
+        };
         let count = source.subscribe().await?;
         if !source.options.follow {
             source.remaining = Some(count);
@@ -92,6 +110,8 @@ impl PikaSource {
             .await
             .map_err(|e| fail("declaring the queue", e))?
             .map_or(0, |(_, n, _)| u64::from(n));
+        self.lag.set(count as f64);
+        self.lag_at = Instant::now();
         channel
             .basic_qos(BasicQosArguments::new(0, self.options.prefetch.max(1), false))
             .await
@@ -104,6 +124,20 @@ impl PikaSource {
         self.subscriptions += 1;
         self.consumer = Some(Consumer { connection, channel, rx, unacked: HashSet::new(), generation });
         Ok(count)
+    }
+
+    /// Asks RabbitMQ how many messages are ready in the queue (a passive declare, bounded by the
+    /// connection timeout) and records it as the lag; a failure only leaves the last value.
+    async fn refresh_lag(&mut self) {
+        self.lag_at = Instant::now();
+        let Some(consumer) = self.consumer.as_ref() else { return };
+        let args = amqprs::channel::QueueDeclareArguments::new(&self.queue).passive(true).finish();
+        match tokio::time::timeout(self.config.target.connection_timeout, consumer.channel.queue_declare(args)).await {
+            Ok(Ok(Some((_, n, _)))) => self.lag.set(f64::from(n)),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::debug!("pika: cannot count the messages in {:?}: {e}", self.queue),
+            Err(_) => tracing::debug!("pika: no answer counting the messages in {:?}", self.queue),
+        }
     }
 
     async fn resubscribe(&mut self) -> Result<(), Error> {
@@ -138,9 +172,16 @@ impl EventSource for PikaSource {
             if self.consumer.is_none() {
                 self.resubscribe().await?;
             }
+            if self.lag_at.elapsed() >= LAG_EVERY {
+                self.refresh_lag().await;
+            }
             let Some(consumer) = self.consumer.as_mut() else { continue };
             let msg = if self.options.follow {
-                consumer.rx.recv().await
+                // Woken at least every LAG_EVERY, so an idle consumer's lag stays current.
+                match tokio::time::timeout(LAG_EVERY, consumer.rx.recv()).await {
+                    Ok(m) => m,
+                    Err(_) => continue,
+                }
             } else {
                 match tokio::time::timeout(IDLE_END, consumer.rx.recv()).await {
                     Ok(m) => m,
