@@ -197,6 +197,12 @@ impl EventBroker for KafkaBroker {
 }
 
 impl KafkaBroker {
+    #[tracing::instrument(
+        name = "close",
+        level = "error",
+        skip_all,
+        fields(backend = NAME, destination = %self.config.topic, undelivered = tracing::field::Empty)
+    )]
     async fn close_once(&self) -> Result<CloseReport, Error> {
         self.closed.store(true, Ordering::Release);
         let deadline = self.config.delivery.close_timeout;
@@ -221,6 +227,7 @@ impl KafkaBroker {
         }
         let undelivered = std::mem::take(&mut *self.shared.undelivered.lock().unwrap_or_else(PoisonError::into_inner));
         self.shared.meter.undelivered(undelivered.len());
+        tracing::Span::current().record("undelivered", undelivered.len());
         // Closed: not ready, whatever the last delivery report said.
         self.shared.set_ready(false);
         Ok(CloseReport::new(undelivered))

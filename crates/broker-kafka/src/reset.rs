@@ -195,6 +195,12 @@ pub(crate) fn hasten_producer_id(producer: &Arc<KafkaProducer>, topic: &str) {
 
 /// Replaces the producer: publishers wait on the lock, the old producer's queue is purged into
 /// the resend list, and everything there goes again, in publish order, through a new producer.
+#[tracing::instrument(
+    name = "reconnect",
+    level = "error",
+    skip_all,
+    fields(backend = NAME, destination = %config.topic, attempt = shared.resets.load(Ordering::Relaxed) + 1)
+)]
 pub(crate) fn reset(
     producer: &RwLock<Arc<KafkaProducer>>,
     shared: &Arc<Shared>,
