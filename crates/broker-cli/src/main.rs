@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use broker_core::{Backend, Error, EventBroker, SourceOptions, StartFrom};
+use broker_core::{Backend, Error, EventBroker, QueueChoice, SourceOptions, StartFrom};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -107,11 +107,17 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
-    /// Print consumed events as JSON lines, exactly as stored.
+    /// Print consumed events as JSON lines, exactly as stored. On RabbitMQ it shows live events
+    /// through a private queue and takes nothing from the configured queues (see --consume).
     Tail {
-        /// Start at the oldest stored event instead of the backend's resume point.
+        /// Start at the oldest stored event instead of the backend's resume point (RabbitMQ:
+        /// needs --consume).
         #[arg(long)]
         from_beginning: bool,
+        /// RabbitMQ: consume QUEUE (default: the first configured queue) with acks instead of a
+        /// private view: the events shown are taken away from that queue's other consumers.
+        #[arg(long, value_name = "QUEUE", num_args = 0..=1)]
+        consume: Option<Option<String>>,
         /// Stop after this many events.
         #[arg(long, value_name = "N")]
         limit: Option<u64>,
@@ -193,12 +199,17 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let args = publish::Args { files, skip_invalid, undelivered, metrics_addr };
             publish::publish(backend.as_ref(), args).await
         }
-        Command::Tail { from_beginning, limit, timeout, group, metrics_addr } => {
+        Command::Tail { from_beginning, consume, limit, timeout, group, metrics_addr } => {
             if let Some(addr) = metrics_addr {
                 let handle = serve::install().map_err(Failure::config)?;
                 serve::serve(addr, handle, serve::Readiness::Running).await.map_err(Failure::config)?;
             }
-            tail(backend.as_ref(), from_beginning, limit, timeout, group).await
+            let queue = match consume {
+                None => QueueChoice::Private,
+                Some(None) => QueueChoice::Configured,
+                Some(Some(q)) => QueueChoice::Named(q),
+            };
+            tail(backend.as_ref(), TailArgs { from_beginning, queue, limit, timeout, group }).await
         }
         Command::Check => check(backend.as_ref()).await,
         Command::Completions { .. } => Ok(code::OK),
@@ -248,25 +259,38 @@ pub(crate) fn progress(total_bytes: Option<u64>) -> ProgressBar {
     bar
 }
 
-async fn tail(
-    backend: &dyn Backend,
+/// `broker tail`'s arguments.
+struct TailArgs {
     from_beginning: bool,
+    queue: QueueChoice,
     limit: Option<u64>,
     timeout: Option<f64>,
     group: String,
-) -> Result<u8, Failure> {
+}
+
+/// The longest `--timeout` (a year): beyond it a duration cannot be represented everywhere.
+const MAX_TIMEOUT_SECS: f64 = 365.0 * 86_400.0;
+
+async fn tail(backend: &dyn Backend, args: TailArgs) -> Result<u8, Failure> {
+    let TailArgs { from_beginning, queue, limit, timeout, group } = args;
     let timeout = match timeout {
-        Some(t) if t.is_finite() && t >= 0.0 => Some(Duration::from_secs_f64(t)),
-        Some(t) => return Err(Failure::config(anyhow!("--timeout must be a non-negative number of seconds, got {t}"))),
+        Some(t) if t.is_finite() && (0.0..=MAX_TIMEOUT_SECS).contains(&t) => Some(Duration::from_secs_f64(t)),
+        Some(t) => {
+            return Err(Failure::config(anyhow!(
+                "--timeout must be a number of seconds from 0 to {MAX_TIMEOUT_SECS} (a year), got {t}"
+            )));
+        }
         None => None,
     };
     let midway = |e: anyhow::Error| Failure::new(code::UNDELIVERED, e);
     let start = if from_beginning { StartFrom::Beginning } else { StartFrom::Resume };
-    let options = SourceOptions::from(start).group(group);
+    let options = SourceOptions::from(start).group(group).queue(queue);
     let mut source = backend.source(&options).await.map_err(|e| connect_failure(backend, e))?;
+    let mut backoff = broker_core::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let mut count = 0u64;
+    let mut last_event = std::time::Instant::now();
     while limit.is_none_or(|l| count < l) {
         let next = match timeout {
             Some(t) => match tokio::time::timeout(t, source.next()).await {
@@ -287,11 +311,24 @@ async fn tail(
                 }
                 source.ack(&received).await.map_err(|e| midway(e.into()))?;
                 count += 1;
+                last_event = std::time::Instant::now();
             }
             Ok(None) => break,
             Err(e @ Error::Malformed { .. }) => eprintln!("broker: skipping {e}"),
+            // A service that went away: keep following (the source reconnects), say so.
+            Err(e) if e.is_temporary() => {
+                // `--timeout` still bounds the wait for the next event.
+                if timeout.is_some_and(|t| last_event.elapsed() >= t) {
+                    return Err(midway(anyhow::Error::new(e).context("consuming")));
+                }
+                let delay = backoff.next_delay();
+                eprintln!("broker: {e}; trying again in {delay:.1?}");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
             Err(e) => return Err(midway(anyhow::Error::new(e).context("consuming"))),
         }
+        backoff.reset();
     }
     // Acknowledgements must reach the service before the process ends.
     source.close().await.context("closing the consumer").map_err(midway)?;

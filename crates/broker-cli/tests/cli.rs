@@ -118,6 +118,10 @@ fn help_and_version() {
         assert!(out.status.success(), "{cmd:?}");
         assert!(!out.stdout.is_empty());
     }
+    // A --timeout beyond what a duration holds is a usage error, not a panic.
+    let out = broker(dir.path(), &["tail", "--timeout", "1e20"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--timeout must be a number of seconds from 0 to"), "{}", stderr(&out));
     // Completion scripts, without an endpoints file.
     let out = broker(dir.path(), &["completions", "bash"], None);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -132,8 +136,10 @@ fn help_and_version() {
     assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
 }
 
-/// With RabbitMQ (`type: pika`, Rasa's no-type section): what `publish` sends, `tail` gives back
-/// byte for byte, and its acknowledgements stick (a second `tail` finds the queue empty).
+/// With RabbitMQ (`type: pika`, Rasa's no-type section): a default `tail` shows live events
+/// through a private queue and takes nothing from the configured queue; `tail --consume` gives
+/// back what `publish` sent byte for byte, and its acknowledgements stick (a second one finds the
+/// queue empty); `--from-beginning` without `--consume` is a usage error saying why.
 #[test]
 fn publish_then_tail_through_rabbitmq() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -154,15 +160,37 @@ fn publish_then_tail_through_rabbitmq() {
     assert!(text.contains("ready: pika amqp://") && text.contains(&format!("exchange {exchange}")), "{text}");
     assert!(text.contains("\nserver: RabbitMQ "), "RabbitMQ announces its version: {text}");
     assert!(!text.contains("guest:guest"), "no password in what check prints: {text}");
+    let out = broker(dir.path(), &["tail", "--from-beginning", "--timeout", "1"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--consume"), "the error says what to do: {}", stderr(&out));
+
+    // The default tail: a private queue bound to the exchange (its lag series appears once it is
+    // subscribed), live events only.
+    let port = free_port();
+    let live = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["tail", "--timeout", "3", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let private = ["backend=\"pika\"".to_owned(), format!("destination=\"{exchange}\"")];
+    let private = [private[0].as_str(), private[1].as_str()];
+    scrape_until(port, "the private queue", |b| sample(b, "broker_consumer_lag_events", &private).is_some());
     let out = broker(dir.path(), &["publish", "in.jsonl"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("delivered 106, failed 0"), "{}", stderr(&out));
+    let out = live.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), SAMPLE, "the live view shows Rasa's bytes, in order");
 
-    // A tail with metrics: the lag is what RabbitMQ counted at subscribe (106 ready), then, at
+    // The configured queue still holds every event: consumed now, with metrics: the lag is what RabbitMQ counted at subscribe (106 ready), then, at
     // the next count (every 5 s), 0.
     let port = free_port();
     let tail = Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args(["tail", "--from-beginning", "--timeout", "7", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(["tail", "--consume", "--from-beginning", "--timeout", "7"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .current_dir(dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -176,7 +204,7 @@ fn publish_then_tail_through_rabbitmq() {
     let out = tail.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), SAMPLE, "Rasa's bytes, in order");
-    let out = broker(dir.path(), &["tail", "--timeout", "1"], None);
+    let out = broker(dir.path(), &["tail", "--consume", &queue, "--timeout", "1"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out.stdout.is_empty(), "acknowledged events do not come again: {}", String::from_utf8_lossy(&out.stdout));
     // The queue is durable and would outlive the test: remove it.

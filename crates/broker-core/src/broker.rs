@@ -257,11 +257,36 @@ pub struct SourceOptions {
     pub group: Option<String>,
     /// How many unacknowledged events may be outstanding (RabbitMQ prefetch).
     pub prefetch: u16,
+    /// Which queue to read, for services where reading a queue takes its messages away from
+    /// every other consumer of it (RabbitMQ); the others ignore it.
+    pub queue: QueueChoice,
+}
+
+/// Which queue a source reads where reading takes messages away (RabbitMQ).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueChoice {
+    /// The backend's configured queue (RabbitMQ: the first of `queues`), consumed with acks:
+    /// what a consumer that owns the events does.
+    #[default]
+    Configured,
+    /// This existing queue, consumed with acks (it is not created).
+    Named(String),
+    /// A private, exclusive, auto-deleted queue bound to the exchange: events published from now
+    /// on, taking nothing from anyone (what `broker tail` shows by default). It has no history,
+    /// so [`StartFrom::Beginning`] and [`StartFrom::Offset`] are configuration errors.
+    Private,
 }
 
 impl Default for SourceOptions {
     fn default() -> Self {
-        SourceOptions { start: StartFrom::Resume, follow: true, group: None, prefetch: 256 }
+        SourceOptions {
+            start: StartFrom::Resume,
+            follow: true,
+            group: None,
+            prefetch: 256,
+            queue: QueueChoice::Configured,
+        }
     }
 }
 
@@ -280,6 +305,12 @@ impl SourceOptions {
     /// Sets the consumer group.
     pub fn group(mut self, group: impl Into<String>) -> SourceOptions {
         self.group = Some(group.into());
+        self
+    }
+
+    /// Sets which queue to read (RabbitMQ).
+    pub fn queue(mut self, queue: QueueChoice) -> SourceOptions {
+        self.queue = queue;
         self
     }
 }

@@ -46,8 +46,8 @@ pub use codec::{event, json};
 pub use delivery::{backoff, pipeline};
 
 pub use broker::{
-    CloseReport, Delivered, EventBroker, EventBrokerExt, EventSource, Outcome, PublishOptions, Receipt, Received,
-    Settle, SourceOptions, StartFrom,
+    CloseReport, Delivered, EventBroker, EventBrokerExt, EventSource, Outcome, PublishOptions, QueueChoice, Receipt,
+    Received, Settle, SourceOptions, StartFrom,
 };
 pub use config::{ConfigError, ConfigValue, DeliveryOptions, Location, Options, Secret, Spanned, Warning, WhenFull};
 pub use error::{Error, Position};

@@ -45,13 +45,14 @@ use std::sync::Arc;
 
 use broker_core::delivery::{Layer, RaiseOnFailure};
 use broker_core::{
-    Backend, BackendFactory, CloseReport, ConfigError, Configured, Error, Event, EventBroker, EventSource,
-    PublishOptions, Receipt, SourceOptions, async_trait,
+    Backend, BackendFactory, CloseReport, ConfigError, Configured, Error, Event, EventBroker, EventSource, Location,
+    PublishOptions, QueueChoice, Receipt, SourceOptions, StartFrom, async_trait,
 };
 
 use config::NAME;
 pub use config::{AmqpTarget, DEFAULT_EXCHANGE, DEFAULT_QUEUE, MAX_INFLIGHT_LIMIT, PikaConfig};
 pub use source::PikaSource;
+use source::QueueKind;
 
 /// A configured RabbitMQ backend.
 #[derive(Debug, Clone)]
@@ -132,11 +133,28 @@ impl Backend for PikaBackend {
         Ok(Box::new(self.open().await?))
     }
 
-    /// Reads the first configured queue.
+    /// Reads the queue `options.queue` names: by default the first configured queue (consumed
+    /// with acks); [`QueueChoice::Private`] for a private view of the exchange that takes nothing.
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
         self.config.validate()?;
-        let queue = self.config.queues.first().cloned().unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
-        Ok(Box::new(PikaSource::open(self.config.clone(), queue, options.clone()).await?))
+        let kind = match &options.queue {
+            QueueChoice::Named(q) if self.config.queues.contains(q) => QueueKind::Configured(q.clone()),
+            QueueChoice::Named(q) => QueueKind::Existing(q.clone()),
+            QueueChoice::Private => {
+                if !matches!(options.start, StartFrom::Resume) {
+                    return Err(Error::Config(ConfigError::new(
+                        Location::default(),
+                        None,
+                        "a private RabbitMQ queue holds only events published after it was made: it cannot \
+                         start from the beginning or an offset; consume a queue for that (`broker tail \
+                         --consume [QUEUE]`, which takes its events away from other consumers)",
+                    )));
+                }
+                QueueKind::Private
+            }
+            _ => QueueKind::Configured(self.config.queues.first().cloned().unwrap_or_else(|| DEFAULT_QUEUE.to_owned())),
+        };
+        Ok(Box::new(PikaSource::open(self.config.clone(), kind, options.clone()).await?))
     }
 
     /// The product and version RabbitMQ announces when a connection opens.

@@ -14,7 +14,19 @@ use broker_core::{Error, Event, EventSource, Position, Received, SourceOptions, 
 use tokio::sync::mpsc;
 
 use crate::config::{NAME, PikaConfig};
-use crate::writer::{declare_topology, open};
+use crate::writer::{declare_exchange, declare_topology, open};
+
+/// What a [`PikaSource`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum QueueKind {
+    /// A configured queue: the topology is declared (so a consumer may start before the first
+    /// publish), then the queue is consumed with acks.
+    Configured(String),
+    /// An existing queue, checked with a passive declare, consumed with acks.
+    Existing(String),
+    /// A private queue bound to the exchange: live events only, nothing taken from anyone.
+    Private,
+}
 
 struct Consumer {
     connection: Connection,
@@ -36,6 +48,8 @@ const TAG_BITS: u32 = 48;
 /// acknowledges nothing and that event comes again. Call `close` to make acks land before exit.
 pub struct PikaSource {
     config: Arc<PikaConfig>,
+    kind: QueueKind,
+    /// The queue read (a private queue's name is the server's, known once declared).
     queue: String,
     options: SourceOptions,
     consumer: Option<Consumer>,
@@ -64,14 +78,21 @@ const IDLE_END: Duration = Duration::from_secs(1);
 impl PikaSource {
     pub(crate) async fn open(
         config: Arc<PikaConfig>,
-        queue: String,
+        kind: QueueKind,
         options: SourceOptions,
     ) -> Result<PikaSource, Error> {
         let backoff = Backoff::new(Duration::from_millis(100), config.retry_delay.max(Duration::from_millis(100)));
-        let labels = [("backend", NAME.to_owned()), ("destination", queue.clone())];
+        let queue = match &kind {
+            QueueKind::Configured(q) | QueueKind::Existing(q) => q.clone(),
+            QueueKind::Private => String::new(),
+        };
+        // A private queue's lag is labelled with the exchange it is bound to.
+        let destination = if queue.is_empty() { config.exchange.clone() } else { queue.clone() };
+        let labels = [("backend", NAME.to_owned()), ("destination", destination)];
         let lag = metrics::gauge!(broker_core::metrics::names::CONSUMER_LAG, &labels);
         let mut source = PikaSource {
             config,
+            kind,
             queue,
             options,
             consumer: None,
@@ -82,19 +103,35 @@ impl PikaSource {
             lag_at: Instant::now(),
         };
         let count = source.subscribe().await?;
-        if !source.options.follow {
+        // A private queue starts empty: without `follow` it ends after an idle second instead.
+        if !source.options.follow && source.kind != QueueKind::Private {
             source.remaining = Some(count);
         }
         Ok(source)
     }
 
-    /// Connects, declares the topology (so a consumer may start before the first publish) and
-    /// starts consuming with manual acks. Returns the queue's message count.
+    /// [`PikaSource::subscribe_unbounded`] within twice the connection timeout.
     async fn subscribe(&mut self) -> Result<u64, Error> {
+        let limit = self.config.target.connection_timeout * 2;
+        match tokio::time::timeout(limit, self.subscribe_unbounded()).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable {
+                backend: NAME,
+                reason: format!("{}: subscribing took longer than {limit:?}", self.config.target.describe()),
+                cause: None,
+            }),
+        }
+    }
+
+    /// Connects, declares what its kind needs and starts consuming with manual acks. Returns the
+    /// queue's message count.
+    async fn subscribe_unbounded(&mut self) -> Result<u64, Error> {
         let target = &self.config.target;
+        let shown =
+            if self.kind == QueueKind::Private { "a private queue".to_owned() } else { format!("{:?}", self.queue) };
         let fail = |what: &str, e: amqprs::error::Error| Error::Unavailable {
             backend: NAME,
-            reason: format!("{}: {what} {:?}: {e}", target.describe(), self.queue),
+            reason: format!("{}: {what} {shown}: {e}", target.describe()),
             cause: None,
         };
         let (connection, channel) = open(target, "rasa-event-broker (consumer)").await?;
@@ -104,12 +141,39 @@ impl PikaSource {
             .register_callback(amqprs::callbacks::DefaultChannelCallback)
             .await
             .map_err(|e| fail("watching the channel of", e))?;
-        declare_topology(&channel, &self.config).await?;
-        let count = channel
-            .queue_declare(amqprs::channel::QueueDeclareArguments::durable_client_named(&self.queue))
-            .await
-            .map_err(|e| fail("declaring the queue", e))?
-            .map_or(0, |(_, n, _)| u64::from(n));
+        let declared = match &self.kind {
+            QueueKind::Configured(q) => {
+                declare_topology(&channel, &self.config).await?;
+                channel.queue_declare(amqprs::channel::QueueDeclareArguments::durable_client_named(q)).await
+            }
+            QueueKind::Existing(q) => {
+                let args = amqprs::channel::QueueDeclareArguments::new(q).passive(true).finish();
+                match channel.queue_declare(args).await {
+                    Err(e) if e.to_string().contains("404") || e.to_string().contains("NOT_FOUND") => {
+                        return Err(Error::Config(broker_core::ConfigError::new(
+                            broker_core::Location::default(),
+                            None,
+                            format!("the queue {q:?} does not exist on {}", target.describe()),
+                        )));
+                    }
+                    r => r,
+                }
+            }
+            QueueKind::Private => {
+                declare_exchange(&channel, &self.config).await?;
+                let args = amqprs::channel::QueueDeclareArguments::exclusive_server_named().auto_delete(true).finish();
+                let declared = channel.queue_declare(args).await;
+                if let Ok(Some((name, _, _))) = &declared {
+                    channel
+                        .queue_bind(amqprs::channel::QueueBindArguments::new(name, &self.config.exchange, ""))
+                        .await
+                        .map_err(|e| fail("binding the private queue to the exchange of", e))?;
+                    self.queue = name.clone();
+                }
+                declared
+            }
+        };
+        let count = declared.map_err(|e| fail("declaring the queue", e))?.map_or(0, |(_, n, _)| u64::from(n));
         self.lag.set(count as f64);
         self.lag_at = Instant::now();
         channel
@@ -190,7 +254,13 @@ impl EventSource for PikaSource {
             };
             let Some(msg) = msg else {
                 // The channel or connection closed: unacked messages will come again.
-                tracing::warn!("pika: consumer lost its channel on {:?}; reconnecting", self.queue);
+                if self.kind == QueueKind::Private {
+                    tracing::warn!(
+                        "pika: lost the private queue; reconnecting (events published meanwhile are not shown)"
+                    );
+                } else {
+                    tracing::warn!("pika: consumer lost its channel on {:?}; reconnecting", self.queue);
+                }
                 if let Some(c) = self.consumer.take() {
                     drop(c.channel);
                     let _ = tokio::time::timeout(Duration::from_secs(1), c.connection.close()).await;

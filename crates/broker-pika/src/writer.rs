@@ -172,16 +172,29 @@ pub(crate) async fn connect_only(target: &AmqpTarget, name: &str) -> Result<Conn
 
 /// Declares Rasa's topology on `channel`: a non-durable fanout exchange and durable queues
 /// bound to it with the routing key `""`.
+/// Declares Rasa's fanout exchange (non-durable, as Rasa does) on `channel`.
+pub(crate) async fn declare_exchange(channel: &Channel, config: &PikaConfig) -> Result<(), Error> {
+    channel
+        .exchange_declare(ExchangeDeclareArguments::new(&config.exchange, "fanout").durable(false).finish())
+        .await
+        .map_err(|e| Error::Unavailable {
+            backend: NAME,
+            reason: format!(
+                "{}: declaring the fanout exchange {:?} (non-durable, as Rasa): {e}",
+                config.target.describe(),
+                config.exchange
+            ),
+            cause: None,
+        })
+}
+
 pub(crate) async fn declare_topology(channel: &Channel, config: &PikaConfig) -> Result<(), Error> {
     let fail = |what: String, e: amqprs::error::Error| Error::Unavailable {
         backend: NAME,
         reason: format!("{}: {what}: {e}", config.target.describe()),
         cause: None,
     };
-    channel
-        .exchange_declare(ExchangeDeclareArguments::new(&config.exchange, "fanout").durable(false).finish())
-        .await
-        .map_err(|e| fail(format!("declaring the fanout exchange {:?} (non-durable, as Rasa)", config.exchange), e))?;
+    declare_exchange(channel, config).await?;
     for q in &config.queues {
         channel
             .queue_declare(QueueDeclareArguments::durable_client_named(q))
