@@ -241,7 +241,10 @@ pub enum StartFrom {
     Resume,
     /// The oldest event still stored.
     Beginning,
-    /// A backend-specific position: a byte offset (file), a row id (SQL).
+    /// A backend-specific position: a byte offset (file), the row id after which to start (SQL),
+    /// the same offset in every partition of the topic (Kafka; past a partition's end it is out
+    /// of range there and the consumer's `auto.offset.reset`, earliest, applies). A RabbitMQ
+    /// queue has no positions: it is read from its head.
     Offset(u64),
 }
 

@@ -227,3 +227,68 @@ async fn a_group_resumes_from_its_committed_offset() {
     assert_eq!(seqs, vec![6, 7, 8, 9]);
     broker.close().await.unwrap();
 }
+
+/// `next` under a storm of `timeout(50 µs, next())` (each drop cancels a poll in progress): no
+/// message is lost or repeated, in order, and the storm really cancelled polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_is_cancel_safe_under_a_timeout_storm() {
+    let Some(service) = broker_testkit::services::kafka("next_is_cancel_safe_under_a_timeout_storm").await else {
+        return;
+    };
+    let name = topic("cancel");
+    let backend = KafkaBackend::new(KafkaConfig::plaintext(&service.url, &name).create_topic(1, 1));
+    let broker = backend.connect().await.unwrap();
+    let mut receipts = Vec::new();
+    for seq in 0..2000 {
+        receipts.push(broker.publish(broker_testkit::user_event("c", seq)).await.unwrap());
+    }
+    for r in receipts {
+        r.await.unwrap();
+    }
+    let opts = SourceOptions::from(StartFrom::Beginning).group(format!("g-{name}"));
+    let mut source = backend.source(&opts).await.unwrap();
+    let (mut seqs, mut cancelled) = (Vec::new(), 0u32);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seqs.len() < 2000 && std::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_micros(50), source.next()).await {
+            Ok(r) => {
+                let r = r.unwrap().expect("following: no end");
+                seqs.push(broker_testkit::seq_of(&r.event).unwrap());
+                source.ack(&r).await.unwrap();
+            }
+            Err(_) => cancelled += 1,
+        }
+    }
+    assert!(cancelled > 0, "the storm never cancelled a poll");
+    assert_eq!(seqs, (0..2000).collect::<Vec<_>>(), "every message once, in order ({cancelled} cancelled polls)");
+    broker.close().await.unwrap();
+}
+
+/// Acknowledged out of order: the group's offset stops at the lowest event not acknowledged, so
+/// after a restart that event (and those after it) come again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_event_comes_again_after_later_ones_were_acknowledged() {
+    let Some(service) = broker_testkit::services::kafka("an_unacknowledged_event_comes_again").await else {
+        return;
+    };
+    let name = topic("unacked");
+    let backend = KafkaBackend::new(KafkaConfig::plaintext(&service.url, &name).create_topic(1, 1));
+    let broker = backend.connect().await.unwrap();
+    for seq in 0..10 {
+        broker.publish(broker_testkit::user_event("u", seq)).await.unwrap().await.unwrap();
+    }
+    let group = format!("g-{name}");
+    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning).group(&group)).await.unwrap();
+    for _ in 0..10 {
+        let r = tokio::time::timeout(Duration::from_secs(30), source.next()).await.unwrap().unwrap().unwrap();
+        if broker_testkit::seq_of(&r.event) != Some(3) {
+            source.ack(&r).await.unwrap();
+        }
+    }
+    drop(source);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut resumed = backend.source(&SourceOptions::from(StartFrom::Resume).group(&group)).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), resumed.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(broker_testkit::seq_of(&r.event), Some(3), "the event never acknowledged comes first");
+    broker.close().await.unwrap();
+}
