@@ -9,13 +9,18 @@
 //! Reading: an `id` cursor that never skips a row committed out of `id` order. Ids come from a
 //! sequence when the INSERT runs, but rows become visible at COMMIT, so with several writers id 7
 //! can be visible while id 6 is still in flight. The source hands rows over only while ids are
-//! contiguous; at a gap it waits until every transaction that was running when it saw the gap has
-//! ended (the snapshot's `xmin` passes the `xmax` seen then), and confirms a gap that is still
-//! there with a brief `SHARE` lock (which waits for in-flight inserts) before skipping it: such a
-//! gap is a rolled-back insert.
+//! contiguous. At a gap it waits until every transaction that was running when it saw the gap has
+//! ended (the snapshot's `xmin` passes the `xmax` seen then), or at most a second (a long
+//! transaction elsewhere in the cluster holds `xmin` back without being able to fill the gap);
+//! then it proves that no insert into the table is in flight (no other session holds `ROW
+//! EXCLUSIVE` on it, or a `SHARE` lock is granted within 200 ms) and passes the gap: it was a
+//! rolled-back insert. An insert still open keeps the source waiting, however long, since it
+//! may commit. A gap never ends a stream that does not follow. A following source reconnects
+//! with backoff after a lost connection and goes on at its cursor. The snapshot comes from
+//! `txid_current_snapshot()`, which PostgreSQL 12 has too.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use broker_core::delivery::{Batch, Failure, Record, Sink, Verdict};
 use broker_core::{Error, EventSource, Position, Received, async_trait};
@@ -393,15 +398,25 @@ pub(crate) async fn start_sink(target: PgTarget, config: SqlConfig) -> Result<Pg
     Ok(PgSink { conn: Some(conn), target, config, last_id, uncertain: false, in_statement: false, broken: false })
 }
 
-/// A gap in ids seen after `cursor`, waiting to be settled.
 struct Gap {
     after: i64,
     /// The snapshot's `xmax` when the gap was first seen: once every transaction below it has
-    /// ended, nothing still running can fill the gap.
+    /// ended, the gap is probably permanent (worth proving now).
     horizon: u64,
+    /// When it was first seen: after [`GAP_WAIT`] it is proven whatever the horizon says (a long
+    /// transaction elsewhere in the cluster holds `xmin` back but cannot fill this gap).
+    seen: Instant,
+    /// No proof attempt before this (a failed one waits [`GAP_RETRY`]).
+    next_proof: Instant,
 }
 
-/// Reads rows in `id` order without skipping rows committed late (see the module docs).
+/// How long a gap may wait for the cluster's `xmin` before it is proven anyway.
+const GAP_WAIT: Duration = Duration::from_secs(1);
+/// After a failed proof (an insert into the table still in flight), the next one.
+const GAP_RETRY: Duration = Duration::from_secs(1);
+
+/// Reads rows in `id` order without skipping rows committed late (see the module docs), and
+/// reconnects (with backoff, resuming at its cursor) when following.
 pub(crate) struct PgSource {
     pub(crate) conn: AsyncPgConnection,
     pub(crate) table: TableName,
@@ -409,12 +424,21 @@ pub(crate) struct PgSource {
     pub(crate) follow: bool,
     buffered: VecDeque<EventRow>,
     gap: Option<Gap>,
+    target: PgTarget,
+    connect_timeout: Duration,
+    backoff: broker_core::backoff::Backoff,
 }
 
 #[derive(diesel::QueryableByName)]
 struct Snapshot {
     #[diesel(sql_type = Text)]
     snap: String,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }
 
 /// `xmin:xmax:xip,...` → (xmin, xmax).
@@ -441,15 +465,27 @@ impl PgSource {
             broker_core::StartFrom::Offset(id) => i64::try_from(*id).unwrap_or(i64::MAX),
             _ => max_id(&mut conn, &config.table).await.map_err(|e| cannot_connect(target, e))?,
         };
-        Ok(PgSource { conn, table: config.table.clone(), cursor, follow, buffered: VecDeque::new(), gap: None })
+        Ok(PgSource {
+            conn,
+            table: config.table.clone(),
+            cursor,
+            follow,
+            buffered: VecDeque::new(),
+            gap: None,
+            target: target.clone(),
+            connect_timeout: config.connect_timeout,
+            backoff: broker_core::backoff::Backoff::new(Duration::from_millis(100), config.retry_max_delay),
+        })
     }
 
     fn io(e: diesel::result::Error) -> Error {
         Error::Io { backend: NAME, operation: "reading events".into(), reason: e.to_string(), cause: None }
     }
 
+    /// The snapshot's `xmin` and `xmax`. `txid_current_snapshot` rather than
+    /// `pg_current_snapshot`: the same on PostgreSQL 13+, and it exists on 12 too.
     async fn snapshot(&mut self) -> Result<(u64, u64), Error> {
-        let s: Vec<Snapshot> = diesel::sql_query("SELECT pg_current_snapshot()::text AS snap")
+        let s: Vec<Snapshot> = diesel::sql_query("SELECT txid_current_snapshot()::text AS snap")
             .load(&mut self.conn)
             .await
             .map_err(Self::io)?;
@@ -464,24 +500,45 @@ impl PgSource {
         diesel::sql_query(sql).bind::<BigInt, _>(cursor).load::<EventRow>(&mut self.conn).await.map_err(Self::io)
     }
 
-    /// Waits (briefly) for in-flight inserts to finish: `SHARE` conflicts with the writers'
-    /// `ROW EXCLUSIVE`, so taking it means none is in progress.
-    async fn confirm_gap(&mut self) -> Result<(), Error> {
-        let sql = format!("BEGIN; LOCK TABLE {} IN SHARE MODE; COMMIT;", self.table.quoted());
-        if let Err(e) = self.conn.batch_execute(&sql).await {
-            // No privilege to lock: the horizon alone has to do.
-            tracing::debug!("sql source: cannot lock the table to confirm a gap: {e}");
-            let _ = self.conn.batch_execute("ROLLBACK").await;
+    /// Whether no insert into the table can still be in flight, so that an id missing now is
+    /// missing for good (a rolled-back insert). Every insert takes `ROW EXCLUSIVE` on the table
+    /// before it draws its id and keeps it until its transaction ends, so: proven when no other
+    /// session holds that lock (`pg_locks`, readable by every role, waits for nothing), or else
+    /// when a `SHARE` lock, which waits for those holders, is granted within 200 ms (writers
+    /// wait behind it at most that long).
+    async fn gap_is_permanent(&mut self) -> Result<bool, Error> {
+        let quoted = self.table.quoted().replace('\'', "''");
+        let holders = format!(
+            "SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'relation' AND relation = '{quoted}'::regclass \
+             AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid()"
+        );
+        let n: Vec<Count> = diesel::sql_query(holders).load(&mut self.conn).await.map_err(Self::io)?;
+        if <[_]>::first(&n).is_some_and(|c| c.n == 0) {
+            return Ok(true);
         }
-        Ok(())
+        let lock = format!(
+            "BEGIN; SET LOCAL lock_timeout = '200ms'; LOCK TABLE {} IN SHARE MODE; COMMIT;",
+            self.table.quoted()
+        );
+        match self.conn.batch_execute(&lock).await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                // Timed out behind an insert still in flight, or no privilege to lock.
+                tracing::debug!("sql source: an insert may still fill the gap: {e}");
+                let _ = self.conn.batch_execute("ROLLBACK").await;
+                Ok(false)
+            }
+        }
     }
 
-    /// Moves rows that are safe to hand over into `buffered`.
-    async fn poll(&mut self) -> Result<(), Error> {
-        // The snapshot comes first: when its xmin has passed a gap's horizon, every transaction
-        // that could fill the gap ended before the rows below are read.
+    /// Moves rows that are safe to hand over into `buffered`. Returns whether it passed a gap
+    /// (then polling again at once may find more).
+    async fn poll(&mut self) -> Result<bool, Error> {
+        // The snapshot comes first: its xmin says whether every transaction running when a gap
+        // was first seen has ended.
         let (xmin, xmax) = self.snapshot().await?;
         let rows = self.rows_after(self.cursor).await?;
+        let now = Instant::now();
         for row in rows {
             if row.id == self.cursor + 1 {
                 self.cursor = row.id;
@@ -490,25 +547,49 @@ impl PgSource {
                 continue;
             }
             // A gap before `row`: a rolled-back insert, or one still in flight.
-            match &self.gap {
-                Some(g) if g.after == self.cursor && xmin >= g.horizon => {
-                    // Still there after everything running at first sight ended. Wait for any
-                    // insert still between its id and its commit, then look once more: what is
-                    // missing now was rolled back, and later inserts get larger ids.
-                    self.confirm_gap().await?;
-                    self.gap = None;
-                    if let Some(first) = <[_]>::first(&self.rows_after(self.cursor).await?) {
-                        if first.id != self.cursor + 1 {
-                            self.cursor = first.id - 1;
-                        }
-                    }
+            let prove = match &self.gap {
+                Some(g) if g.after == self.cursor => {
+                    (xmin >= g.horizon || now.duration_since(g.seen) >= GAP_WAIT) && now >= g.next_proof
                 }
-                Some(g) if g.after == self.cursor => {}
-                _ => self.gap = Some(Gap { after: self.cursor, horizon: xmax }),
+                _ => {
+                    self.gap = Some(Gap { after: self.cursor, horizon: xmax, seen: now, next_proof: now });
+                    false
+                }
+            };
+            if !prove {
+                return Ok(false);
             }
-            return Ok(());
+            if !self.gap_is_permanent().await? {
+                if let Some(g) = self.gap.as_mut() {
+                    g.next_proof = Instant::now() + GAP_RETRY;
+                }
+                return Ok(false);
+            }
+            // Nothing can fill it now: look once more (what committed meanwhile is visible) and
+            // move the cursor to just before the first row there.
+            self.gap = None;
+            if let Some(first) = <[_]>::first(&self.rows_after(self.cursor).await?) {
+                if first.id != self.cursor + 1 {
+                    self.cursor = first.id - 1;
+                }
+            }
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// A new connection after a lost one; the cursor stays, so nothing is skipped or repeated.
+    async fn reconnect(&mut self, why: &Error) {
+        let delay = self.backoff.next_delay();
+        tracing::warn!("sql source: {why}; reconnecting in {delay:?}");
+        tokio::time::sleep(delay).await;
+        match connect(&self.target, self.connect_timeout).await {
+            Ok(conn) => {
+                self.conn = conn;
+                self.gap = None;
+            }
+            Err(e) => tracing::warn!("sql source: {e}"),
+        }
     }
 }
 
@@ -523,8 +604,18 @@ impl EventSource for PgSource {
             if let Some(row) = self.buffered.pop_front() {
                 return row.into_received().map(Some);
             }
-            self.poll().await?;
-            if self.buffered.is_empty() {
+            let passed_gap = match self.poll().await {
+                Ok(p) => {
+                    self.backoff.reset();
+                    p
+                }
+                Err(e) if self.follow && e.is_temporary() => {
+                    self.reconnect(&e).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if self.buffered.is_empty() && !passed_gap {
                 if !self.follow && self.gap.is_none() {
                     return Ok(None);
                 }

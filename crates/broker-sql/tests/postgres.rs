@@ -172,3 +172,122 @@ async fn refused_logins_and_missing_databases_are_permanent() {
     let err = connect(format!("postgres://postgres@127.0.0.1:{port}/{db}")).await;
     assert!(matches!(err, broker_core::Error::Unavailable { .. }) && err.is_temporary(), "closed port: {err:?}");
 }
+
+/// Rows read with a new connection of the test's own.
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Takes the next id of `table` in a transaction that rolls back: a gap for good.
+async fn rolled_back_insert(url: &str, table: &str) {
+    let c = client(url).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute(&format!("INSERT INTO \"{table}\" (sender_id, data) VALUES ('gone', '{{}}')"), &[]).await.unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// Everything a non-following source hands over, until its end (bounded).
+async fn read_to_end(source: &mut Box<dyn broker_core::EventSource>) -> Vec<Position> {
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        match tokio::time::timeout(Duration::from_secs(20), source.next()).await.expect("an end within 20 s") {
+            Ok(Some(r)) => got.push(r.position),
+            Ok(None) => return got,
+            Err(e) => panic!("reading: {e}"),
+        }
+    }
+    got
+}
+
+/// Ids 1-3, a rolled-back insert taking 4, ids 5-7: a source that does not follow hands over
+/// all six and only then ends (it used to end at the gap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_never_ends_a_stream_that_does_not_follow() {
+    let Some(service) = broker_testkit::services::postgres("a_gap_never_ends_a_stream").await else { return };
+    let target = Postgres { url: service.url.clone(), tables: Default::default(), pool_size: 1 };
+    let backend = target.backend("gapend");
+    let table = target.tables.lock().unwrap()[0].clone();
+    let broker = backend.connect().await.unwrap();
+    for seq in 0..3 {
+        broker.publish(broker_testkit::user_event("g", seq)).await.unwrap().await.unwrap();
+    }
+    rolled_back_insert(&service.url, &table).await;
+    for seq in 3..6 {
+        broker.publish(broker_testkit::user_event("g", seq)).await.unwrap().await.unwrap();
+    }
+    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning).follow(false)).await.unwrap();
+    let rows: Vec<Position> = [1, 2, 3, 5, 6, 7].into_iter().map(Position::Row).collect();
+    assert_eq!(read_to_end(&mut source).await, rows);
+    broker.close().await.unwrap();
+    target.drop_tables().await;
+}
+
+/// A long transaction elsewhere (it holds the cluster's xmin back, and no lock on the table)
+/// delays a rolled-back gap by a bounded time, not until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_elsewhere_delays_a_gap_only_briefly() {
+    let Some(service) = broker_testkit::services::postgres("a_long_transaction_elsewhere").await else { return };
+    let target = Postgres { url: service.url.clone(), tables: Default::default(), pool_size: 1 };
+    let backend = target.backend("gaplong");
+    let table = target.tables.lock().unwrap()[0].clone();
+    let broker = backend.connect().await.unwrap();
+    broker.publish(broker_testkit::user_event("l", 0)).await.unwrap().await.unwrap();
+    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning)).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), source.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.position, Position::Row(1));
+
+    let long = client(&service.url).await;
+    long.batch_execute("BEGIN; SELECT txid_current();").await.unwrap();
+    rolled_back_insert(&service.url, &table).await;
+    broker.publish(broker_testkit::user_event("l", 1)).await.unwrap().await.unwrap();
+    let t0 = std::time::Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(10), source.next()).await;
+    let waited = t0.elapsed();
+    long.batch_execute("ROLLBACK").await.unwrap();
+    let next = next.expect("the gap was passed while the long transaction ran").unwrap().unwrap();
+    assert_eq!(next.position, Position::Row(3));
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    broker.close().await.unwrap();
+    target.drop_tables().await;
+}
+
+/// The source's connection is terminated by the server: a following source reconnects and goes
+/// on at its cursor, skipping and repeating nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_following_source_reconnects_at_its_cursor() {
+    let Some(service) = broker_testkit::services::postgres("a_following_source_reconnects").await else { return };
+    let target = Postgres { url: service.url.clone(), tables: Default::default(), pool_size: 1 };
+    let backend = target.backend("reconn");
+    let table = target.tables.lock().unwrap()[0].clone();
+    let broker = backend.connect().await.unwrap();
+    for seq in 0..3 {
+        broker.publish(broker_testkit::user_event("r", seq)).await.unwrap().await.unwrap();
+    }
+    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning)).await.unwrap();
+    for id in 1..=3 {
+        let r = tokio::time::timeout(Duration::from_secs(10), source.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(r.position, Position::Row(id));
+    }
+    // Only the source's connection reads `table` with `WHERE id >`.
+    let admin = client(&service.url).await;
+    let killed = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND query LIKE $1 AND query LIKE '%WHERE id >%'",
+            &[&format!("%\"{table}\"%")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 1, "the source's connection was found");
+    for seq in 3..6 {
+        broker.publish(broker_testkit::user_event("r", seq)).await.unwrap().await.unwrap();
+    }
+    for id in 4..=6 {
+        let r = tokio::time::timeout(Duration::from_secs(15), source.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(r.position, Position::Row(id));
+    }
+    broker.close().await.unwrap();
+    target.drop_tables().await;
+}
