@@ -47,9 +47,13 @@ use std::time::{Duration, Instant};
 
 use broker_core::delivery::{self, Batch, BlockingSink, DriverOptions, Failure, Verdict};
 use broker_core::{
-    Backend, BackendFactory, ConfigError, Configured, DeliveryOptions, Error, Event, EventBroker, EventSource, Options,
-    Position, Received, SourceOptions, StartFrom, async_trait,
+    Backend, BackendFactory, ConfigError, Configured, DeliveryOptions, Error, EventBroker, EventSource, Options,
+    Position, SourceOptions, async_trait,
 };
+
+mod source;
+
+pub use source::{FileSource, MAX_LINE_BYTES};
 
 const NAME: &str = "file";
 
@@ -395,151 +399,6 @@ impl BlockingSink for FileSink {
             if let Err(err) = self.sync() {
                 tracing::error!("fsync {}: {err}", self.path);
             }
-        }
-    }
-}
-
-/// How often a following reader looks for growth.
-const POLL: Duration = Duration::from_millis(25);
-
-/// Reads events from a file, following it as it grows.
-#[derive(Debug)]
-pub struct FileSource {
-    path: PathBuf,
-    file: Option<File>,
-    /// Offset of `buf[0]` in the file.
-    offset: u64,
-    buf: Vec<u8>,
-    /// How much of `buf` is known to hold no newline.
-    scanned: usize,
-    /// The line number of `buf[0]`, when reading from the start.
-    line: Option<u64>,
-    follow: bool,
-    start: StartFrom,
-}
-
-impl FileSource {
-    /// Opens `path` at `options.start`: the beginning, a byte offset, or the current end.
-    pub fn open(path: &Path, options: &SourceOptions) -> Result<FileSource, Error> {
-        let mut source = FileSource {
-            path: path.to_owned(),
-            file: None,
-            offset: 0,
-            buf: Vec::with_capacity(1 << 16),
-            scanned: 0,
-            line: None,
-            follow: options.follow,
-            start: options.start.clone(),
-        };
-        if !source.try_open()? && !options.follow {
-            return Err(Error::Unavailable {
-                backend: NAME,
-                reason: format!("{} does not exist", path.display()),
-                cause: None,
-            });
-        }
-        Ok(source)
-    }
-
-    /// Opens the file if it exists; false when it does not (yet).
-    fn try_open(&mut self) -> Result<bool, Error> {
-        let mut file = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::io(NAME, format!("opening {}", self.path.display()), e)),
-        };
-        let len = file.metadata().map_err(|e| Error::io(NAME, "reading file size", e))?.len();
-        let (offset, line) = match self.start {
-            StartFrom::Beginning => (0, Some(1)),
-            StartFrom::Offset(o) => (o.min(len), None),
-            // Following from "now": only what is appended from here on.
-            _ => (len, None),
-        };
-        file.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(NAME, "seeking", e))?;
-        self.offset = offset;
-        self.line = line;
-        self.file = Some(file);
-        Ok(true)
-    }
-
-    /// Reads more bytes; Ok(0) at the current end.
-    fn fill(&mut self) -> Result<usize, Error> {
-        let Some(file) = self.file.as_mut() else { return Ok(0) };
-        let old = self.buf.len();
-        self.buf.resize(old + (1 << 16), 0);
-        let n = file.read(&mut self.buf[old..]);
-        let n = match n {
-            Ok(n) => n,
-            Err(e) => {
-                self.buf.truncate(old);
-                return Err(Error::io(NAME, format!("reading {}", self.path.display()), e));
-            }
-        };
-        self.buf.truncate(old + n);
-        Ok(n)
-    }
-
-    /// A file shorter than our position was truncated or replaced: start over from its beginning.
-    fn check_truncated(&mut self) -> Result<(), Error> {
-        let Ok(meta) = std::fs::metadata(&self.path) else { return Ok(()) };
-        if meta.len() < self.offset + self.buf.len() as u64 {
-            tracing::warn!("{} was truncated; reading it again from the start", self.path.display());
-            self.start = StartFrom::Beginning;
-            self.buf.clear();
-            self.scanned = 0;
-            self.try_open()?;
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl EventSource for FileSource {
-    fn backend(&self) -> &'static str {
-        NAME
-    }
-
-    async fn next(&mut self) -> Result<Option<Received>, Error> {
-        loop {
-            if let Some(nl) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
-                let end = self.scanned + nl;
-                let raw: Vec<u8> = self.buf[..end].to_vec();
-                let line_offset = self.offset;
-                let line_no = self.line;
-                self.buf.drain(..=end);
-                self.scanned = 0;
-                self.offset += end as u64 + 1;
-                self.line = self.line.map(|l| l + 1);
-                let position = match line_no {
-                    Some(line) => Position::Line { line, offset: line_offset },
-                    None => Position::Offset(line_offset),
-                };
-                if raw.iter().all(|b| b.is_ascii_whitespace()) {
-                    continue;
-                }
-                return match Event::from_json(&raw) {
-                    Ok(event) => Ok(Some(Received::new(event, raw, position, Some(self.offset)))),
-                    Err(e) => Err(Error::Malformed { position, reason: e.to_string() }),
-                };
-            }
-            self.scanned = self.buf.len();
-            if self.file.is_none() && !self.try_open()? {
-                if !self.follow {
-                    return Ok(None);
-                }
-                tokio::time::sleep(POLL).await;
-                continue;
-            }
-            if self.fill()? > 0 {
-                continue;
-            }
-            // At the end. An unterminated last line is still being written (or was cut by a
-            // crash); it is not an event until its newline arrives.
-            if !self.follow {
-                return Ok(None);
-            }
-            self.check_truncated()?;
-            tokio::time::sleep(POLL).await;
         }
     }
 }

@@ -236,3 +236,119 @@ async fn a_full_disk_then_room_again_delivers_everything_in_order() {
     let want: Vec<u8> = events.iter().flat_map(|e| [e.to_json(), b"\n".to_vec()].concat()).collect();
     assert_eq!(std::fs::read(&path).unwrap(), want, "every event once, in order, no torn line");
 }
+
+/// Lines of events `from..to` of sender `s`, as the file holds them.
+fn lines(s: &str, from: u64, to: u64) -> String {
+    (from..to).map(|i| format!("{}\n", String::from_utf8(user_event(s, i).to_json()).unwrap())).collect()
+}
+
+fn append(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// The next `n` events of a following source as (sender, seq), each within 10 s.
+async fn take(source: &mut Box<dyn broker_core::EventSource>, n: usize) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = tokio::time::timeout(Duration::from_secs(10), source.next()).await.expect("an event").unwrap().unwrap();
+        out.push((r.event.sender_id().unwrap().to_owned(), broker_testkit::seq_of(&r.event).unwrap()));
+    }
+    out
+}
+
+fn seqs(s: &str, from: u64, to: u64) -> Vec<(String, u64)> {
+    (from..to).map(|i| (s.to_owned(), i)).collect()
+}
+
+/// Rotation by rename (logrotate's default): the old file's last lines, written after the
+/// rename, are read, then the new file from its start, even when it is longer than the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_a_rotation_by_rename() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.log");
+    append(&path, &lines("old", 0, 3));
+    let backend = FileBackend::new(FileConfig::new(&path));
+    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning)).await.unwrap();
+    assert_eq!(take(&mut source, 3).await, seqs("old", 0, 3));
+    std::fs::rename(&path, dir.path().join("events.log.1")).unwrap();
+    // The writer still had the old file open.
+    append(&dir.path().join("events.log.1"), &lines("old", 3, 4));
+    append(&path, &lines("new", 0, 10));
+    let mut want = seqs("old", 3, 4);
+    want.extend(seqs("new", 0, 10));
+    assert_eq!(take(&mut source, 11).await, want);
+}
+
+/// Deleted, then created again: the new file is read from its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_a_deleted_and_recreated_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.log");
+    append(&path, &lines("a", 0, 2));
+    let mut source = FileBackend::new(FileConfig::new(&path)).source(&SourceOptions::default()).await.unwrap();
+    std::fs::remove_file(&path).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    append(&path, &lines("b", 0, 5));
+    assert_eq!(take(&mut source, 5).await, seqs("b", 0, 5));
+}
+
+/// Truncated and written again past the old position before the reader looked: read from the
+/// start (the first line changed), nothing of the new content skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_a_truncate_then_regrow() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.log");
+    append(&path, &lines("x", 0, 3));
+    let mut source =
+        FileBackend::new(FileConfig::new(&path)).source(&SourceOptions::from(StartFrom::Beginning)).await.unwrap();
+    assert_eq!(take(&mut source, 3).await, seqs("x", 0, 3));
+    // Truncate and regrow in one write: the reader never sees the file shorter.
+    std::fs::write(&path, lines("y", 0, 8)).unwrap();
+    assert_eq!(take(&mut source, 8).await, seqs("y", 0, 8));
+}
+
+/// A file that does not exist when the tail starts (from "now") is read from its start once it
+/// appears: its first events are not skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_reads_a_late_file_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("later.log");
+    let mut source = FileBackend::new(FileConfig::new(&path)).source(&SourceOptions::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    append(&path, &lines("late", 0, 4));
+    assert_eq!(take(&mut source, 4).await, seqs("late", 0, 4));
+}
+
+/// A line over the cap (no newline for 64 MiB) is reported once, with its offset, and skipped;
+/// the events after it come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_line_is_reported_and_skipped_not_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.log");
+    append(&path, &lines("a", 0, 1));
+    let start_of_long = std::fs::metadata(&path).unwrap().len();
+    append(&path, &"x".repeat(broker_file::MAX_LINE_BYTES + 100));
+    append(&path, "\n");
+    append(&path, &lines("a", 1, 2));
+    let mut source = FileBackend::new(FileConfig::new(&path))
+        .source(&SourceOptions::from(StartFrom::Beginning).follow(false))
+        .await
+        .unwrap();
+    assert_eq!(broker_testkit::seq_of(&source.next().await.unwrap().unwrap().event), Some(0));
+    match source.next().await {
+        Err(Error::Malformed { position: Position::Line { line: 2, offset }, reason }) => {
+            assert_eq!(offset, start_of_long);
+            assert!(reason.contains("longer than"), "{reason}");
+        }
+        other => panic!("expected the long line to be reported, got {other:?}"),
+    }
+    let after = source.next().await.unwrap().unwrap();
+    assert_eq!(broker_testkit::seq_of(&after.event), Some(1));
+    assert_eq!(
+        after.position,
+        Position::Line { line: 3, offset: start_of_long + broker_file::MAX_LINE_BYTES as u64 + 101 }
+    );
+    assert!(source.next().await.unwrap().is_none());
+}
