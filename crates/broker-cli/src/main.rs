@@ -3,14 +3,15 @@
 
 mod publish;
 mod serve;
+mod tail;
 
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
-use broker_core::{Backend, Error, EventBroker, QueueChoice, SourceOptions, StartFrom};
+use anyhow::anyhow;
+use broker_core::{Backend, Error, EventBroker, QueueChoice};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -127,6 +128,12 @@ enum Command {
         /// Consumer group (Kafka).
         #[arg(long, default_value = "broker-cli")]
         group: String,
+        /// Stop once caught up with what is stored (file, SQL, Kafka; like kcat -e).
+        #[arg(long)]
+        until_end: bool,
+        /// How each event is printed.
+        #[arg(long, value_enum, default_value = "lines")]
+        format: tail::Format,
         /// Serve Prometheus metrics at http://ADDR/metrics and /ready while consuming.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -199,7 +206,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let args = publish::Args { files, skip_invalid, undelivered, metrics_addr };
             publish::publish(backend.as_ref(), args).await
         }
-        Command::Tail { from_beginning, consume, limit, timeout, group, metrics_addr } => {
+        Command::Tail { from_beginning, consume, limit, timeout, group, until_end, format, metrics_addr } => {
             if let Some(addr) = metrics_addr {
                 let handle = serve::install().map_err(Failure::config)?;
                 serve::serve(addr, handle, serve::Readiness::Running).await.map_err(Failure::config)?;
@@ -209,7 +216,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 Some(None) => QueueChoice::Configured,
                 Some(Some(q)) => QueueChoice::Named(q),
             };
-            tail(backend.as_ref(), TailArgs { from_beginning, queue, limit, timeout, group }).await
+            let args = tail::TailArgs { from_beginning, queue, limit, timeout, group, until_end, format };
+            tail::tail(backend.as_ref(), args).await
         }
         Command::Check => check(backend.as_ref()).await,
         Command::Completions { .. } => Ok(code::OK),
@@ -257,82 +265,6 @@ pub(crate) fn progress(total_bytes: Option<u64>) -> ProgressBar {
     };
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
-}
-
-/// `broker tail`'s arguments.
-struct TailArgs {
-    from_beginning: bool,
-    queue: QueueChoice,
-    limit: Option<u64>,
-    timeout: Option<f64>,
-    group: String,
-}
-
-/// The longest `--timeout` (a year): beyond it a duration cannot be represented everywhere.
-const MAX_TIMEOUT_SECS: f64 = 365.0 * 86_400.0;
-
-async fn tail(backend: &dyn Backend, args: TailArgs) -> Result<u8, Failure> {
-    let TailArgs { from_beginning, queue, limit, timeout, group } = args;
-    let timeout = match timeout {
-        Some(t) if t.is_finite() && (0.0..=MAX_TIMEOUT_SECS).contains(&t) => Some(Duration::from_secs_f64(t)),
-        Some(t) => {
-            return Err(Failure::config(anyhow!(
-                "--timeout must be a number of seconds from 0 to {MAX_TIMEOUT_SECS} (a year), got {t}"
-            )));
-        }
-        None => None,
-    };
-    let midway = |e: anyhow::Error| Failure::new(code::UNDELIVERED, e);
-    let start = if from_beginning { StartFrom::Beginning } else { StartFrom::Resume };
-    let options = SourceOptions::from(start).group(group).queue(queue);
-    let mut source = backend.source(&options).await.map_err(|e| connect_failure(backend, e))?;
-    let mut backoff = broker_core::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::new(stdout.lock());
-    let mut count = 0u64;
-    let mut last_event = std::time::Instant::now();
-    while limit.is_none_or(|l| count < l) {
-        let next = match timeout {
-            Some(t) => match tokio::time::timeout(t, source.next()).await {
-                Ok(n) => n,
-                Err(_) => break,
-            },
-            None => source.next().await,
-        };
-        match next {
-            Ok(Some(received)) => {
-                let written = out.write_all(&received.raw).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush());
-                if let Err(e) = written {
-                    if e.kind() == io::ErrorKind::BrokenPipe {
-                        source.close().await.map_err(|e| midway(e.into()))?;
-                        return Ok(code::OK);
-                    }
-                    return Err(midway(anyhow::Error::new(e).context("writing to stdout")));
-                }
-                source.ack(&received).await.map_err(|e| midway(e.into()))?;
-                count += 1;
-                last_event = std::time::Instant::now();
-            }
-            Ok(None) => break,
-            Err(e @ Error::Malformed { .. }) => eprintln!("broker: skipping {e}"),
-            // A service that went away: keep following (the source reconnects), say so.
-            Err(e) if e.is_temporary() => {
-                // `--timeout` still bounds the wait for the next event.
-                if timeout.is_some_and(|t| last_event.elapsed() >= t) {
-                    return Err(midway(anyhow::Error::new(e).context("consuming")));
-                }
-                let delay = backoff.next_delay();
-                eprintln!("broker: {e}; trying again in {delay:.1?}");
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-            Err(e) => return Err(midway(anyhow::Error::new(e).context("consuming"))),
-        }
-        backoff.reset();
-    }
-    // Acknowledgements must reach the service before the process ends.
-    source.close().await.context("closing the consumer").map_err(midway)?;
-    Ok(code::OK)
 }
 
 async fn check(backend: &dyn Backend) -> Result<u8, Failure> {

@@ -47,6 +47,18 @@ fn publish_then_tail_gives_back_rasas_bytes() {
         SAMPLE.lines().take(2).map(|l| format!("{l}\n")).collect::<String>()
     );
 
+    // --until-end stops once caught up (no --timeout needed); --format envelope wraps each
+    // event's unchanged bytes with its position.
+    let out = broker(dir.path(), &["tail", "--from-beginning", "--until-end", "--format", "envelope"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 106);
+    for (i, (line, event)) in lines.iter().zip(SAMPLE.lines()).enumerate() {
+        let want = format!("{{\"position\": {{\"row\": {}}}, \"key\": null, \"headers\": {{}}, \"event\": {event}}}", i + 1);
+        assert_eq!(*line, want);
+    }
+
     // `check` names what it opened and the SQLite library's version.
     let out = broker(dir.path(), &["check"], None);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -542,6 +554,26 @@ fn kafka_metrics_carry_librdkafka_statistics_and_consumer_lag() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("read 1000 events, delivered 1000, failed 0"), "{}", stderr(&out));
+
+    // An envelope per message, with its partition/offset and Rasa's headers; --until-end stops
+    // at the end of the topic.
+    let group = format!("{topic}-envelope");
+    let out = broker(
+        dir.path(),
+        &["tail", "--from-beginning", "--until-end", "--format", "envelope", "--group", &group, "--timeout", "30"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let sent = events("k", 1000);
+    assert_eq!(text.lines().count(), 1000, "every message, then the end");
+    for (i, (line, event)) in text.lines().zip(&sent).enumerate() {
+        let head = format!(
+            "{{\"position\": {{\"partition\": 0, \"offset\": {i}}}, \"key\": null, \"headers\": {{\"RASA_ENVIRONMENT\": \"RASA_ENVIRONMENT_NOT_SET\", \"rasa-event-id\": \""
+        );
+        assert!(line.starts_with(&head), "{line}");
+        assert!(line.ends_with(&format!("\"}}, \"event\": {event}}}")), "{line}");
+    }
 
     // A consumer that read everything: its lag on the one partition is known and 0.
     let port = free_port();

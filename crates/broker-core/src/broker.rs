@@ -330,12 +330,23 @@ pub struct Received {
     pub position: Position,
     /// Where the next event starts (a byte offset for files), for resuming.
     pub next_offset: Option<u64>,
+    /// The message key, where messages have one (Kafka: `sender_id` with `partition_by_sender`).
+    pub key: Option<Vec<u8>>,
+    /// The message headers, where messages have them (Kafka headers, AMQP headers), in order.
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 impl Received {
-    /// A consumed event.
+    /// A consumed event, with no key or headers.
     pub fn new(event: Event, raw: Vec<u8>, position: Position, next_offset: Option<u64>) -> Received {
-        Received { event, raw, position, next_offset }
+        Received { event, raw, position, next_offset, key: None, headers: Vec::new() }
+    }
+
+    /// The same, with the message's key and headers.
+    pub fn with_message(mut self, key: Option<Vec<u8>>, headers: Vec<(String, Vec<u8>)>) -> Received {
+        self.key = key;
+        self.headers = headers;
+        self
     }
 }
 

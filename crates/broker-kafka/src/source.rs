@@ -64,6 +64,8 @@ pub(crate) enum Polled {
         partition: i32,
         offset: i64,
         id: Option<EventId>,
+        key: Option<Vec<u8>>,
+        headers: Vec<(String, Vec<u8>)>,
     },
     /// The error, and whether it says the topic or partition does not exist.
     Failed(String, bool),
@@ -132,7 +134,7 @@ impl EventSource for KafkaSource {
         loop {
             if let Some(item) = self.buffered.pop_front() {
                 return match item {
-                    Polled::Message { payload, partition, offset, id } => {
+                    Polled::Message { payload, partition, offset, id, key, headers } => {
                         let position = Position::Partition { partition, offset };
                         let acks = self.partitions.entry(partition).or_default();
                         acks.handed = Some(acks.handed.map_or(offset, |h| h.max(offset)));
@@ -143,12 +145,8 @@ impl EventSource for KafkaSource {
                                     Some(id) => event.with_id(id),
                                     None => event,
                                 };
-                                Ok(Some(Received::new(
-                                    event,
-                                    payload,
-                                    position,
-                                    u64::try_from(offset.saturating_add(1)).ok(),
-                                )))
+                                let next = u64::try_from(offset.saturating_add(1)).ok();
+                                Ok(Some(Received::new(event, payload, position, next).with_message(key, headers)))
                             }
                             Err(e) => {
                                 // Skipped for the group too (a bad message must not stop us),
@@ -198,11 +196,23 @@ impl EventSource for KafkaSource {
                                     .and_then(|h| h.iter().find(|x| x.key == EVENT_ID_HEADER).and_then(|x| x.value))
                                     .and_then(|v| std::str::from_utf8(v).ok())
                                     .and_then(EventId::parse_hex);
+                                let headers = m
+                                    .headers()
+                                    .map(|h| {
+                                        h.iter()
+                                            .map(|x| {
+                                                (x.key.to_owned(), x.value.map(<[u8]>::to_vec).unwrap_or_default())
+                                            })
+                                            .collect()
+                                    })
+                                    .unwrap_or_default();
                                 out.push(Polled::Message {
                                     payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                                     partition: m.partition(),
                                     offset: m.offset(),
                                     id,
+                                    key: m.key().map(<[u8]>::to_vec),
+                                    headers,
                                 });
                             }
                         }
