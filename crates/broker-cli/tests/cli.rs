@@ -55,7 +55,8 @@ fn publish_then_tail_gives_back_rasas_bytes() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 106);
     for (i, (line, event)) in lines.iter().zip(SAMPLE.lines()).enumerate() {
-        let want = format!("{{\"position\": {{\"row\": {}}}, \"key\": null, \"headers\": {{}}, \"event\": {event}}}", i + 1);
+        let want =
+            format!("{{\"position\": {{\"row\": {}}}, \"key\": null, \"headers\": {{}}, \"event\": {event}}}", i + 1);
         assert_eq!(*line, want);
     }
 

@@ -208,7 +208,11 @@ impl Backend for KafkaBackend {
     }
 
     async fn source(&self, options: &SourceOptions) -> Result<Box<dyn EventSource>, Error> {
-        KafkaSource::open(&self.config, options).map(|s| Box::new(s) as Box<dyn EventSource>)
+        // Opening fetches metadata (blocking): off the async threads.
+        let (config, options) = (self.config.clone(), options.clone());
+        let source =
+            tokio::task::spawn_blocking(move || KafkaSource::open(&config, &options)).await.map_err(unavailable)??;
+        Ok(Box::new(source))
     }
 
     /// Kafka's protocol gives no product version through librdkafka: the cluster's brokers, from

@@ -82,6 +82,10 @@ impl KafkaSource {
         c.set("auto.commit.interval.ms", "1000");
         c.set("enable.auto.offset.store", "false");
         c.set("auto.offset.reset", "earliest");
+        // A topic that does not exist yet is noticed within seconds, not librdkafka's 5 minutes.
+        if !config.extra.iter().any(|(k, _)| k == "topic.metadata.refresh.interval.ms") {
+            c.set("topic.metadata.refresh.interval.ms", "2000");
+        }
         let context = SourceContext { topic: config.topic.clone() };
         let consumer: BaseConsumer<SourceContext> =
             c.create_with_context(context).map_err(|e| unavailable(format!("{}: {e}", config.bootstrap)))?;
@@ -104,7 +108,16 @@ impl KafkaSource {
                             .map_err(|e| unavailable(format!("assigning {}: {e}", config.topic)))?;
                     }
                 }
-                consumer.assign(&tpl).map_err(|e| unavailable(format!("assigning {}: {e}", config.topic)))?;
+                if tpl.count() == 0 {
+                    // The topic does not exist yet: subscribe, and its partitions are read from
+                    // their start once they appear (the group has no offsets for them).
+                    tracing::info!("kafka: topic {} does not exist yet; waiting for it", config.topic);
+                    consumer
+                        .subscribe(&[&config.topic])
+                        .map_err(|e| unavailable(format!("subscribing to {}: {e}", config.topic)))?;
+                } else {
+                    consumer.assign(&tpl).map_err(|e| unavailable(format!("assigning {}: {e}", config.topic)))?;
+                }
             }
             _ => {
                 consumer

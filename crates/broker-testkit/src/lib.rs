@@ -26,6 +26,7 @@
 //! # }
 //! ```
 
+pub mod consumer;
 pub mod faults;
 pub mod proxy;
 pub mod services;
@@ -354,6 +355,11 @@ pub async fn run_all(t: &dyn Target) {
     check!(concurrent_publishers_lose_nothing);
     check!(close_flushes);
     check!(close_is_final_and_idempotent);
+    {
+        use consumer::{a_source_that_does_not_follow_ends, next_survives_cancellation};
+        check!(next_survives_cancellation);
+        check!(a_source_that_does_not_follow_ends);
+    }
     match poison_event_fails_alone(t).await {
         Ok(()) => println!("conformance {name}: poison_event_fails_alone ok"),
         Err(why) => println!("conformance {name}: poison_event_fails_alone SKIPPED: {why}"),
