@@ -175,7 +175,7 @@ impl Meter {
 }
 
 /// A meter for `backend` with no destination (what [`crate::delivery::start`] and
-/// [`crate::delivery::channel`] make of a bare type name).
+/// [`crate::pipeline::channel`] make of a bare type name).
 impl From<&'static str> for Meter {
     fn from(backend: &'static str) -> Meter {
         Meter::new(backend, "")
