@@ -236,11 +236,7 @@ impl EventSource for FileSource {
                 if self.skipping {
                     // The end of a line too long to be an event (reported when it passed the cap).
                     self.skipping = false;
-                    let n = end + 1;
-                    self.buf.drain(..n);
-                    self.scanned = 0;
-                    self.offset += n as u64;
-                    self.line = self.line.map(|l| l + 1);
+                    self.consume(end + 1);
                     continue;
                 }
                 let position = self.position();
