@@ -281,46 +281,6 @@ async fn tail_follows_a_rotation_by_rename() {
     assert_eq!(take(&mut source, 11).await, want);
 }
 
-/// Deleted, then created again: the new file is read from its start.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tail_follows_a_deleted_and_recreated_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.log");
-    append(&path, &lines("a", 0, 2));
-    let mut source = FileBackend::new(FileConfig::new(&path)).source(&SourceOptions::default()).await.unwrap();
-    std::fs::remove_file(&path).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    append(&path, &lines("b", 0, 5));
-    assert_eq!(take(&mut source, 5).await, seqs("b", 0, 5));
-}
-
-/// Truncated and written again past the old position before the reader looked: read from the
-/// start (the first line changed), nothing of the new content skipped.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tail_follows_a_truncate_then_regrow() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.log");
-    append(&path, &lines("x", 0, 3));
-    let mut source =
-        FileBackend::new(FileConfig::new(&path)).source(&SourceOptions::from(StartFrom::Beginning)).await.unwrap();
-    assert_eq!(take(&mut source, 3).await, seqs("x", 0, 3));
-    // Truncate and regrow in one write: the reader never sees the file shorter.
-    std::fs::write(&path, lines("y", 0, 8)).unwrap();
-    assert_eq!(take(&mut source, 8).await, seqs("y", 0, 8));
-}
-
-/// A file that does not exist when the tail starts (from "now") is read from its start once it
-/// appears: its first events are not skipped.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tail_reads_a_late_file_from_its_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("later.log");
-    let mut source = FileBackend::new(FileConfig::new(&path)).source(&SourceOptions::default()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    append(&path, &lines("late", 0, 4));
-    assert_eq!(take(&mut source, 4).await, seqs("late", 0, 4));
-}
-
 /// A line over the cap (no newline for 64 MiB) is reported once, with its offset, and skipped;
 /// the events after it come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

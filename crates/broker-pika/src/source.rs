@@ -288,7 +288,8 @@ impl EventSource for PikaSource {
                         None => event,
                     };
                     consumer.unacked.insert((consumer.generation << TAG_BITS) | tag);
-                    return Ok(Some(Received::new(event, raw, position, None)));
+                    let headers = headers_of(msg.basic_properties.as_ref());
+                    return Ok(Some(Received::new(event, raw, position, None).with_message(None, headers)));
                 }
                 Err(e) => {
                     // Not ours to keep in the prefetch window forever: rejected without requeue
@@ -337,4 +338,24 @@ impl EventSource for PikaSource {
             cause: None,
         })
     }
+}
+
+/// A message's AMQP headers as name and bytes, sorted by name (amqprs hands the table over
+/// unordered): a string or byte array as its bytes, any other value as its text.
+fn headers_of(properties: Option<&amqprs::BasicProperties>) -> Vec<(String, Vec<u8>)> {
+    let Some(table) = properties.and_then(|p| p.headers()) else { return Vec::new() };
+    let mut headers: Vec<(String, Vec<u8>)> = table
+        .as_ref()
+        .iter()
+        .map(|(name, value)| {
+            let bytes = match value {
+                amqprs::FieldValue::S(s) => s.as_ref().as_bytes().to_vec(),
+                amqprs::FieldValue::x(b) => Vec::<u8>::from(b.clone()),
+                other => other.to_string().into_bytes(),
+            };
+            (name.as_ref().clone(), bytes)
+        })
+        .collect();
+    headers.sort();
+    headers
 }

@@ -10,6 +10,7 @@ use amqprs::channel::{ExchangeDeclareArguments, QueueDeclareArguments};
 use broker_core::{Backend, ConfigValue, Error, Event, EventBroker, Position};
 use broker_pika::PikaBackend;
 use broker_testkit::Target;
+use broker_testkit::scenario::{Hooks, Scene, Skip};
 use common::{cleanup, fresh_config, get, raw};
 
 struct Rabbit {
@@ -29,6 +30,30 @@ impl Target for Rabbit {
     }
     fn poison(&self) -> Option<Event> {
         Some(broker_testkit::oversized_event(100_000))
+    }
+    async fn scene(&self) -> Scene {
+        let (config, queue, x) = fresh_config(&self.url, &[("max_event_bytes", ConfigValue::Int(64 * 1024))]);
+        self.made.lock().unwrap().push((queue.clone(), x));
+        Scene {
+            backend: Box::new(PikaBackend::new(config)),
+            hooks: Box::new(QueueHooks { url: self.url.clone(), queue }),
+        }
+    }
+}
+
+/// A RabbitMQ consumer's place is its queue: what it has not acknowledged is still there.
+struct QueueHooks {
+    url: String,
+    queue: String,
+}
+
+#[broker_core::async_trait]
+impl Hooks for QueueHooks {
+    fn resume(&self, _after: Option<&broker_core::Received>) -> Result<broker_core::SourceOptions, Skip> {
+        Ok(broker_core::SourceOptions::default())
+    }
+    async fn stored(&self) -> Result<u64, Skip> {
+        Ok(common::depth(&self.url, &self.queue).await)
     }
 }
 
@@ -86,6 +111,25 @@ async fn topology_and_messages_are_rasas() {
     assert!(channel.exchange_declare(ExchangeDeclareArguments::new(&x, "fanout")).await.is_ok());
     assert!(channel.queue_declare(QueueDeclareArguments::new(&q1)).await.is_err(), "the queue must be durable");
     let _ = connection.close().await;
+
+    // Our consumer hands the headers over, sorted by name, values as their bytes.
+    let backend = PikaBackend::new(config);
+    let broker = backend.open().await.expect("connect");
+    let extra = vec![("x-trace".to_owned(), "def".to_owned())];
+    broker.publish_with_headers(events[0].clone(), extra).await.unwrap().await.expect("confirmed");
+    broker.close().await.unwrap();
+    let mut source = backend.source(&broker_core::SourceOptions::default()).await.expect("a source on q1");
+    let r = tokio::time::timeout(Duration::from_secs(10), source.next()).await.expect("a message").unwrap().unwrap();
+    assert_eq!(
+        r.headers,
+        vec![
+            ("rasa-export-process-id".to_owned(), b"0123456789abcdef0123456789abcdef".to_vec()),
+            ("x-trace".to_owned(), b"def".to_vec()),
+        ]
+    );
+    assert_eq!(r.key, None);
+    source.ack(&r).await.unwrap();
+    let _ = source.close().await;
     cleanup(&service.url, &[&q1, &q2], &[&x]).await;
 }
 

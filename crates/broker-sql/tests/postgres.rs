@@ -5,6 +5,7 @@ use std::time::Duration;
 use broker_core::{Backend, Event, Position, SourceOptions, StartFrom, async_trait};
 use broker_sql::{SqlBackend, SqlConfig, TableName};
 use broker_testkit::Target;
+use broker_testkit::scenario::{Hooks, Scene, Skip};
 
 /// Each backend gets its own table; all are dropped at the end.
 struct Postgres {
@@ -46,6 +47,48 @@ impl Target for Postgres {
     fn poison(&self) -> Option<Event> {
         Some(broker_testkit::oversized_event(100_000))
     }
+    async fn scene(&self) -> Scene {
+        let backend = self.backend("scene");
+        let table = self.tables.lock().unwrap().last().cloned().unwrap();
+        Scene { backend: Box::new(backend), hooks: Box::new(PgHooks { url: self.url.clone(), table }) }
+    }
+}
+
+/// What happens to a PostgreSQL table under a consumer: ids lost to rollbacks, transactions
+/// elsewhere in the cluster.
+struct PgHooks {
+    url: String,
+    table: String,
+}
+
+#[async_trait]
+impl Hooks for PgHooks {
+    fn resume(&self, after: Option<&broker_core::Received>) -> Result<SourceOptions, Skip> {
+        Ok(broker_testkit::scenario::resume_by_position(after))
+    }
+    async fn gap(&self) -> Result<(), Skip> {
+        rolled_back_insert(&self.url, &self.table).await;
+        Ok(())
+    }
+    async fn hold_elsewhere(&self) -> Result<Box<dyn Send + Sync>, Skip> {
+        // Another database of the same cluster: it holds the cluster's xmin back and takes no
+        // lock on the table. The transaction ends when the client is dropped.
+        let long = client(&other_database(&self.url, "postgres")).await;
+        long.batch_execute("BEGIN; SELECT txid_current();").await.unwrap();
+        Ok(Box::new(long))
+    }
+}
+
+/// `url` with its database replaced by `db`.
+fn other_database(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let cut = base.rfind('/').filter(|&i| i > "postgres://".len()).unwrap_or(base.len());
+    let mut out = format!("{}/{db}", &base[..cut]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,71 +229,6 @@ async fn rolled_back_insert(url: &str, table: &str) {
     c.batch_execute("BEGIN").await.unwrap();
     c.execute(&format!("INSERT INTO \"{table}\" (sender_id, data) VALUES ('gone', '{{}}')"), &[]).await.unwrap();
     c.batch_execute("ROLLBACK").await.unwrap();
-}
-
-/// Everything a non-following source hands over, until its end (bounded).
-async fn read_to_end(source: &mut Box<dyn broker_core::EventSource>) -> Vec<Position> {
-    let mut got = Vec::new();
-    for _ in 0..100 {
-        match tokio::time::timeout(Duration::from_secs(20), source.next()).await.expect("an end within 20 s") {
-            Ok(Some(r)) => got.push(r.position),
-            Ok(None) => return got,
-            Err(e) => panic!("reading: {e}"),
-        }
-    }
-    got
-}
-
-/// Ids 1-3, a rolled-back insert taking 4, ids 5-7: a source that does not follow hands over
-/// all six and only then ends (it used to end at the gap).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gap_never_ends_a_stream_that_does_not_follow() {
-    let Some(service) = broker_testkit::services::postgres("a_gap_never_ends_a_stream").await else { return };
-    let target = Postgres { url: service.url.clone(), tables: Default::default(), pool_size: 1 };
-    let backend = target.backend("gapend");
-    let table = target.tables.lock().unwrap()[0].clone();
-    let broker = backend.connect().await.unwrap();
-    for seq in 0..3 {
-        broker.publish(broker_testkit::user_event("g", seq)).await.unwrap().await.unwrap();
-    }
-    rolled_back_insert(&service.url, &table).await;
-    for seq in 3..6 {
-        broker.publish(broker_testkit::user_event("g", seq)).await.unwrap().await.unwrap();
-    }
-    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning).follow(false)).await.unwrap();
-    let rows: Vec<Position> = [1, 2, 3, 5, 6, 7].into_iter().map(Position::Row).collect();
-    assert_eq!(read_to_end(&mut source).await, rows);
-    broker.close().await.unwrap();
-    target.drop_tables().await;
-}
-
-/// A long transaction elsewhere (it holds the cluster's xmin back, and no lock on the table)
-/// delays a rolled-back gap by a bounded time, not until it ends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_transaction_elsewhere_delays_a_gap_only_briefly() {
-    let Some(service) = broker_testkit::services::postgres("a_long_transaction_elsewhere").await else { return };
-    let target = Postgres { url: service.url.clone(), tables: Default::default(), pool_size: 1 };
-    let backend = target.backend("gaplong");
-    let table = target.tables.lock().unwrap()[0].clone();
-    let broker = backend.connect().await.unwrap();
-    broker.publish(broker_testkit::user_event("l", 0)).await.unwrap().await.unwrap();
-    let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning)).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), source.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(first.position, Position::Row(1));
-
-    let long = client(&service.url).await;
-    long.batch_execute("BEGIN; SELECT txid_current();").await.unwrap();
-    rolled_back_insert(&service.url, &table).await;
-    broker.publish(broker_testkit::user_event("l", 1)).await.unwrap().await.unwrap();
-    let t0 = std::time::Instant::now();
-    let next = tokio::time::timeout(Duration::from_secs(10), source.next()).await;
-    let waited = t0.elapsed();
-    long.batch_execute("ROLLBACK").await.unwrap();
-    let next = next.expect("the gap was passed while the long transaction ran").unwrap().unwrap();
-    assert_eq!(next.position, Position::Row(3));
-    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
-    broker.close().await.unwrap();
-    target.drop_tables().await;
 }
 
 /// The source's connection is terminated by the server: a following source reconnects and goes

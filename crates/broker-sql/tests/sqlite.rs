@@ -5,6 +5,7 @@ use broker_core::{
 };
 use broker_sql::{SqlBackend, SqlConfig, SqlFactory, TableName};
 use broker_testkit::Target;
+use broker_testkit::scenario::{Hooks, Scene, Skip};
 use diesel::prelude::*;
 use diesel::sql_types::{Nullable, Text};
 
@@ -23,6 +24,22 @@ impl Target for Sqlite {
     }
     fn poison(&self) -> Option<Event> {
         Some(broker_testkit::oversized_event(100_000))
+    }
+    async fn scene(&self) -> Scene {
+        Scene { backend: self.fresh().await, hooks: Box::new(SqliteHooks) }
+    }
+}
+
+/// A SQLite consumer keeps its row id.
+struct SqliteHooks;
+
+#[async_trait]
+impl Hooks for SqliteHooks {
+    fn resume(&self, after: Option<&broker_core::Received>) -> Result<SourceOptions, Skip> {
+        Ok(broker_testkit::scenario::resume_by_position(after))
+    }
+    async fn gap(&self) -> Result<(), Skip> {
+        Err("SQLite gives the next id as the largest plus one under its writer lock: no holes".into())
     }
 }
 

@@ -2,7 +2,9 @@
 //! [`EventSource`](broker_core::EventSource) traits, that every backend runs from its own tests (ours and third-party ones).
 //!
 //! A backend implements [`Target`] (how to get a fresh, isolated backend: its own file, topic,
-//! queue or table) and calls [`run_all`]. Each check panics with a precise message on failure, and
+//! queue or table) and calls [`run_all`]. The consumer scenarios that need something only some
+//! backends have (a position to resume from, holes in the ids, rotation, a queue that reading
+//! takes from) run when the target's [`Target::scene`] supplies the [`scenario::Hooks`] for them. Each check panics with a precise message on failure, and
 //! prints one line per check, including what it skipped and why.
 //!
 //! ```
@@ -29,6 +31,7 @@
 pub mod consumer;
 pub mod faults;
 pub mod proxy;
+pub mod scenario;
 pub mod services;
 pub mod tls;
 
@@ -164,6 +167,12 @@ pub trait Target: Send + Sync {
     /// How long to wait for consumed events.
     fn consume_timeout(&self) -> Duration {
         Duration::from_secs(30)
+    }
+
+    /// A fresh backend with the [`scenario::Hooks`] this target can apply to it, for the
+    /// consumer scenarios only some backends have. The default has none: they are skipped.
+    async fn scene(&self) -> scenario::Scene {
+        scenario::Scene::bare(self.fresh().await)
     }
 }
 
@@ -364,4 +373,5 @@ pub async fn run_all(t: &dyn Target) {
         Ok(()) => println!("conformance {name}: poison_event_fails_alone ok"),
         Err(why) => println!("conformance {name}: poison_event_fails_alone SKIPPED: {why}"),
     }
+    scenario::run_all(t).await;
 }

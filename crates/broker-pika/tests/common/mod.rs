@@ -171,3 +171,16 @@ pub async fn publish_until_full(
     }
     (receipts, false)
 }
+
+/// How many messages `queue` holds now (declaring it durable, as Rasa does, if it is missing).
+pub async fn depth(url: &str, queue: &str) -> u64 {
+    let (connection, channel) = raw(url).await;
+    let declared = channel
+        .queue_declare(amqprs::channel::QueueDeclareArguments::new(queue).durable(true).finish())
+        .await
+        .expect("queue.declare")
+        .expect("a declare-ok");
+    let _ = channel.close().await;
+    let _ = connection.close().await;
+    u64::from(declared.1)
+}
