@@ -1,7 +1,10 @@
 //! Project automation, in Rust so it runs wherever cargo does (rust-analyzer's `xtask` pattern).
 //!
-//! - `cargo xtask ci`: everything CI checks, in order: rustfmt, clippy with warnings as errors,
-//!   the whole test suite, and the docs with warnings as errors.
+//! - `cargo xtask ci`: everything CI checks, in order: rustfmt, the MSRV claim, clippy with
+//!   warnings as errors, the whole test suite, and the docs with warnings as errors.
+//! - `cargo xtask msrv`: each publishable crate's `rust-version` is at least the highest
+//!   `rust-version` among the crates it needs to build (normal and build dependencies, all
+//!   features), read from `cargo metadata` (one toolchain here, so no old compiler is run).
 //! - `cargo xtask bench [BACKEND...]`: release build, then each backend against its raw-client
 //!   baseline (contracts §F); results in `target/bench/<backend>.json`.
 
@@ -10,8 +13,11 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [BACKEND...]>\n\
-    ci     rustfmt --check, clippy -D warnings, the whole test suite, docs with -D warnings\n\
+mod msrv;
+
+const USAGE: &str = "usage: cargo xtask <ci | msrv | bench [BACKEND...]>\n\
+    ci     rustfmt --check, msrv, clippy -D warnings, the whole test suite, docs with -D warnings\n\
+    msrv   each crate's rust-version covers what its dependencies need\n\
     bench  benchmark backends (default: all that this release has: file, sql, kafka, pika)";
 
 /// The backends `bench` knows.
@@ -22,6 +28,7 @@ fn main() -> Result<()> {
     let root = root()?;
     match args.first().map(String::as_str) {
         Some("ci") => ci(&root),
+        Some("msrv") => msrv::check(&root),
         Some("bench") => bench(&root, &args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -51,6 +58,7 @@ fn cargo() -> Command {
 
 fn ci(root: &Path) -> Result<()> {
     run(root, "rustfmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    msrv::check(root)?;
     run(root, "clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(root, "tests", cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     run(root, "docs", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
