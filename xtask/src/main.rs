@@ -1,6 +1,7 @@
 //! Project automation, in Rust so it runs wherever cargo does (rust-analyzer's `xtask` pattern).
 //!
-//! - `cargo xtask ci`: everything CI checks, in order: rustfmt, the MSRV claim, clippy with
+//! - `cargo xtask ci`: everything CI checks, in order: rustfmt, the MSRV claim, broker-cli with
+//!   one backend at a time (and no librdkafka without `kafka`), clippy with
 //!   warnings as errors, the whole test suite, and the docs with warnings as errors.
 //! - `cargo xtask msrv`: each publishable crate's `rust-version` is at least the highest
 //!   `rust-version` among the crates it needs to build (normal and build dependencies, all
@@ -15,9 +16,10 @@ use anyhow::{Context, Result, bail};
 
 mod msrv;
 
-const USAGE: &str = "usage: cargo xtask <ci | msrv | bench [BACKEND...]>\n\
+const USAGE: &str = "usage: cargo xtask <ci | msrv | features | bench [BACKEND...]>\n\
     ci     rustfmt --check, msrv, clippy -D warnings, the whole test suite, docs with -D warnings\n\
     msrv   each crate's rust-version covers what its dependencies need\n\
+    features  broker-cli builds with one backend at a time, no librdkafka without kafka\n\
     bench  benchmark backends (default: all that this release has: file, sql, kafka, pika)";
 
 /// The backends `bench` knows.
@@ -29,6 +31,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&root),
         Some("msrv") => msrv::check(&root),
+        Some("features") => features(&root),
         Some("bench") => bench(&root, &args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -59,10 +62,39 @@ fn cargo() -> Command {
 fn ci(root: &Path) -> Result<()> {
     run(root, "rustfmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
     msrv::check(root)?;
+    features(root)?;
     run(root, "clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(root, "tests", cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     run(root, "docs", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
     eprintln!("xtask: ci passed");
+    Ok(())
+}
+
+/// `broker-cli` builds with only some backends, and without `kafka` pulls in no librdkafka (a C
+/// build) and without `pika` no amqprs.
+fn features(root: &Path) -> Result<()> {
+    let tree = cargo()
+        .args(["tree", "-p", "broker-cli", "--no-default-features", "--features", "sql,file", "-e", "normal,build"])
+        .args(["--prefix", "none"])
+        .current_dir(root)
+        .output()
+        .context("running cargo tree")?;
+    if !tree.status.success() {
+        bail!("cargo tree failed: {}", String::from_utf8_lossy(&tree.stderr));
+    }
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    for unwanted in ["rdkafka", "amqprs"] {
+        if let Some(line) = tree.lines().find(|l| l.starts_with(unwanted)) {
+            bail!("broker-cli with --features sql,file still depends on {line}");
+        }
+    }
+    for features in ["sql,file", "file", "kafka", "pika"] {
+        run(
+            root,
+            &format!("broker-cli with only {features}"),
+            cargo().args(["check", "-q", "-p", "broker-cli", "--no-default-features", "--features", features]),
+        )?;
+    }
     Ok(())
 }
 

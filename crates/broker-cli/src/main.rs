@@ -66,7 +66,10 @@ pub(crate) fn connect_failure(backend: &dyn Backend, e: Error) -> Failure {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The embedded default's database (contracts §D).
+#[cfg(feature = "sql")]
 const DEFAULT_SQLITE: &str = "events.db";
+#[cfg(not(feature = "sql"))]
+const DEFAULT_FILE: &str = "rasa_event.log";
 
 /// Publish, tail and check Rasa tracker events through the broker configured in endpoints.yml.
 #[derive(Debug, Parser)]
@@ -236,19 +239,44 @@ fn resolve_backend(endpoints: Option<&Path>) -> anyhow::Result<Box<dyn Backend>>
         }
         None => Some(PathBuf::from("endpoints.yml")).filter(|p| p.exists()),
     };
-    let Some(path) = path else {
-        eprintln!(
-            "broker: no endpoints.yml here; using the embedded default: SQLite database {DEFAULT_SQLITE} in the \
-             working directory (type: sql)"
-        );
-        return Ok(Box::new(broker_sql::SqlBackend::new(broker_sql::SqlConfig::sqlite(DEFAULT_SQLITE))));
-    };
+    let Some(path) = path else { return embedded_default(&registry) };
     let configured = broker_config::load(&path, &registry)?
         .ok_or_else(|| anyhow!("{} has no event_broker section: no event broker is configured", path.display()))?;
     for warning in &configured.warnings {
         eprintln!("warning: {warning}");
     }
     Ok(configured.backend)
+}
+
+/// The backend used without an endpoints file: SQLite `events.db` (`sql`), else the file
+/// `rasa_event.log` (Rasa's default path, `file`), said once on stderr.
+fn embedded_default(registry: &broker_core::Registry) -> anyhow::Result<Box<dyn Backend>> {
+    #[cfg(feature = "sql")]
+    {
+        let _ = registry;
+        eprintln!(
+            "broker: no endpoints.yml here; using the embedded default: SQLite database {DEFAULT_SQLITE} in the \
+             working directory (type: sql)"
+        );
+        Ok(Box::new(broker_sql::SqlBackend::new(broker_sql::SqlConfig::sqlite(DEFAULT_SQLITE))))
+    }
+    #[cfg(not(feature = "sql"))]
+    {
+        if registry.get("file").is_none() {
+            anyhow::bail!(
+                "no endpoints.yml here, and this build has no embedded default (it needs the sql or file feature); \
+                 give --endpoints PATH"
+            );
+        }
+        eprintln!(
+            "broker: no endpoints.yml here; using the embedded default: the file {DEFAULT_FILE} in the working \
+             directory (type: file)"
+        );
+        let section =
+            broker_config::parse_str(&format!("event_broker:\n  type: file\n  path: {DEFAULT_FILE}\n"), None)?
+                .ok_or_else(|| anyhow!("the embedded default has no event_broker section"))?;
+        Ok(broker_config::configure(section, registry)?.backend)
+    }
 }
 
 pub(crate) fn progress(total_bytes: Option<u64>) -> ProgressBar {

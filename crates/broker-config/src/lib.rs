@@ -142,19 +142,31 @@ pub fn default_registry() -> Registry {
     #[cfg(feature = "file")]
     registry.register(broker_file::FileFactory);
     #[cfg(not(feature = "file"))]
-    registry.note_disabled("file", "enable the cargo feature `file` of broker-config");
+    registry.note_disabled(
+        "file",
+        "enable the cargo feature `file` (of broker-config, or of broker-cli for the `broker` command)",
+    );
     #[cfg(feature = "kafka")]
     registry.register(broker_kafka::KafkaFactory);
     #[cfg(not(feature = "kafka"))]
-    registry.note_disabled("kafka", "enable the cargo feature `kafka` of broker-config");
+    registry.note_disabled(
+        "kafka",
+        "enable the cargo feature `kafka` (of broker-config, or of broker-cli for the `broker` command)",
+    );
     #[cfg(feature = "pika")]
     registry.register(broker_pika::PikaFactory);
     #[cfg(not(feature = "pika"))]
-    registry.note_disabled("pika", "enable the cargo feature `pika` of broker-config");
+    registry.note_disabled(
+        "pika",
+        "enable the cargo feature `pika` (of broker-config, or of broker-cli for the `broker` command)",
+    );
     #[cfg(feature = "sql")]
     registry.register(broker_sql::SqlFactory);
     #[cfg(not(feature = "sql"))]
-    registry.note_disabled("sql", "enable the cargo feature `sql` of broker-config");
+    registry.note_disabled(
+        "sql",
+        "enable the cargo feature `sql` (of broker-config, or of broker-cli for the `broker` command)",
+    );
     registry
 }
 
