@@ -407,6 +407,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// What `publish` does when the buffer is full (contracts §A.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum WhenFull {
     /// Wait for room (back-pressure). The default.
     #[default]
@@ -417,6 +418,7 @@ pub enum WhenFull {
 
 /// Delivery settings every backend accepts, with safe defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeliveryOptions {
     /// Events accepted but not yet handed to the service (`buffer_size`, default 10,000).
     pub buffer_size: usize,
@@ -433,6 +435,24 @@ impl Default for DeliveryOptions {
 }
 
 impl DeliveryOptions {
+    /// With `buffer_size` events accepted but not yet handed over.
+    pub fn buffer_size(mut self, events: usize) -> DeliveryOptions {
+        self.buffer_size = events;
+        self
+    }
+
+    /// With `when_full`.
+    pub fn when_full(mut self, when_full: WhenFull) -> DeliveryOptions {
+        self.when_full = when_full;
+        self
+    }
+
+    /// With `close_timeout`.
+    pub fn close_timeout(mut self, timeout: Duration) -> DeliveryOptions {
+        self.close_timeout = timeout;
+        self
+    }
+
     /// The option keys this reads.
     pub const KEYS: &'static [&'static str] = &["buffer_size", "when_full", "close_timeout"];
 

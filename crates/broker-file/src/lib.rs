@@ -65,6 +65,7 @@ pub const DEFAULT_PATH: &str = "rasa_event.log";
 
 /// When the writer calls `fdatasync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Fsync {
     /// Never: each batch is handed to the OS (Rasa's behaviour: `flush()` per event).
     #[default]

@@ -140,8 +140,7 @@ async fn a_full_disk_makes_events_wait_not_fail_and_close_reports_them() {
         eprintln!("SKIPPED: no /dev/full on this system");
         return;
     }
-    let delivery =
-        broker_core::DeliveryOptions { close_timeout: std::time::Duration::from_millis(500), ..Default::default() };
+    let delivery = broker_core::DeliveryOptions::default().close_timeout(std::time::Duration::from_millis(500));
     let broker = FileBackend::new(FileConfig::new("/dev/full").delivery(delivery)).connect().await.unwrap();
     let events: Vec<_> = (0..5).map(|i| user_event("x", i)).collect();
     let mut receipts = Vec::new();

@@ -43,6 +43,7 @@ impl SecurityProtocol {
 
 /// SASL credentials. `Debug` shows the user and mechanism, never the password.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Sasl {
     /// `sasl_mechanism` in librdkafka's spelling (`PLAIN`, `SCRAM-SHA-512`, ...).
     pub mechanism: &'static str,

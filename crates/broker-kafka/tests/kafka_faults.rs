@@ -51,7 +51,7 @@ impl FaultTarget for Kafka {
         tokio::task::spawn_blocking(move || started.run(&["start", "memory"])).await.expect("start tansu");
         self.running.lock().unwrap().push(tansu.clone());
         let topic = format!("faults-{}", broker_testkit::services::unique_suffix());
-        let delivery = DeliveryOptions { close_timeout: options.close_timeout, ..Default::default() };
+        let delivery = DeliveryOptions::default().close_timeout(options.close_timeout);
         let bootstrap = format!("127.0.0.1:{}", proxy.port());
         let config = KafkaConfig::plaintext(&bootstrap, &topic).create_topic(1, 1).delivery(delivery);
         Faulty {

@@ -15,6 +15,7 @@ pub const DEFAULT_EXCHANGE: &str = "rasa-exchange";
 /// Where and how to connect: the URI (or host) with the `username`/`password`/`port` keys filled
 /// in. `Debug` and [`AmqpTarget::describe`] never show the password.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AmqpTarget {
     /// `amqps://` (or TLS turned on by the client-certificate variables).
     pub tls: bool,

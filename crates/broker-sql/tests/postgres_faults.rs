@@ -34,7 +34,7 @@ struct Postgres {
 
 impl Postgres {
     fn config(&self, url: &str, table: &str, options: &FaultOptions) -> SqlConfig {
-        let delivery = DeliveryOptions { close_timeout: options.close_timeout, ..Default::default() };
+        let delivery = DeliveryOptions::default().close_timeout(options.close_timeout);
         SqlConfig::postgres_url(url)
             .table(TableName::new(table).unwrap())
             .pool_size(self.pool_size)

@@ -53,7 +53,7 @@ impl FaultTarget for Memory {
         true
     }
     async fn fresh(&self, options: &FaultOptions) -> Faulty {
-        let delivery = DeliveryOptions { close_timeout: options.close_timeout, ..Default::default() };
+        let delivery = DeliveryOptions::default().close_timeout(options.close_timeout);
         let backend = MemoryBackend::new().with_delivery(delivery).with_attempt_timeout(options.attempt_timeout);
         Faulty {
             outage: Box::new(MemoryOutage(backend.faults())),
@@ -99,7 +99,7 @@ async fn a_writer_that_panics_loses_nothing() {
 /// close after it lists the same ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_close_lists_the_events_and_a_second_close_agrees() {
-    let delivery = DeliveryOptions { close_timeout: Duration::from_millis(500), ..Default::default() };
+    let delivery = DeliveryOptions::default().close_timeout(Duration::from_millis(500));
     let backend = MemoryBackend::new().with_delivery(delivery).with_attempt_timeout(Duration::from_secs(30));
     backend.faults().set(Fault::BlackHole);
     let broker = backend.connect().await.unwrap();
