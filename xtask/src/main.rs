@@ -1,13 +1,14 @@
 //! Project automation, in Rust so it runs wherever cargo does (rust-analyzer's `xtask` pattern).
 //!
 //! - `cargo xtask ci`: everything CI checks, in order: rustfmt, the MSRV claim, broker-cli with
-//!   one backend at a time (and no librdkafka without `kafka`), clippy with
+//!   one backend at a time (and no librdkafka without `kafka`), `cargo package` of the crates
+//!   (verified from their tarballs), clippy with
 //!   warnings as errors, the whole test suite, and the docs with warnings as errors.
 //! - `cargo xtask msrv`: each publishable crate's `rust-version` is at least the highest
 //!   `rust-version` among the crates it needs to build (normal and build dependencies, all
 //!   features), read from `cargo metadata` (one toolchain here, so no old compiler is run).
 //! - `cargo xtask bench [BACKEND...]`: release build, then each backend against its raw-client
-//!   baseline (contracts §F); results in `target/bench/<backend>.json`.
+//!   baseline (docs/contract.md §F); results in `target/bench/<backend>.json`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,11 +17,15 @@ use anyhow::{Context, Result, bail};
 
 mod msrv;
 
-const USAGE: &str = "usage: cargo xtask <ci | msrv | features | bench [BACKEND...]>\n\
+const USAGE: &str = "usage: cargo xtask <ci | msrv | features | package | bench [BACKEND...]>\n\
     ci     rustfmt --check, msrv, clippy -D warnings, the whole test suite, docs with -D warnings\n\
     msrv   each crate's rust-version covers what its dependencies need\n\
     features  broker-cli builds with one backend at a time, no librdkafka without kafka\n\
+    package   cargo package of every publishable crate, then verified from its tarball\n\
     bench  benchmark backends (default: all that this release has: file, sql, kafka, pika)";
+
+/// The workspace members that are never published (`publish = false`), left out of `package`.
+const UNPUBLISHED: &[&str] = &["--exclude", "xtask", "--exclude", "integration-tests", "--exclude", "broker-bench"];
 
 /// The backends `bench` knows.
 const BACKENDS: &[&str] = &["file", "sql", "kafka", "pika"];
@@ -32,6 +37,7 @@ fn main() -> Result<()> {
         Some("ci") => ci(&root),
         Some("msrv") => msrv::check(&root),
         Some("features") => features(&root),
+        Some("package") => package(&root),
         Some("bench") => bench(&root, &args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -63,9 +69,19 @@ fn ci(root: &Path) -> Result<()> {
     run(root, "rustfmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
     msrv::check(root)?;
     features(root)?;
+    package(root)?;
     run(root, "clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(root, "tests", cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
-    run(root, "docs", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    // As docs.rs builds them: every feature but broker-kafka's gssapi (it needs libsasl2).
+    let features =
+        "broker-config/file broker-config/sql broker-config/kafka broker-config/pika broker-testkit/containers";
+    run(
+        root,
+        "docs",
+        cargo()
+            .args(["doc", "--workspace", "--no-deps", "--features", features])
+            .env("RUSTDOCFLAGS", "-D warnings --cfg docsrs"),
+    )?;
     eprintln!("xtask: ci passed");
     Ok(())
 }
@@ -95,6 +111,19 @@ fn features(root: &Path) -> Result<()> {
             cargo().args(["check", "-q", "-p", "broker-cli", "--no-default-features", "--features", features]),
         )?;
     }
+    Ok(())
+}
+
+/// The library crates as crates.io would get them: `cargo package` of the workspace (the files
+/// each crate ships, its manifest), then each one built and its doc tests run from its tarball
+/// alone (`cargo package` verifies by building the packaged copy).
+fn package(root: &Path) -> Result<()> {
+    run(
+        root,
+        "package --no-verify",
+        cargo().args(["package", "--workspace", "--no-verify", "--allow-dirty", "-q"]).args(UNPUBLISHED),
+    )?;
+    run(root, "package (verified)", cargo().args(["package", "--workspace", "--allow-dirty", "-q"]).args(UNPUBLISHED))?;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! `broker-bench BACKEND...`: publishes a realistic mix of Rasa events through each backend and
 //! through a raw-client baseline in the same run, and prints events/s, p50/p99
-//! publish-to-confirm latency, peak memory and the ratio ours/raw (contracts §F). Results also go
+//! publish-to-confirm latency, peak memory and the ratio ours/raw (docs/contract.md §F). Results also go
 //! to `target/bench/<backend>.json`.
 //!
 //! Each measurement runs in a child process of its own (`broker-bench run VARIANT`), so its peak

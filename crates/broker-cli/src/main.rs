@@ -1,5 +1,5 @@
 //! `broker`: publish, tail and check tracker events through the broker configured in Rasa's
-//! `endpoints.yml` (contracts §D). Exit codes: see [`code`].
+//! `endpoints.yml` (docs/contract.md §D). Exit codes: see [`code`].
 
 mod publish;
 mod serve;
@@ -65,7 +65,7 @@ pub(crate) fn connect_failure(backend: &dyn Backend, e: Error) -> Failure {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The embedded default's database (contracts §D).
+/// The embedded default's database (docs/contract.md §D).
 #[cfg(feature = "sql")]
 const DEFAULT_SQLITE: &str = "events.db";
 #[cfg(not(feature = "sql"))]

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-const SAMPLE: &str = include_str!("../../broker-testkit/data/rasa-events-sample.jsonl");
+const SAMPLE: &str = broker_testkit::RASA_SAMPLE;
 
 fn broker(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-const SAMPLE: &str = include_str!("../../broker-testkit/data/rasa-events-sample.jsonl");
+const SAMPLE: &str = broker_testkit::RASA_SAMPLE;
 
 fn run(var: &str) {
     let cmd = std::env::var(var).unwrap();

@@ -5,7 +5,7 @@
 //! interpolated as Rasa does); then the backend registered under that type validates its own
 //! options. Everything is validated before any connection is opened.
 //!
-//! The rules (rasa-compat §1): only `event_broker:` is read; a missing file, key or null section
+//! The rules (docs/rasa-compat.md §1): only `event_broker:` is read; a missing file, key or null section
 //! means "no broker"; `store_type` wins over `type`; the type is case-insensitive and a missing
 //! one means `pika`; `${VAR}` in an unquoted value is replaced by the variable (the result is a
 //! string, and numeric strings work where numbers are expected), a quoted one stays literal, and an
@@ -183,3 +183,8 @@ pub fn configure(section: BrokerSection, registry: &Registry) -> Result<Configur
 pub fn load(path: &Path, registry: &Registry) -> Result<Option<Configured>, ConfigError> {
     read_file(path)?.map(|s| configure(s, registry)).transpose()
 }
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

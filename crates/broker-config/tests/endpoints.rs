@@ -1,4 +1,4 @@
-//! endpoints.yml handling, including Rasa's own test endpoint files (rasa-compat §8).
+//! endpoints.yml handling, including Rasa's own test endpoint files (docs/rasa-compat.md §8).
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,4 @@
-//! The publishing and consuming contracts (contracts §A and §B).
+//! The publishing and consuming contracts (docs/contract.md §A and §B).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -128,7 +128,7 @@ impl Settle {
     }
 }
 
-/// What `close` could not deliver, so nothing is lost silently (contracts §A.6).
+/// What `close` could not deliver, so nothing is lost silently (docs/contract.md §A.6).
 #[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct CloseReport {
@@ -350,7 +350,7 @@ impl Received {
     }
 }
 
-/// Reads events back from a backend (contracts §B).
+/// Reads events back from a backend (docs/contract.md §B).
 ///
 /// A malformed message yields `Err(Error::Malformed { position, .. })` for that message only; the
 /// next call goes on after it, so a bad message never stops a consumer silently.

@@ -405,7 +405,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// What `publish` does when the buffer is full (contracts §A.4).
+/// What `publish` does when the buffer is full (docs/contract.md §A.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WhenFull {

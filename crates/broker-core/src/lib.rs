@@ -1,5 +1,5 @@
 //! The core of the tracker-event brokers: the event model, Rasa's exact JSON encoding, and the
-//! contracts every backend keeps.
+//! delivery contract every backend keeps (docs/contract.md).
 //!
 //! - [`Event`]: one tracker event, kept as its ordered JSON body so it is written back byte for
 //!   byte as Rasa wrote it; [`TypedEvent`] for typed access.
@@ -56,3 +56,8 @@ pub use registry::{Backend, BackendFactory, Configured, Registry};
 
 /// Re-exported so backends and their users name the same `async_trait`.
 pub use async_trait::async_trait;
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

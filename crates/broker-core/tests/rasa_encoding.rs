@@ -4,7 +4,7 @@ use broker_core::Event;
 use broker_core::json::{self, Map, Number, Value};
 use proptest::prelude::*;
 
-const SAMPLE: &str = include_str!("../../broker-testkit/data/rasa-events-sample.jsonl");
+const SAMPLE: &str = include_str!("data/rasa-events-sample.jsonl");
 
 #[test]
 fn every_sample_line_round_trips_byte_for_byte() {

@@ -1,16 +1,16 @@
 //! The file event broker (`type: file`): one event per line, appended to a file, exactly as
 //! Rasa's `FileEventBroker` writes it, with group writes and a delivery outcome per event.
 //!
-//! - **Format** (rasa-compat §6): each event's Rasa encoding followed by `\n`; an existing file is
+//! - **Format** (docs/rasa-compat.md §6): each event's Rasa encoding followed by `\n`; an existing file is
 //!   appended to, never truncated; the default path is `rasa_event.log` in the working directory.
-//! - **Delivery** (contracts §A): the shared driver ([`broker_core::delivery`]) hands a writer
+//! - **Delivery** (docs/contract.md §A): the shared driver ([`broker_core::delivery`]) hands a writer
 //!   thread every queued event at once (up to `max_batch_events`); it writes them with one
 //!   `write` and applies the fsync policy before they count as delivered. A failed write is cut
 //!   back to the last whole line (and nothing more is written until that cut succeeds), so a
 //!   reader never sees half an event from us; write errors (a full disk, a quota, EIO) make the
 //!   events wait and retry with backoff while `is_ready()` is false. A write that hangs longer
 //!   than `attempt_timeout` (default 10 s) counts as a failure too.
-//! - **Consuming** (contracts §B): [`FileBackend::source`] tails from a byte offset, follows growth,
+//! - **Consuming** (docs/contract.md §B): [`FileBackend::source`] tails from a byte offset, follows growth,
 //!   skips blank lines and reports a malformed line (e.g. half-written by a crash) with its
 //!   position without stopping.
 //!
@@ -403,3 +403,8 @@ impl BlockingSink for FileSink {
         }
     }
 }
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,4 +1,4 @@
-//! Whose fault a failed produce is (contracts §A.7, §A.8): the event's own (it fails alone as
+//! Whose fault a failed produce is (docs/contract.md §A.7, §A.8): the event's own (it fails alone as
 //! `Rejected`, with no producer reset, its neighbours untouched) or the service's (it waits and
 //! goes again).
 

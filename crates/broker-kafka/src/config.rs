@@ -1,4 +1,4 @@
-//! `type: kafka` options (rasa-compat §3) and ours.
+//! `type: kafka` options (docs/rasa-compat.md §3) and ours.
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! The Kafka event broker (`type: kafka`) on rdkafka (librdkafka built from source with TLS).
 //!
-//! - **Configuration** (rasa-compat §3): `url` (a comma-separated string or a list), `topic`
+//! - **Configuration** (docs/rasa-compat.md §3): `url` (a comma-separated string or a list), `topic`
 //!   (`rasa_core_events`), `client_id`, `partition_by_sender`, `security_protocol` (PLAINTEXT,
 //!   SASL_PLAINTEXT (Rasa's default), SSL, SASL_SSL; any case), `sasl_username`,
 //!   `sasl_password`, `sasl_mechanism` (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER, GSSAPI
@@ -12,12 +12,12 @@
 //! - **Messages**: value = the Rasa encoding; key = `sender_id` with `partition_by_sender`;
 //!   headers `RASA_ENVIRONMENT` (the variable, or `RASA_ENVIRONMENT_NOT_SET`) and `rasa-event-id`
 //!   (the event's stable id, for consumers that drop duplicates).
-//! - **Delivery** (contracts §A): `acks=all` with idempotence, so order per key survives retries;
+//! - **Delivery** (docs/contract.md §A): `acks=all` with idempotence, so order per key survives retries;
 //!   each event's receipt is settled from its delivery report (no future per message); librdkafka's
 //!   queue is the bounded buffer (`when_full: block` waits for room without blocking the caller's
 //!   thread; `error` fails at once); an oversize event fails alone; `close` flushes within the
 //!   deadline, then purges and returns what was not delivered.
-//! - **Consuming** (contracts §B): a consumer group; from the beginning, or from the group's
+//! - **Consuming** (docs/contract.md §B): a consumer group; from the beginning, or from the group's
 //!   committed offset; an offset is committed once its event was handed over and acknowledged.
 //!
 //! ```no_run
@@ -297,3 +297,8 @@ impl KafkaBackend {
         Ok(broker)
     }
 }
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,4 +1,4 @@
-//! `type: pika` options (rasa-compat §4) and ours, and the AMQP URI they make.
+//! `type: pika` options (docs/rasa-compat.md §4) and ours, and the AMQP URI they make.
 
 use std::path::PathBuf;
 use std::time::Duration;

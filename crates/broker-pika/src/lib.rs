@@ -1,7 +1,7 @@
 //! The RabbitMQ event broker (`type: pika`, and a section with no `type`) on amqprs, with
 //! publisher confirms.
 //!
-//! - **Configuration** (rasa-compat §4): `url` (a host, or an `amqp://`/`amqps://` URI parsed by
+//! - **Configuration** (docs/rasa-compat.md §4): `url` (a host, or an `amqp://`/`amqps://` URI parsed by
 //!   us, `%` escapes decoded), `username`, `password`, `port` (a number or numeric string),
 //!   `queues` (a list or one name; Rasa's default with a warning), `exchange_name`,
 //!   `connection_attempts`, `retry_delay_in_seconds`, `should_keep_unpublished_messages`,
@@ -13,12 +13,12 @@
 //!   `app_id` = `RASA_ENVIRONMENT` when set, no content type, `message_id` = the event's id,
 //!   published `mandatory`; extra headers per broker ([`PikaConfig::header`]) or per event
 //!   ([`PikaBroker::publish_with_headers`]).
-//! - **Delivery** (contracts §A): confirms tracked by delivery tag (`multiple` too), a window
+//! - **Delivery** (docs/contract.md §A): confirms tracked by delivery tag (`multiple` too), a window
 //!   of `max_inflight` unconfirmed messages; when the connection drops, unconfirmed and new events
 //!   wait (bounded by `buffer_size`) and are re-sent in order after reconnecting with backoff and
 //!   jitter; `is_ready` is false meanwhile, and while RabbitMQ stops confirming
 //!   (`confirm_timeout`: a blocked broker).
-//! - **Consuming** (contracts §B): [`PikaSource`] reads the first queue with manual acks and a
+//! - **Consuming** (docs/contract.md §B): [`PikaSource`] reads the first queue with manual acks and a
 //!   prefetch window.
 //!
 //! ```no_run
@@ -203,3 +203,8 @@ impl EventBroker for PikaBroker {
         self.inner.close().await
     }
 }
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

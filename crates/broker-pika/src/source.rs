@@ -1,4 +1,4 @@
-//! The consuming side (contracts §B): one named queue, manual acks, a prefetch window, and a
+//! The consuming side (docs/contract.md §B): one named queue, manual acks, a prefetch window, and a
 //! reconnect when the broker goes away (unacknowledged messages come again: at-least-once).
 
 use std::collections::HashSet;

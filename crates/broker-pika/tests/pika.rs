@@ -346,7 +346,7 @@ async fn confirms_carry_tags_and_unroutable_messages_fail() {
     cleanup(&service.url, &[], &[&x]).await;
 }
 
-/// Contracts §B: manual acks and a prefetch window. No more than `prefetch` unacknowledged
+/// docs/contract.md §B: manual acks and a prefetch window. No more than `prefetch` unacknowledged
 /// events are handed out; an acked one makes room; unacked ones come again to the next consumer;
 /// a message that is not an event is reported with its delivery tag and the stream goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,7 +412,7 @@ async fn the_consumer_acks_manually_within_a_prefetch_window() {
     cleanup(&service.url, &[&q], &[&x]).await;
 }
 
-/// Contracts §A.6: closing while RabbitMQ is unreachable gives up at the deadline and hands back
+/// docs/contract.md §A.6: closing while RabbitMQ is unreachable gives up at the deadline and hands back
 /// every event it could not deliver, in publish order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_during_an_outage_reports_what_was_not_delivered() {

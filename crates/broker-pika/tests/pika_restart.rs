@@ -1,4 +1,4 @@
-//! Contracts §E: RabbitMQ itself is restarted twice while 20,000 events are published; every
+//! docs/contract.md §E: RabbitMQ itself is restarted twice while 20,000 events are published; every
 //! accepted event must arrive (duplicates are counted and reported), in order per sender. The
 //! stop and start commands come from `BROKER_TEST_RABBITMQ_STOP` / `BROKER_TEST_RABBITMQ_START`
 //! (`.ci/run` sets them on this machine). Its own test binary, so no other test sees the restarts.

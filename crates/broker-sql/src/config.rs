@@ -1,4 +1,4 @@
-//! `type: sql` options (rasa-compat §5) and our extras.
+//! `type: sql` options (docs/rasa-compat.md §5) and our extras.
 
 use std::fmt;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! The SQL event broker (`type: sql`): SQLite and PostgreSQL, Rasa's `events` table, many
 //! events per transaction, and a consumer that follows the table by `id`.
 //!
-//! - **Configuration and table** (rasa-compat §5): `dialect` (`sqlite`, default, or
+//! - **Configuration and table** (docs/rasa-compat.md §5): `dialect` (`sqlite`, default, or
 //!   `postgresql`), `url` (host, `host:port`, or a full URL with `://`), `port`, `db` (default
 //!   `events.db`; for SQLite a path relative to the working directory, or `:memory:`), `username`,
 //!   `password`. The table `events(id, sender_id VARCHAR(255), data TEXT)` is created when missing
@@ -12,11 +12,11 @@
 //!   PostgreSQL with libpq's names (`sslmode`: `disable` (default), `prefer`, `require`,
 //!   `verify-ca`, `verify-full`; `sslrootcert`, `sslcert`, `sslkey`; see [`tls`]), and the
 //!   delivery options `buffer_size`, `when_full`, `close_timeout`.
-//! - **Delivery** (contracts §A): a writer takes up to `batch_size` queued events and commits
+//! - **Delivery** (docs/contract.md §A): a writer takes up to `batch_size` queued events and commits
 //!   them in one transaction; each event's receipt is settled by that commit, with its row id.
 //!   PostgreSQL outages are ridden out: reconnect with backoff, nothing accepted is lost, and a
 //!   batch whose commit outcome was lost is not inserted twice. SQLite runs in WAL mode.
-//! - **Consuming** (contracts §B): by `id` cursor, never skipping a row that a concurrent writer
+//! - **Consuming** (docs/contract.md §B): by `id` cursor, never skipping a row that a concurrent writer
 //!   committed after a higher id: it hands rows over while ids are contiguous, and at a gap waits
 //!   until every transaction that could fill it has ended.
 //! - A `sender_id` longer than the column's 255 characters is cut to fit *in that column*; `data`
@@ -363,3 +363,8 @@ impl Backend for SqlBackend {
         }
     }
 }
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

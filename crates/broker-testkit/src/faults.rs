@@ -1,4 +1,4 @@
-//! The fault suite: the delivery contract under real faults (contracts §A.5, §A.6, §A.8), run by
+//! The fault suite: the delivery contract under real faults (docs/contract.md §A.5, §A.6, §A.8), run by
 //! every backend like the conformance suite, third-party ones included.
 //!
 //! A backend implements [`FaultTarget`]: a fresh backend whose service can be made to fail through

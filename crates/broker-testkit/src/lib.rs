@@ -375,3 +375,8 @@ pub async fn run_all(t: &dyn Target) {
     }
     scenario::run_all(t).await;
 }
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,4 +1,4 @@
-//! Real services for integration tests (contracts §E): the `BROKER_TEST_*` variable when it is
+//! Real services for integration tests (docs/contract.md §E): the `BROKER_TEST_*` variable when it is
 //! set (CI sets them), else a container started with testcontainers (feature `containers`, needs
 //! Docker), else the test is skipped with the reason, except under `CI=true`, where a missing
 //! service is a failure.
@@ -59,14 +59,14 @@ pub fn python_module(test: &str, module: &str) -> bool {
     ok
 }
 
-/// What a container start gives: the service's URL and the handle that keeps it running.
-#[cfg(feature = "containers")]
-type Started = Result<(String, Box<dyn Any + Send>), String>;
+/// What starting a service gives: its URL and the handle that keeps it running (a container is
+/// stopped when its handle is dropped), or why it could not be started.
+pub type Started = Result<(String, Box<dyn Any + Send>), String>;
 
-/// The service from `var` when set; else the container `start` gives (feature `containers`);
-/// else skipped with the reason (a failure under `CI=true`).
-#[cfg(feature = "containers")]
-async fn resolve(test: &str, var: &str, start: impl std::future::Future<Output = Started>) -> Option<Service> {
+/// The rule every service follows, for backends of other crates too: the service from the
+/// variable `var` when it is set; else what `start` gives (e.g. a container started with
+/// testcontainers); else the test is skipped with the reason (a failure under `CI=true`).
+pub async fn resolve(test: &str, var: &str, start: impl std::future::Future<Output = Started>) -> Option<Service> {
     if let Ok(url) = std::env::var(var) {
         return Some(Service { url, origin: "environment", _container: None });
     }
@@ -76,64 +76,101 @@ async fn resolve(test: &str, var: &str, start: impl std::future::Future<Output =
     }
 }
 
-#[cfg(not(feature = "containers"))]
-async fn resolve<F>(test: &str, var: &str, _start: F) -> Option<Service> {
-    if let Ok(url) = std::env::var(var) {
-        return Some(Service { url, origin: "environment", _container: None });
+/// The images the containers start: the versions CI tests against, each overridable by a
+/// variable holding `name:tag`.
+pub mod images {
+    /// PostgreSQL (`BROKER_TEST_POSTGRES_IMAGE`).
+    pub const POSTGRES: (&str, &str, &str) = ("BROKER_TEST_POSTGRES_IMAGE", "postgres", "15-alpine");
+    /// RabbitMQ (`BROKER_TEST_RABBITMQ_IMAGE`).
+    pub const RABBITMQ: (&str, &str, &str) = ("BROKER_TEST_RABBITMQ_IMAGE", "rabbitmq", "3.13-management");
+    /// Apache Kafka in KRaft mode (`BROKER_TEST_KAFKA_IMAGE`).
+    pub const KAFKA: (&str, &str, &str) = ("BROKER_TEST_KAFKA_IMAGE", "apache/kafka", "3.8.1");
+
+    /// The image's name and tag: from its variable when set (`name:tag`), else the pinned one.
+    pub fn chosen((var, name, tag): (&str, &str, &str)) -> (String, String) {
+        match std::env::var(var) {
+            Ok(v) => match v.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+                Some((n, t)) => (n.to_owned(), t.to_owned()),
+                None => (v, "latest".to_owned()),
+            },
+            Err(_) => (name.to_owned(), tag.to_owned()),
+        }
     }
-    unavailable(test, var, "the `containers` feature of broker-testkit is off")
 }
 
-/// Starts `image` with testcontainers and builds the URL from its host port for `port`.
+#[cfg(not(feature = "containers"))]
+async fn off() -> Started {
+    Err("the `containers` feature of broker-testkit is off".into())
+}
+
+/// Starts `image` (as [`images::chosen`] names it) with testcontainers and builds the URL from
+/// the container's host and its mapped port for `port`.
 #[cfg(feature = "containers")]
-async fn container<I>(image: I, what: &str, port: u16, url: impl Fn(u16) -> String) -> Started
+pub async fn container<I>(
+    image: I,
+    pinned: (&str, &str, &str),
+    what: &str,
+    port: u16,
+    url: impl Fn(&str, u16) -> String,
+) -> Started
 where
     I: testcontainers_modules::testcontainers::Image + 'static,
 {
+    use testcontainers_modules::testcontainers::ImageExt;
     use testcontainers_modules::testcontainers::runners::AsyncRunner;
-    let node = image.start().await.map_err(|e| format!("testcontainers could not start {what}: {e}"))?;
-    let host_port = node.get_host_port_ipv4(port).await.map_err(|e| format!("the container has no port: {e}"))?;
-    Ok((url(host_port), Box::new(node)))
+    let (name, tag) = images::chosen(pinned);
+    let node = image
+        .with_name(name.clone())
+        .with_tag(tag.clone())
+        .start()
+        .await
+        .map_err(|e| format!("testcontainers could not start {what} ({name}:{tag}): {e}"))?;
+    let host = node.get_host().await.map_err(|e| format!("the {what} container has no host: {e}"))?;
+    let host_port =
+        node.get_host_port_ipv4(port).await.map_err(|e| format!("the {what} container has no port: {e}"))?;
+    Ok((url(&host.to_string(), host_port), Box::new(node)))
 }
 
 /// PostgreSQL: `BROKER_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`), or a
-/// container. `None` means skipped (never under CI).
+/// container ([`images::POSTGRES`]). `None` means skipped (never under CI).
 pub async fn postgres(test: &str) -> Option<Service> {
-    resolve(test, "BROKER_TEST_POSTGRES_URL", async {
-        #[cfg(feature = "containers")]
-        {
-            let image = testcontainers_modules::postgres::Postgres::default();
-            container(image, "PostgreSQL", 5432, |p| format!("postgres://postgres:postgres@127.0.0.1:{p}/postgres"))
-                .await
-        }
-    })
-    .await
+    #[cfg(feature = "containers")]
+    let start = container(
+        testcontainers_modules::postgres::Postgres::default(),
+        images::POSTGRES,
+        "PostgreSQL",
+        5432,
+        |h, p| format!("postgres://postgres:postgres@{h}:{p}/postgres"),
+    );
+    #[cfg(not(feature = "containers"))]
+    let start = off();
+    resolve(test, "BROKER_TEST_POSTGRES_URL", start).await
 }
 
 /// Kafka: `BROKER_TEST_KAFKA_BOOTSTRAP` (e.g. `127.0.0.1:9092`; `.ci/run` starts tansu there), or
-/// a container. `None` means skipped (never under CI).
+/// a container ([`images::KAFKA`]). `None` means skipped (never under CI).
 pub async fn kafka(test: &str) -> Option<Service> {
-    resolve(test, "BROKER_TEST_KAFKA_BOOTSTRAP", async {
-        #[cfg(feature = "containers")]
-        {
-            use testcontainers_modules::kafka::apache::{KAFKA_PORT, Kafka};
-            container(Kafka::default(), "Kafka", KAFKA_PORT.as_u16(), |p| format!("127.0.0.1:{p}")).await
-        }
-    })
-    .await
+    #[cfg(feature = "containers")]
+    let start = {
+        use testcontainers_modules::kafka::apache::{KAFKA_PORT, Kafka};
+        container(Kafka::default(), images::KAFKA, "Kafka", KAFKA_PORT.as_u16(), |h, p| format!("{h}:{p}"))
+    };
+    #[cfg(not(feature = "containers"))]
+    let start = off();
+    resolve(test, "BROKER_TEST_KAFKA_BOOTSTRAP", start).await
 }
 
 /// RabbitMQ: `BROKER_TEST_AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`), or a
-/// container. `None` means skipped (never under CI).
+/// container ([`images::RABBITMQ`]). `None` means skipped (never under CI).
 pub async fn rabbitmq(test: &str) -> Option<Service> {
-    resolve(test, "BROKER_TEST_AMQP_URL", async {
-        #[cfg(feature = "containers")]
-        {
-            let image = testcontainers_modules::rabbitmq::RabbitMq::default();
-            container(image, "RabbitMQ", 5672, |p| format!("amqp://guest:guest@127.0.0.1:{p}/%2f")).await
-        }
-    })
-    .await
+    #[cfg(feature = "containers")]
+    let start =
+        container(testcontainers_modules::rabbitmq::RabbitMq::default(), images::RABBITMQ, "RabbitMQ", 5672, |h, p| {
+            format!("amqp://guest:guest@{h}:{p}/%2f")
+        });
+    #[cfg(not(feature = "containers"))]
+    let start = off();
+    resolve(test, "BROKER_TEST_AMQP_URL", start).await
 }
 
 /// A suffix unique to this process and call, for per-test tables, topics and queues.

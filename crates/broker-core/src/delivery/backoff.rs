@@ -1,5 +1,5 @@
 //! Exponential backoff with jitter, for writers that reconnect to a service that went away
-//! (contracts §A.5). Written once so every backend waits the same way.
+//! (docs/contract.md §A.5). Written once so every backend waits the same way.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The one delivery loop every queued backend runs (contracts §A), over a [`Sink`].
+//! The one delivery loop every queued backend runs (docs/contract.md §A), over a [`Sink`].
 //!
 //! The driver takes commands from the [`Inbox`] in publish order and owns: batching (up to
 //! `batch_size`, lingering after a partial batch), `max_event_bytes`, flush markers, retries of

@@ -1,4 +1,4 @@
-//! The delivery machinery every backend shares (contracts §A), written once.
+//! The delivery machinery every backend shares (docs/contract.md §A), written once.
 //!
 //! - [`pipeline`]: the bounded queue between `publish` and a writer ([`pipeline::Outbox`],
 //!   [`pipeline::Inbox`]), flush markers, the close request, [`pipeline::QueuedBroker`].

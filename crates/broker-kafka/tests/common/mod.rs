@@ -21,9 +21,16 @@ pub fn free_port() -> u16 {
 }
 
 impl Tansu {
-    /// `BROKER_TEST_TANSU_ROOT`, or `None` (a skip, except under `CI=true`).
+    /// `BROKER_TEST_TANSU_ROOT`, or `None` (a skip, except under `CI=true`); also `None` when
+    /// the start script is missing (a packaged crate has no `.ci/`).
     pub fn root(test: &str) -> Option<String> {
-        broker_testkit::services::var(test, "BROKER_TEST_TANSU_ROOT")
+        let root = broker_testkit::services::var(test, "BROKER_TEST_TANSU_ROOT")?;
+        if !Self::script().exists() {
+            let why = format!("{} is missing (set BROKER_TEST_KAFKA_SCRIPT)", Self::script().display());
+            broker_testkit::services::skip(test, &why);
+            return None;
+        }
+        Some(root)
     }
 
     /// A broker (not started yet) advertising `advertised` (default: its own address).
@@ -33,8 +40,11 @@ impl Tansu {
         Tansu { dir: tempfile::tempdir().expect("temp dir"), root, port, advertised }
     }
 
+    /// `BROKER_TEST_KAFKA_SCRIPT`, else the repository's `.ci/kafka-broker.sh`.
     fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.ci/kafka-broker.sh")
+        std::env::var_os("BROKER_TEST_KAFKA_SCRIPT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.ci/kafka-broker.sh"))
     }
 
     fn command(&self, program: &str) -> Command {
