@@ -25,7 +25,16 @@ const USAGE: &str = "usage: cargo xtask <ci | msrv | features | package | bench 
     bench  benchmark backends (default: all that this release has: file, sql, kafka, pika)";
 
 /// The workspace members that are never published (`publish = false`), left out of `package`.
-const UNPUBLISHED: &[&str] = &["--exclude", "xtask", "--exclude", "integration-tests", "--exclude", "broker-bench"];
+const UNPUBLISHED: &[&str] = &[
+    "--exclude",
+    "xtask",
+    "--exclude",
+    "integration-tests",
+    "--exclude",
+    "broker-bench",
+    "--exclude",
+    "broker-example-redis",
+];
 
 /// The backends `bench` knows.
 const BACKENDS: &[&str] = &["file", "sql", "kafka", "pika"];
