@@ -417,11 +417,23 @@ const GAP_RETRY: Duration = Duration::from_secs(1);
 
 /// Reads rows in `id` order without skipping rows committed late (see the module docs), and
 /// reconnects (with backoff, resuming at its cursor) when following.
+///
+/// A poll (a snapshot and a query, or a reconnect) runs in a task of its own that owns the
+/// [`Poller`] until it is done: a `next()` dropped meanwhile (a timeout, a `select!`) loses no
+/// work, and the next call picks up the same poll. Without that, a caller that cancels often
+/// would restart the round trips forever and never see a row.
 pub(crate) struct PgSource {
-    pub(crate) conn: AsyncPgConnection,
-    pub(crate) table: TableName,
-    pub(crate) cursor: i64,
-    pub(crate) follow: bool,
+    /// `None` while a poll runs (the task has it) or after the task failed.
+    poller: Option<Box<Poller>>,
+    polling: Option<tokio::task::JoinHandle<(Box<Poller>, Result<bool, Error>)>>,
+}
+
+/// The source's state: its connection, cursor, the rows ready to hand over, the gap it waits on.
+struct Poller {
+    conn: AsyncPgConnection,
+    table: TableName,
+    cursor: i64,
+    follow: bool,
     buffered: VecDeque<EventRow>,
     gap: Option<Gap>,
     target: PgTarget,
@@ -456,6 +468,26 @@ impl PgSource {
         start: &broker_core::StartFrom,
         follow: bool,
     ) -> Result<PgSource, Error> {
+        let poller = Poller::open(target, config, start, follow).await?;
+        Ok(PgSource { poller: Some(Box::new(poller)), polling: None })
+    }
+}
+
+impl Drop for PgSource {
+    fn drop(&mut self) {
+        if let Some(task) = self.polling.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Poller {
+    async fn open(
+        target: &PgTarget,
+        config: &SqlConfig,
+        start: &broker_core::StartFrom,
+        follow: bool,
+    ) -> Result<Poller, Error> {
         let mut conn = connect(target, config.connect_timeout).await?;
         migrate(&mut conn, &config.table)
             .await
@@ -465,7 +497,7 @@ impl PgSource {
             broker_core::StartFrom::Offset(id) => i64::try_from(*id).unwrap_or(i64::MAX),
             _ => max_id(&mut conn, &config.table).await.map_err(|e| cannot_connect(target, e))?,
         };
-        Ok(PgSource {
+        Ok(Poller {
             conn,
             table: config.table.clone(),
             cursor,
@@ -578,6 +610,21 @@ impl PgSource {
         Ok(false)
     }
 
+    /// One poll; a temporary failure while following becomes a reconnect (then nothing new).
+    async fn poll_or_reconnect(&mut self) -> Result<bool, Error> {
+        match self.poll().await {
+            Ok(passed_gap) => {
+                self.backoff.reset();
+                Ok(passed_gap)
+            }
+            Err(e) if self.follow && e.is_temporary() => {
+                self.reconnect(&e).await;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// A new connection after a lost one; the cursor stays, so nothing is skipped or repeated.
     async fn reconnect(&mut self, why: &Error) {
         let delay = self.backoff.next_delay();
@@ -601,22 +648,33 @@ impl EventSource for PgSource {
 
     async fn next(&mut self) -> Result<Option<Received>, Error> {
         loop {
-            if let Some(row) = self.buffered.pop_front() {
+            if let Some(row) = self.poller.as_mut().and_then(|p| p.buffered.pop_front()) {
                 return row.into_received().map(Some);
             }
-            let passed_gap = match self.poll().await {
-                Ok(p) => {
-                    self.backoff.reset();
-                    p
-                }
-                Err(e) if self.follow && e.is_temporary() => {
-                    self.reconnect(&e).await;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if self.buffered.is_empty() && !passed_gap {
-                if !self.follow && self.gap.is_none() {
+            if self.polling.is_none() {
+                let Some(mut poller) = self.poller.take() else {
+                    return Err(Error::Closed);
+                };
+                self.polling = Some(tokio::spawn(async move {
+                    let result = poller.poll_or_reconnect().await;
+                    (poller, result)
+                }));
+            }
+            // Awaiting the task through `&mut` is cancel-safe: dropped here, it runs on.
+            let joined = self.polling.as_mut().expect("a poll runs").await;
+            self.polling = None;
+            let (poller, result) = joined.map_err(|e| Error::Io {
+                backend: NAME,
+                operation: "reading events".into(),
+                reason: format!("the polling task failed: {e}"),
+                cause: None,
+            })?;
+            let done = !poller.follow && poller.gap.is_none();
+            let empty = poller.buffered.is_empty();
+            self.poller = Some(poller);
+            let idle = empty && !result?;
+            if idle {
+                if done {
                     return Ok(None);
                 }
                 tokio::time::sleep(crate::POLL).await;
