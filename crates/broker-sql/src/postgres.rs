@@ -425,8 +425,11 @@ const GAP_RETRY: Duration = Duration::from_secs(1);
 pub(crate) struct PgSource {
     /// `None` while a poll runs (the task has it) or after the task failed.
     poller: Option<Box<Poller>>,
-    polling: Option<tokio::task::JoinHandle<(Box<Poller>, Result<bool, Error>)>>,
+    polling: Option<tokio::task::JoinHandle<Polled>>,
 }
+
+/// What a poll task gives back: the state, and whether it passed a gap (or its error).
+type Polled = (Box<Poller>, Result<bool, Error>);
 
 /// The source's state: its connection, cursor, the rows ready to hand over, the gap it waits on.
 struct Poller {
