@@ -7,19 +7,6 @@ use broker_core::{SourceOptions, StartFrom};
 
 use crate::{Target, connect, seq_of, user_event};
 
-/// Publishes `n` events of one conversation and waits for every receipt.
-async fn publish_one_conversation(backend: &dyn broker_core::Backend, sender: &str, n: u64) {
-    let broker = connect(backend).await;
-    let mut receipts = Vec::new();
-    for seq in 0..n {
-        receipts.push(broker.publish(user_event(sender, seq)).await.expect("publish"));
-    }
-    for r in receipts {
-        r.await.expect("delivered");
-    }
-    broker.close().await.expect("close");
-}
-
 /// `next` under a storm of `timeout(50 µs, next())` while the events are being published, each
 /// drop cancelling it wherever it waits: every event still comes exactly once, in order, and the
 /// storm really cancelled some calls.
@@ -64,7 +51,7 @@ pub async fn next_survives_cancellation(t: &dyn Target) {
 pub async fn a_source_that_does_not_follow_ends(t: &dyn Target) {
     let backend = t.fresh().await;
     let n = 50;
-    publish_one_conversation(backend.as_ref(), "end", n).await;
+    crate::scenario::publish(backend.as_ref(), "end", 0, n).await;
     let options = SourceOptions::from(StartFrom::Beginning).follow(false);
     let mut source = backend.source(&options).await.expect("open a source");
     let mut seqs = Vec::new();

@@ -179,18 +179,29 @@ pub trait Target: Send + Sync {
 /// Reads `n` events from the beginning of `backend`, or fails after `timeout`.
 pub async fn consume(backend: &dyn Backend, n: usize, timeout: Duration) -> Vec<Received> {
     let mut source = backend.source(&SourceOptions::from(StartFrom::Beginning)).await.expect("open a source");
+    next_n(backend.name(), &mut source, n, timeout).await
+}
+
+/// The next `n` events of `source`, each acknowledged, or a failure naming `what` after
+/// `timeout` or when the source ends or fails first.
+pub async fn next_n(
+    what: &str,
+    source: &mut Box<dyn broker_core::EventSource>,
+    n: usize,
+    timeout: Duration,
+) -> Vec<Received> {
     let deadline = Instant::now() + timeout;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, source.next()).await {
-            Err(_) => panic!("consumed {} of {n} events before the {timeout:?} timeout", out.len()),
+            Err(_) => panic!("{what}: consumed {} of {n} events before the {timeout:?} timeout", out.len()),
             Ok(Ok(Some(r))) => {
                 source.ack(&r).await.expect("ack");
                 out.push(r);
             }
-            Ok(Ok(None)) => panic!("the source ended after {} of {n} events", out.len()),
-            Ok(Err(e)) => panic!("consuming failed after {} events: {e}", out.len()),
+            Ok(Ok(None)) => panic!("{what}: the source ended after {} of {n} events", out.len()),
+            Ok(Err(e)) => panic!("{what}: consuming failed after {} events: {e}", out.len()),
         }
     }
     out

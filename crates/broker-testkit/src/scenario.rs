@@ -94,7 +94,7 @@ pub struct NoHooks;
 impl Hooks for NoHooks {}
 
 /// Publishes events `from..to` of `sender` through a new broker, waits for every receipt, closes.
-async fn publish(backend: &dyn Backend, sender: &str, from: u64, to: u64) {
+pub(crate) async fn publish(backend: &dyn Backend, sender: &str, from: u64, to: u64) {
     let broker = connect(backend).await;
     let mut receipts = Vec::new();
     for seq in from..to {
@@ -106,23 +106,13 @@ async fn publish(backend: &dyn Backend, sender: &str, from: u64, to: u64) {
     broker.close().await.expect("close");
 }
 
-/// The next `n` events of a following source (acknowledged) as (sender, seq), within `timeout`.
+/// The next `n` events of a following source (acknowledged) as (sender, seq), within the
+/// target's consume timeout.
 async fn take(t: &dyn Target, source: &mut Box<dyn EventSource>, n: usize) -> Vec<(String, u64)> {
-    let deadline = Instant::now() + t.consume_timeout();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, source.next()).await {
-            Err(_) => panic!("{}: {} of {n} events within {:?}: {out:?}", t.name(), out.len(), t.consume_timeout()),
-            Ok(Ok(Some(r))) => {
-                source.ack(&r).await.expect("ack");
-                out.push((r.event.sender_id().unwrap_or_default().to_owned(), seq_of(&r.event).unwrap_or(u64::MAX)));
-            }
-            Ok(Ok(None)) => panic!("{}: a following source ended after {out:?}", t.name()),
-            Ok(Err(e)) => panic!("{}: consuming failed after {out:?}: {e}", t.name()),
-        }
-    }
-    out
+    let got = crate::next_n(&t.name(), source, n, t.consume_timeout()).await;
+    got.iter()
+        .map(|r| (r.event.sender_id().unwrap_or_default().to_owned(), seq_of(&r.event).unwrap_or(u64::MAX)))
+        .collect()
 }
 
 fn seqs(sender: &str, from: u64, to: u64) -> Vec<(String, u64)> {
