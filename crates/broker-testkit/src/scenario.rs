@@ -134,6 +134,9 @@ pub async fn storm_then_resume_sees_every_unacked_event(t: &dyn Target) -> Resul
         tokio::spawn(async move {
             for chunk in 0..10 {
                 publish(backend.as_ref(), "resume", chunk * 30, chunk * 30 + 30).await;
+                // A pause between chunks, so the consumer catches up and waits (and is
+                // cancelled there) however fast the backend hands events over.
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
     };
