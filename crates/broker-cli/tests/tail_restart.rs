@@ -2,7 +2,8 @@
 //! stderr that it reconnects, and hands over every event once, in order, across the restart.
 //!
 //! The commands come from `BROKER_TEST_POSTGRES_STOP` / `BROKER_TEST_POSTGRES_START` (`.ci/run`
-//! sets them). Its own test binary, so no other test sees the outage.
+//! sets them), or the test stops and starts its own container. Its own test binary, so no other
+//! test sees the outage.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -10,12 +11,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 const SAMPLE: &str = broker_testkit::RASA_SAMPLE;
-
-fn run(var: &str) {
-    let cmd = std::env::var(var).unwrap();
-    let status = Command::new("sh").arg("-c").arg(&cmd).status().expect("run the command");
-    assert!(status.success(), "{var} ({cmd}) failed: {status}");
-}
 
 /// `broker publish` of `lines` in `dir`; panics unless every one is delivered.
 fn publish(dir: &std::path::Path, lines: &[&str]) {
@@ -42,11 +37,7 @@ fn publish(dir: &std::path::Path, lines: &[&str]) {
 fn tail_follows_across_a_postgres_restart() {
     let test = "tail_follows_across_a_postgres_restart";
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let Some(service) = runtime.block_on(broker_testkit::services::postgres(test)) else { return };
-    let (Some(_), Some(_)) = (
-        broker_testkit::services::var(test, "BROKER_TEST_POSTGRES_STOP"),
-        broker_testkit::services::var(test, "BROKER_TEST_POSTGRES_START"),
-    ) else {
+    let Some((service, restart)) = runtime.block_on(broker_testkit::services::postgres_to_restart(test)) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -82,9 +73,9 @@ fn tail_follows_across_a_postgres_restart() {
         got.push(rx.recv_timeout(Duration::from_secs(20)).expect("the first events"));
     }
 
-    run("BROKER_TEST_POSTGRES_STOP");
+    restart.stop_blocking().unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    run("BROKER_TEST_POSTGRES_START");
+    restart.start_blocking().unwrap();
     publish(dir.path(), &lines[5..]);
     for _ in 5..10 {
         got.push(rx.recv_timeout(Duration::from_secs(60)).expect("the events after the restart"));

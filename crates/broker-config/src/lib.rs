@@ -22,6 +22,10 @@
 //! assert_eq!(configured.backend.describe(), "file events.log");
 //! # Ok::<(), broker_core::ConfigError>(())
 //! ```
+//!
+//! ## Features
+//!
+#![doc = document_features::document_features!()]
 
 mod yaml;
 

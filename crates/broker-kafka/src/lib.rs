@@ -35,6 +35,10 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## Features
+//!
+#![doc = document_features::document_features!()]
 
 mod classify;
 mod config;

@@ -1,7 +1,8 @@
 //! docs/contract.md §E: RabbitMQ itself is restarted twice while 20,000 events are published; every
 //! accepted event must arrive (duplicates are counted and reported), in order per sender. The
 //! stop and start commands come from `BROKER_TEST_RABBITMQ_STOP` / `BROKER_TEST_RABBITMQ_START`
-//! (`.ci/run` sets them on this machine). Its own test binary, so no other test sees the restarts.
+//! (`.ci/run` sets them on this machine); with a container, its own stop and start. Its own test
+//! binary, so no other test sees the restarts.
 
 mod common;
 
@@ -11,21 +12,17 @@ use std::time::{Duration, Instant};
 use broker_core::{ConfigValue, EventBroker};
 use broker_pika::PikaBackend;
 
-fn run(what: &str, command: &str) {
+async fn run(what: &str, step: impl std::future::Future<Output = Result<(), String>>) {
     let started = Instant::now();
-    let status = std::process::Command::new("sh").args(["-c", command]).status().expect("run the command");
-    assert!(status.success(), "{what} ({command}) failed: {status}");
+    step.await.unwrap_or_else(|e| panic!("{what}: {e}"));
     println!("restart test: {what} took {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_restarts_lose_no_event() {
-    let Some(service) = broker_testkit::services::rabbitmq("rabbitmq_restarts_lose_no_event").await else { return };
-    let test = "rabbitmq_restarts_lose_no_event";
-    let (Some(stop), Some(start)) = (
-        broker_testkit::services::var(test, "BROKER_TEST_RABBITMQ_STOP"),
-        broker_testkit::services::var(test, "BROKER_TEST_RABBITMQ_START"),
-    ) else {
+    let Some((service, restart)) =
+        broker_testkit::services::rabbitmq_to_restart("rabbitmq_restarts_lose_no_event").await
+    else {
         return;
     };
     const N: u64 = 20_000;
@@ -67,13 +64,13 @@ async fn rabbitmq_restarts_lose_no_event() {
         let published = progress.load(std::sync::atomic::Ordering::Relaxed);
         println!("restart test: stopping RabbitMQ after {published} events were accepted");
         assert!(published < N, "restart {round} must land mid-stream");
-        run(&format!("stop {round}"), &stop);
+        run(&format!("stop {round}"), restart.stop()).await;
         assert!(
             common::becomes_ready(broker.as_ref(), false, Duration::from_secs(2)).await,
             "is_ready must turn false while RabbitMQ is down"
         );
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        run(&format!("start {round}"), &start);
+        run(&format!("start {round}"), restart.start()).await;
     }
     let receipts = publisher.await.expect("publisher");
     let mut failed = 0;

@@ -1,7 +1,8 @@
 //! PostgreSQL stops and starts in the middle of 20,000 events: every event arrives, once.
 //!
 //! The test takes the commands from `BROKER_TEST_POSTGRES_STOP` and `BROKER_TEST_POSTGRES_START`
-//! (`.ci/run` sets them). This file is its own test binary, so no other test shares the outage.
+//! (`.ci/run` sets them), or stops and starts its own container. This file is its own test binary,
+//! so no other test shares the outage.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -9,21 +10,11 @@ use std::time::{Duration, Instant};
 use broker_core::Backend;
 use broker_sql::{SqlBackend, SqlConfig, TableName};
 
-fn run(var: &str) -> bool {
-    let Ok(cmd) = std::env::var(var) else { return false };
-    let status = std::process::Command::new("sh").arg("-c").arg(&cmd).status().expect("run the command");
-    assert!(status.success(), "{var} ({cmd}) failed: {status}");
-    true
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_loses_nothing() {
-    let Some(service) = broker_testkit::services::postgres("a_postgres_restart_loses_nothing").await else { return };
-    let test = "a_postgres_restart_loses_nothing";
-    let (Some(_), Some(_)) = (
-        broker_testkit::services::var(test, "BROKER_TEST_POSTGRES_STOP"),
-        broker_testkit::services::var(test, "BROKER_TEST_POSTGRES_START"),
-    ) else {
+    let Some((service, restart)) =
+        broker_testkit::services::postgres_to_restart("a_postgres_restart_loses_nothing").await
+    else {
         return;
     };
     const N: u64 = 20_000;
@@ -41,10 +32,10 @@ async fn a_postgres_restart_loses_nothing() {
         let broker = broker.clone();
         tokio::spawn(async move {
             at_third.await.unwrap();
-            tokio::task::spawn_blocking(|| run("BROKER_TEST_POSTGRES_STOP")).await.unwrap();
+            restart.stop().await.unwrap();
             tokio::time::sleep(Duration::from_millis(1500)).await;
             let ready_during = broker.is_ready().await;
-            tokio::task::spawn_blocking(|| run("BROKER_TEST_POSTGRES_START")).await.unwrap();
+            restart.start().await.unwrap();
             ready_during
         })
     };

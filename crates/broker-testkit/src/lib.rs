@@ -27,6 +27,10 @@
 //! broker_testkit::run_all(&Memory).await;
 //! # }
 //! ```
+//!
+//! ## Features
+//!
+#![doc = document_features::document_features!()]
 
 pub mod consumer;
 pub mod faults;

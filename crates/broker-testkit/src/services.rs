@@ -26,7 +26,7 @@ fn in_ci() -> bool {
 }
 
 /// Decides what to do without a service: fail under CI, otherwise say why it is skipped.
-fn unavailable(test: &str, var: &str, why: &str) -> Option<Service> {
+fn unavailable<T>(test: &str, var: &str, why: &str) -> Option<T> {
     skip(test, &format!("no service: {var} is not set and {why}"));
     None
 }
@@ -98,79 +98,220 @@ pub mod images {
     }
 }
 
+#[cfg(feature = "containers")]
+pub mod containers;
+
 #[cfg(not(feature = "containers"))]
-async fn off() -> Started {
+async fn off<T>() -> Result<T, String> {
     Err("the `containers` feature of broker-testkit is off".into())
 }
 
-/// Starts `image` (as [`images::chosen`] names it) with testcontainers and builds the URL from
-/// the container's host and its mapped port for `port`.
-#[cfg(feature = "containers")]
-pub async fn container<I>(
-    image: I,
-    pinned: (&str, &str, &str),
-    what: &str,
-    port: u16,
-    url: impl Fn(&str, u16) -> String,
-) -> Started
-where
-    I: testcontainers_modules::testcontainers::Image + 'static,
-{
-    use testcontainers_modules::testcontainers::ImageExt;
-    use testcontainers_modules::testcontainers::runners::AsyncRunner;
-    let (name, tag) = images::chosen(pinned);
-    let node = image
-        .with_name(name.clone())
-        .with_tag(tag.clone())
-        .start()
-        .await
-        .map_err(|e| format!("testcontainers could not start {what} ({name}:{tag}): {e}"))?;
-    let host = node.get_host().await.map_err(|e| format!("the {what} container has no host: {e}"))?;
-    let host_port =
-        node.get_host_port_ipv4(port).await.map_err(|e| format!("the {what} container has no port: {e}"))?;
-    Ok((url(&host.to_string(), host_port), Box::new(node)))
+/// How a restart test stops and starts its service: the commands in two variables for a
+/// service from the environment, the container's own stop and start for a container.
+pub struct Restart(RestartBy);
+
+enum RestartBy {
+    Commands {
+        stop: (String, String),
+        start: (String, String),
+    },
+    #[cfg(feature = "containers")]
+    Container(containers::Container),
 }
 
-/// PostgreSQL: `BROKER_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`), or a
-/// container ([`images::POSTGRES`]). `None` means skipped (never under CI).
-pub async fn postgres(test: &str) -> Option<Service> {
-    #[cfg(feature = "containers")]
-    let start = container(
+impl std::fmt::Debug for Restart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restart").finish_non_exhaustive()
+    }
+}
+
+impl Restart {
+    /// Stops the service (a command runs on a blocking thread and must succeed).
+    pub async fn stop(&self) -> Result<(), String> {
+        match &self.0 {
+            RestartBy::Commands { stop, .. } => run_command(stop.clone()).await,
+            #[cfg(feature = "containers")]
+            RestartBy::Container(c) => c.stop().await,
+        }
+    }
+
+    /// Starts the service again.
+    pub async fn start(&self) -> Result<(), String> {
+        match &self.0 {
+            RestartBy::Commands { start, .. } => run_command(start.clone()).await,
+            #[cfg(feature = "containers")]
+            RestartBy::Container(c) => c.start().await,
+        }
+    }
+
+    /// [`Restart::stop`] for a test without a runtime.
+    pub fn stop_blocking(&self) -> Result<(), String> {
+        blocking(self.stop())
+    }
+
+    /// [`Restart::start`] for a test without a runtime.
+    pub fn start_blocking(&self) -> Result<(), String> {
+        blocking(self.start())
+    }
+}
+
+fn blocking(work: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("no runtime: {e}"))?
+        .block_on(work)
+}
+
+async fn run_command((var, command): (String, String)) -> Result<(), String> {
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh").arg("-c").arg(&command).status().map(|s| (s, command))
+    })
+    .await
+    .map_err(|e| format!("{var}: {e}"))?;
+    match status {
+        Ok((s, _)) if s.success() => Ok(()),
+        Ok((s, command)) => Err(format!("{var} ({command}) failed: {s}")),
+        Err(e) => Err(format!("{var}: cannot run sh: {e}")),
+    }
+}
+
+/// A service a test may stop and start (each restart test is its own test binary, so no other
+/// test sees the outage): from `var` when it is set, with the commands in `stop_var` and
+/// `start_var` (skipped without them); else a container of the test's own that `start` gives,
+/// whose host port stays the same across the restart; else skipped (a failure under `CI=true`).
+pub async fn resolve_restartable(
+    test: &str,
+    var: &str,
+    (stop_var, start_var): (&str, &str),
+    start: impl std::future::Future<Output = Result<(String, Restart), String>>,
+) -> Option<(Service, Restart)> {
+    if let Ok(url) = std::env::var(var) {
+        let stop = self::var(test, stop_var)?;
+        let start = self::var(test, start_var)?;
+        let restart =
+            Restart(RestartBy::Commands { stop: (stop_var.to_owned(), stop), start: (start_var.to_owned(), start) });
+        return Some((Service { url, origin: "environment", _container: None }, restart));
+    }
+    match start.await {
+        Ok((url, restart)) => Some((Service { url, origin: "testcontainers", _container: None }, restart)),
+        Err(why) => unavailable(test, var, &why),
+    }
+}
+
+#[cfg(feature = "containers")]
+fn shared_started(c: Result<containers::Container, String>) -> Started {
+    c.map(|c| (c.url.clone(), Box::new(c) as Box<dyn Any + Send>))
+}
+
+#[cfg(feature = "containers")]
+fn own_started(c: Result<containers::Container, String>) -> Result<(String, Restart), String> {
+    c.map(|c| (c.url.clone(), Restart(RestartBy::Container(c))))
+}
+
+#[cfg(feature = "containers")]
+async fn postgres_container(fixed_port: bool) -> Result<containers::Container, String> {
+    containers::container(
         testcontainers_modules::postgres::Postgres::default(),
         images::POSTGRES,
         "PostgreSQL",
         5432,
+        fixed_port,
         |h, p| format!("postgres://postgres:postgres@{h}:{p}/postgres"),
-    );
+    )
+    .await
+}
+
+#[cfg(feature = "containers")]
+async fn rabbitmq_container(fixed_port: bool) -> Result<containers::Container, String> {
+    containers::container(
+        testcontainers_modules::rabbitmq::RabbitMq::default(),
+        images::RABBITMQ,
+        "RabbitMQ",
+        5672,
+        fixed_port,
+        |h, p| format!("amqp://guest:guest@{h}:{p}/%2f"),
+    )
+    .await
+}
+
+#[cfg(feature = "containers")]
+async fn kafka_container() -> Result<containers::Container, String> {
+    use testcontainers_modules::kafka::apache::{KAFKA_PORT, Kafka};
+    containers::container(Kafka::default(), images::KAFKA, "Kafka", KAFKA_PORT.as_u16(), false, |h, p| {
+        format!("{h}:{p}")
+    })
+    .await
+}
+
+#[cfg(feature = "containers")]
+macro_rules! shared_container {
+    ($start:expr) => {{
+        static CELL: tokio::sync::OnceCell<Result<containers::Container, String>> = tokio::sync::OnceCell::const_new();
+        async { shared_started(containers::shared(&CELL, $start).await) }
+    }};
+}
+
+/// PostgreSQL: `BROKER_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`), or a
+/// container ([`images::POSTGRES`]) shared by the test binary. `None` means skipped (never under CI).
+pub async fn postgres(test: &str) -> Option<Service> {
+    #[cfg(feature = "containers")]
+    let start = shared_container!(postgres_container(false));
     #[cfg(not(feature = "containers"))]
     let start = off();
     resolve(test, "BROKER_TEST_POSTGRES_URL", start).await
 }
 
+/// PostgreSQL that the test stops and starts: `BROKER_TEST_POSTGRES_URL` with
+/// `BROKER_TEST_POSTGRES_STOP` / `_START`, or a container of its own.
+pub async fn postgres_to_restart(test: &str) -> Option<(Service, Restart)> {
+    #[cfg(feature = "containers")]
+    let start = async { own_started(postgres_container(true).await) };
+    #[cfg(not(feature = "containers"))]
+    let start = off();
+    resolve_restartable(
+        test,
+        "BROKER_TEST_POSTGRES_URL",
+        ("BROKER_TEST_POSTGRES_STOP", "BROKER_TEST_POSTGRES_START"),
+        start,
+    )
+    .await
+}
+
 /// Kafka: `BROKER_TEST_KAFKA_BOOTSTRAP` (e.g. `127.0.0.1:9092`; `.ci/run` starts tansu there), or
-/// a container ([`images::KAFKA`]). `None` means skipped (never under CI).
+/// a container ([`images::KAFKA`]) shared by the test binary. `None` means skipped (never under CI).
 pub async fn kafka(test: &str) -> Option<Service> {
     #[cfg(feature = "containers")]
-    let start = {
-        use testcontainers_modules::kafka::apache::{KAFKA_PORT, Kafka};
-        container(Kafka::default(), images::KAFKA, "Kafka", KAFKA_PORT.as_u16(), |h, p| format!("{h}:{p}"))
-    };
+    let start = shared_container!(kafka_container());
     #[cfg(not(feature = "containers"))]
     let start = off();
     resolve(test, "BROKER_TEST_KAFKA_BOOTSTRAP", start).await
 }
 
 /// RabbitMQ: `BROKER_TEST_AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`), or a
-/// container ([`images::RABBITMQ`]). `None` means skipped (never under CI).
+/// container ([`images::RABBITMQ`]) shared by the test binary. `None` means skipped (never under CI).
 pub async fn rabbitmq(test: &str) -> Option<Service> {
     #[cfg(feature = "containers")]
-    let start =
-        container(testcontainers_modules::rabbitmq::RabbitMq::default(), images::RABBITMQ, "RabbitMQ", 5672, |h, p| {
-            format!("amqp://guest:guest@{h}:{p}/%2f")
-        });
+    let start = shared_container!(rabbitmq_container(false));
     #[cfg(not(feature = "containers"))]
     let start = off();
     resolve(test, "BROKER_TEST_AMQP_URL", start).await
+}
+
+/// RabbitMQ that the test stops and starts: `BROKER_TEST_AMQP_URL` with
+/// `BROKER_TEST_RABBITMQ_STOP` / `_START`, or a container of its own.
+pub async fn rabbitmq_to_restart(test: &str) -> Option<(Service, Restart)> {
+    #[cfg(feature = "containers")]
+    let start = async { own_started(rabbitmq_container(true).await) };
+    #[cfg(not(feature = "containers"))]
+    let start = off();
+    resolve_restartable(
+        test,
+        "BROKER_TEST_AMQP_URL",
+        ("BROKER_TEST_RABBITMQ_STOP", "BROKER_TEST_RABBITMQ_START"),
+        start,
+    )
+    .await
 }
 
 /// A suffix unique to this process and call, for per-test tables, topics and queues.
