@@ -17,11 +17,12 @@ use anyhow::{Context, Result, bail};
 
 mod msrv;
 
-const USAGE: &str = "usage: cargo xtask <ci | msrv | features | package | bench [BACKEND...]>\n\
+const USAGE: &str = "usage: cargo xtask <ci | msrv | features | package | python | bench [BACKEND...]>\n\
     ci     rustfmt --check, msrv, clippy -D warnings, the whole test suite, docs with -D warnings\n\
     msrv   each crate's rust-version covers what its dependencies need\n\
     features  broker-cli builds with one backend at a time, no librdkafka without kafka\n\
     package   cargo package of every publishable crate, then verified from its tarball\n\
+    python the Python package's pytest suite inside Rasa 3.6.21 (venv from .ci/python-env.sh)\n\
     bench  benchmark backends (default: all that this release has: file, sql, kafka, pika)";
 
 /// The workspace members that are never published (`publish = false`), left out of `package`.
@@ -34,6 +35,8 @@ const UNPUBLISHED: &[&str] = &[
     "broker-bench",
     "--exclude",
     "broker-example-redis",
+    "--exclude",
+    "broker-python",
 ];
 
 /// The backends `bench` knows.
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
         Some("msrv") => msrv::check(&root),
         Some("features") => features(&root),
         Some("package") => package(&root),
+        Some("python") => python(&root),
         Some("bench") => bench(&root, &args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -81,6 +85,7 @@ fn ci(root: &Path) -> Result<()> {
     package(root)?;
     run(root, "clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(root, "tests", cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    python(root)?;
     // As docs.rs builds them: every feature but broker-kafka's gssapi (it needs libsasl2).
     let features =
         "broker-config/file broker-config/sql broker-config/kafka broker-config/pika broker-testkit/containers";
@@ -93,6 +98,31 @@ fn ci(root: &Path) -> Result<()> {
     )?;
     eprintln!("xtask: ci passed");
     Ok(())
+}
+
+/// The Python package's suite (crates/broker-python), inside Rasa 3.6.21: the venv from
+/// `.ci/python-env.sh` (`BROKER_PYTHON_VENV`, default `.venv-rasa`), `pip install` of the
+/// package (maturin, dev profile: it shares the test build's artifacts), then pytest with the
+/// `broker` binary the tests built (its `check` messages are compared).
+fn python(root: &Path) -> Result<()> {
+    let venv = std::env::var_os("BROKER_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|| root.join(".venv-rasa"));
+    run(root, "python env (Rasa 3.6.21)", Command::new("bash").arg(".ci/python-env.sh").arg(&venv))?;
+    let bin = venv.join("bin");
+    run(
+        root,
+        "pip install ./crates/broker-python",
+        Command::new(bin.join("pip"))
+            .args(["install", "-q", "--force-reinstall", "--no-deps", "./crates/broker-python"])
+            .env("MATURIN_PEP517_ARGS", "--profile dev"),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let mut pytest = Command::new(bin.join("python"));
+    pytest.args(["-W", "ignore", "-m", "pytest", "-q", "-p", "no:cacheprovider", "crates/broker-python/tests"]);
+    let cli = target.join("debug").join("broker");
+    if cli.exists() {
+        pytest.env("BROKER_CLI", cli);
+    }
+    run(root, "pytest (crates/broker-python, inside Rasa 3.6.21)", &mut pytest)
 }
 
 /// `broker-cli` builds with only some backends, and without `kafka` pulls in no librdkafka (a C

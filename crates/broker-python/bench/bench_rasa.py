@@ -1,0 +1,162 @@
+"""Rasa's TrackerStore streaming N events through Rasa's own broker class vs through ours.
+
+Each measurement runs in a process of its own (Rasa's FileEventBroker shares one logger per
+process). Timed: `InMemoryTrackerStore.save` of every tracker, then `close()` (ours delivers
+everything before returning; for Rasa's RabbitMQ class, whose close does not wait for its
+background publishes, until the queue holds every event). The same loop with a broker that does
+nothing gives Rasa's own cost, so the table shows both the end-to-end ratio and the ratio of the
+broker's share (end-to-end minus that baseline).
+
+    python bench_rasa.py [--events N] [BACKEND ...]     # backends: file sqlite postgres kafka pika
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def endpoint(backend, impl, workdir):
+    """The EndpointConfig keys of `backend` for `impl` (rasa | ours)."""
+    tag = f"bench_{impl}_{uuid.uuid4().hex[:8]}"
+    prefix = "" if impl == "rasa" else "rasa_event_brokers."
+    names = {"file": "FileEventBroker", "sqlite": "SQLEventBroker", "postgres": "SQLEventBroker", "kafka": "KafkaEventBroker", "pika": "PikaEventBroker"}
+    rasa_types = {"file": "file", "sqlite": "sql", "postgres": "sql", "kafka": "kafka", "pika": "pika"}
+    kind = rasa_types[backend] if impl == "rasa" else prefix + names[backend]
+    if backend == "file":
+        return dict(type=kind, path=str(workdir / f"{tag}.log"))
+    if backend == "sqlite":
+        return dict(type=kind, dialect="sqlite", db=str(workdir / f"{tag}.db"))
+    if backend == "postgres":
+        url = urllib.parse.urlparse(os.environ["BROKER_TEST_POSTGRES_URL"])
+        return dict(type=kind, dialect="postgresql", url=url.hostname, port=url.port or 5432, username=url.username or "postgres", db=url.path.lstrip("/"))
+    if backend == "kafka":
+        return dict(type=kind, url=os.environ["BROKER_TEST_KAFKA_BOOTSTRAP"], topic=tag, security_protocol="PLAINTEXT")
+    if backend == "pika":
+        url = urllib.parse.urlparse(os.environ["BROKER_TEST_AMQP_URL"])
+        return dict(type=kind, url=url.hostname, port=url.port or 5672, username=url.username or "guest", password=url.password or "guest", queues=[tag], exchange_name=tag)
+    raise SystemExit(f"unknown backend {backend}")
+
+
+async def queue_depth(keys):
+    import aio_pika
+
+    url = os.environ["BROKER_TEST_AMQP_URL"]
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(keys["queues"][0], durable=True, passive=True)
+        return queue.declaration_result.message_count
+    finally:
+        await connection.close()
+
+
+async def drop_queue(keys):
+    import aio_pika
+
+    connection = await aio_pika.connect(os.environ["BROKER_TEST_AMQP_URL"])
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(keys["queues"][0])
+        await channel.exchange_delete(keys["exchange_name"])
+    finally:
+        await connection.close()
+
+
+async def measure(backend, impl, events):
+    """One measurement in this process: seconds for the stream and the close."""
+    from rasa.core.brokers.broker import EventBroker
+    from rasa.core.tracker_store import InMemoryTrackerStore
+    from rasa.shared.core.domain import Domain
+    from rasa.utils.endpoints import EndpointConfig
+
+    from conftest import sample_events, trackers
+
+    sample = sample_events()
+    repeat = max(1, events // len(sample))
+    ts = trackers(sample, repeat=repeat)
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-rasa-"))
+
+    class Null(EventBroker):
+        def publish(self, event):
+            pass
+
+    keys = endpoint(backend, "ours" if impl == "ours" else "rasa", workdir)
+    broker = Null() if impl == "null" else await EventBroker.create(EndpointConfig(**keys))
+    if backend == "postgres" and impl == "rasa":
+        with broker.engine.begin() as c:
+            c.exec_driver_sql("delete from events")
+    store = InMemoryTrackerStore(Domain.empty(), event_broker=broker)
+    count = 0
+    published = broker.publish
+
+    def counting(event, *a, **k):
+        nonlocal count
+        count += 1
+        return published(event, *a, **k)
+
+    broker.publish = counting
+    began = time.perf_counter()
+    for t in ts:
+        await store.save(t)
+    if impl == "rasa" and backend == "pika":
+        deadline = time.monotonic() + 600
+        while await queue_depth(keys) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    await broker.close()
+    elapsed = time.perf_counter() - began
+    if impl == "ours":
+        stats = broker.stats()
+        assert stats["delivered"] == count, stats
+    if backend == "pika" and impl != "null":
+        await drop_queue(keys)
+    return {"events": count, "seconds": elapsed}
+
+
+def child(backend, impl, events):
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", __file__, "--child", backend, impl, "--events", str(events)],
+        capture_output=True, text=True, timeout=1800,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{backend}/{impl} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("backends", nargs="*", default=["file", "sqlite", "postgres", "kafka", "pika"])
+    ap.add_argument("--events", type=int, default=10000)
+    ap.add_argument("--child", nargs=2, metavar=("BACKEND", "IMPL"))
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(asyncio.run(measure(args.child[0], args.child[1], args.events))))
+        return
+    null = child("file", "null", args.events)
+    print(f"Rasa's TrackerStore alone (a broker that does nothing): {null['events']} events in {null['seconds']:.3f} s")
+    print(f"{'backend':10} {'events':>7} {'rasa s':>9} {'ours s':>9} {'end-to-end':>11} {'broker share':>13}")
+    for backend in args.backends:
+        rasa = child(backend, "rasa", args.events)
+        ours = child(backend, "ours", args.events)
+        assert rasa["events"] == ours["events"], (rasa, ours)
+        base = null["seconds"] * ours["events"] / max(1, null["events"])
+        share = (rasa["seconds"] - base) / max(1e-9, ours["seconds"] - base)
+        print(
+            f"{backend:10} {ours['events']:>7} {rasa['seconds']:>9.3f} {ours['seconds']:>9.3f} "
+            f"{rasa['seconds'] / ours['seconds']:>10.1f}x {share:>12.1f}x",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

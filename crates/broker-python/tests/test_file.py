@@ -1,0 +1,130 @@
+"""FileEventBroker: the same lines as Rasa's own FileEventBroker, plus receipts, stats and close."""
+
+import json
+
+import pytest
+
+import rasa_event_brokers
+from rasa_event_brokers import BufferFullError, ConfigurationError, FileEventBroker
+from conftest import create, python, run, sample_events, stream, trackers
+
+RASA_FILE = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[2])
+from conftest import create, stream, trackers
+async def main():
+    broker = await create(type="file", path=sys.argv[1])
+    await stream(broker, trackers())
+    await broker.close()
+asyncio.run(main())
+"""
+
+
+def test_same_lines_as_rasas_file_broker(tmp_path):
+    theirs, ours = tmp_path / "rasa.log", tmp_path / "ours.log"
+    done = python(RASA_FILE, str(theirs), str(__import__("pathlib").Path(__file__).parent))
+    assert done.returncode == 0, done.stderr
+
+    async def main():
+        broker = await create(type="rasa_event_brokers.FileEventBroker", path=str(ours))
+        assert isinstance(broker, FileEventBroker)
+        from rasa.core.brokers.broker import EventBroker
+
+        assert isinstance(broker, EventBroker)
+        await stream(broker, trackers())
+        assert await broker.close() == []
+        return broker.stats()
+
+    stats = run(main())
+    expected = theirs.read_bytes()
+    assert len(expected.splitlines()) >= 90
+    assert ours.read_bytes() == expected
+    n = len(expected.splitlines())
+    assert stats == {"accepted": n, "refused": 0, "delivered": n, "rejected": 0, "failed": 0, "pending": 0, "undelivered": 0}
+
+
+def test_receipts_settle_with_their_position(tmp_path):
+    async def main():
+        broker = await FileEventBroker.connect(path=str(tmp_path / "events.log"))
+        receipts = [broker.publish(e) for e in sample_events()[:5]]
+        first = await receipts[0]
+        assert first["id"] == receipts[0].id and first["position"] == {"offset": 0}
+        await broker.flush()
+        assert all(r.done() for r in receipts)
+        offsets = [r.result()["position"]["offset"] for r in receipts]
+        assert offsets == sorted(offsets) and len(set(offsets)) == 5
+        assert "delivered" in repr(receipts[0])
+        await broker.close()
+
+    run(main())
+
+
+def test_invalid_events_are_refused_at_publish(tmp_path):
+    async def main():
+        broker = await FileEventBroker.connect(path=str(tmp_path / "events.log"))
+        with pytest.raises(rasa_event_brokers.InvalidEventError, match="event"):
+            broker.publish({"sender_id": "a", "text": "no event type"})
+        with pytest.raises(TypeError):
+            broker.publish({"event": "bot", "when": object()})  # json.dumps refuses it, as in Rasa
+        assert await broker.close() == []
+        with pytest.raises(rasa_event_brokers.BrokerClosedError):
+            broker.publish({"event": "bot"})
+        assert broker.stats()["refused"] == 1
+
+    run(main())
+
+
+def test_full_buffer_raises_with_when_full_error_and_close_hands_back_the_rest():
+    """/dev/full refuses every write (ENOSPC, a temporary error the writer retries), so the
+    buffer fills: `when_full: error` makes publish raise at once, and close lists every accepted
+    event, as the dict that was published."""
+
+    async def main():
+        broker = await FileEventBroker.connect(path="/dev/full", buffer_size=4, when_full="error", close_timeout=1)
+        accepted, refused = [], 0
+        for i in range(64):
+            event = {"sender_id": "s", "event": "bot", "timestamp": 1.5 + i, "text": f"n{i}"}
+            try:
+                broker.publish(event)
+                accepted.append(event)
+            except BufferFullError as e:
+                assert e.temporary is True
+                refused += 1
+        assert refused > 0 and accepted
+        undelivered = await broker.close()
+        assert undelivered == accepted
+        stats = broker.stats()
+        assert stats["refused"] == refused and stats["undelivered"] == len(accepted)
+        assert stats["delivered"] == 0 and stats["pending"] == 0
+
+    run(main())
+
+
+def test_without_rasa_the_package_still_imports_and_works(tmp_path):
+    out = tmp_path / "events.log"
+    code = f"""
+import asyncio, sys
+sys.modules["rasa"] = None  # as if Rasa were not installed
+import rasa_event_brokers
+assert rasa_event_brokers.FileEventBroker.__mro__[-1] is object and len(rasa_event_brokers.FileEventBroker.__mro__) == 3
+async def main():
+    b = await rasa_event_brokers.FileEventBroker.connect(path={str(out)!r})
+    await b.publish({{"event": "bot", "sender_id": "x", "text": "hé"}})
+    assert await b.close() == []
+asyncio.run(main())
+"""
+    done = python(code)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == json.dumps({"event": "bot", "sender_id": "x", "text": "hé"}) + "\n"
+
+
+def test_a_bad_key_is_a_configuration_error_naming_it(tmp_path):
+    async def main():
+        with pytest.raises(ConfigurationError) as raised:
+            await create(type="rasa_event_brokers.FileEventBroker", path=str(tmp_path / "e.log"), pathh="x")
+        return raised.value
+
+    err = run(main())
+    assert isinstance(err, ValueError)
+    assert err.key == "pathh"
+    assert "`pathh`" in str(err) and "path" in (err.hint or "")
