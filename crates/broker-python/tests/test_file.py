@@ -100,6 +100,39 @@ def test_full_buffer_raises_with_when_full_error_and_close_hands_back_the_rest()
     run(main())
 
 
+def test_full_buffer_blocks_publish_with_when_full_block_until_close():
+    """`when_full: block` (the default): a publish into a full buffer waits (back-pressure, the
+    GIL released so other threads run) and is let go by close, which hands the accepted events
+    back; the waiting publish then raises BrokerClosedError."""
+    import threading
+
+    async def main():
+        broker = await FileEventBroker.connect(path="/dev/full", buffer_size=2, close_timeout=1)
+        outcome = {}
+
+        def publisher():
+            try:
+                for i in range(5000):
+                    broker.publish({"event": "bot", "sender_id": "s", "text": f"n{i}"})
+                    outcome["accepted"] = i + 1
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                outcome["error"] = e
+
+        thread = threading.Thread(target=publisher)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive(), outcome  # blocked in publish, not failed
+        accepted = outcome["accepted"]
+        assert 2 <= accepted < 5000
+        undelivered = await broker.close()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert isinstance(outcome.get("error"), rasa_event_brokers.BrokerClosedError), outcome
+        assert [e["text"] for e in undelivered] == [f"n{i}" for i in range(outcome["accepted"])]
+
+    run(main())
+
+
 def test_without_rasa_the_package_still_imports_and_works(tmp_path):
     out = tmp_path / "events.log"
     code = f"""
