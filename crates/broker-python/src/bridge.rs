@@ -2,12 +2,19 @@
 //!
 //! A Rust future runs on the runtime; its result is converted under the GIL and handed to the
 //! caller's event loop with `loop.call_soon_threadsafe`, which sets an asyncio future (unless it
-//! was cancelled meanwhile). After interpreter shutdown has begun (Python's `atexit` calls
-//! [`shutdown`]) results are dropped instead: taking the GIL then could hang the runtime thread.
+//! was cancelled meanwhile).
+//!
+//! Every call into Python from a Rust thread goes through [`with_python`]: once interpreter
+//! shutdown has begun (Python's `atexit` calls [`shutdown`]) it calls nothing, and `shutdown`
+//! waits for the calls under way. A Rust thread that takes the GIL after finalization has begun
+//! is ended by CPython with `pthread_exit`, which aborts the process when it unwinds Rust frames
+//! (`call_soon_threadsafe` releases the GIL to write to the loop's socket, so the main thread can
+//! finish `asyncio.run` and start finalizing in that very moment).
 
 use std::future::Future;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -16,6 +23,8 @@ use tokio::runtime::Runtime;
 
 static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
 static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+/// Calls into Python under way from Rust threads.
+static IN_PYTHON: AtomicUsize = AtomicUsize::new(0);
 static RESOLVE: GILOnceCell<PyObject> = GILOnceCell::new();
 
 /// The module's runtime: two worker threads (the writers and the client libraries' I/O; the
@@ -37,10 +46,25 @@ pub(crate) fn shutting_down() -> bool {
     SHUTTING_DOWN.load(Ordering::Acquire)
 }
 
-/// Called from Python's `atexit`: stop handing results and log records to Python.
+/// Called from Python's `atexit`, before finalization: no more calls into Python from Rust
+/// threads, and the ones under way finish first (at most 2 s, with the GIL released for them).
 #[pyfunction]
-pub(crate) fn shutdown() {
-    SHUTTING_DOWN.store(true, Ordering::Release);
+pub(crate) fn shutdown(py: Python<'_>) {
+    SHUTTING_DOWN.store(true, Ordering::SeqCst);
+    py.allow_threads(|| {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while IN_PYTHON.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+}
+
+/// Runs `f` with the GIL from a Rust thread, unless interpreter shutdown has begun (`None`).
+pub(crate) fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> Option<R> {
+    IN_PYTHON.fetch_add(1, Ordering::SeqCst);
+    let out = if SHUTTING_DOWN.load(Ordering::SeqCst) { None } else { Some(Python::with_gil(f)) };
+    IN_PYTHON.fetch_sub(1, Ordering::SeqCst);
+    out
 }
 
 fn resolver(py: Python<'_>) -> PyResult<&PyObject> {
@@ -65,10 +89,7 @@ where
     let (event_loop, target) = (event_loop.unbind(), py_future.clone().unbind());
     runtime()?.spawn(async move {
         let output = fut.await;
-        if shutting_down() {
-            return;
-        }
-        Python::with_gil(|py| {
+        with_python(|py| {
             let (exc, value) = match convert(py, output) {
                 Ok(v) => (py.None(), v),
                 Err(e) => (e.into_value(py).into_any(), py.None()),

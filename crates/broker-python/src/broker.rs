@@ -1,16 +1,16 @@
 //! `connect`/`validate` and the native broker behind each Python broker class.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use broker_core::{ConfigError, Event, EventBroker, Options, PublishOptions};
+use broker_core::{ConfigError, EventBroker, Options, PublishOptions};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use tokio::sync::{mpsc, watch};
 
 use crate::receipt::{Receipt, Slot};
-use crate::{bridge, convert};
+use crate::{bridge, convert, encode};
 
 /// Builds `type_name`'s backend from `(key, value)` options, checking them (no I/O).
 fn configure(py: Python<'_>, type_name: &str, options: &Bound<'_, PyList>) -> PyResult<broker_core::Configured> {
@@ -68,60 +68,72 @@ pub(crate) fn connect<'py>(
     )
 }
 
-/// Delivery counters, kept by the settling task.
+/// Delivery counters.
 #[derive(Debug, Default)]
 struct Counters {
     accepted: AtomicU64,
     refused: AtomicU64,
-    delivered: AtomicU64,
-    rejected: AtomicU64,
-    failed: AtomicU64,
     undelivered: AtomicU64,
 }
 
-/// A connected broker: the Rust [`EventBroker`] and the task that settles its receipts in
-/// publish order.
+/// The receipts not yet counted, in publish order, and the counts of the settled ones. Settled
+/// receipts are counted from the front: on each publish (so the queue stays as short as the
+/// backend's buffer), on `stats()`, and after `flush`/`close`. No task, no wake-up per event.
+#[derive(Debug, Default)]
+struct Outcomes {
+    queue: VecDeque<Arc<Slot>>,
+    delivered: u64,
+    rejected: u64,
+    failed: u64,
+}
+
+impl Outcomes {
+    /// Counts the settled receipts at the front.
+    fn count_settled(&mut self) {
+        while let Some(front) = self.queue.front() {
+            let Some(outcome) = front.poll_now() else { break };
+            match outcome {
+                Ok(_) => self.delivered += 1,
+                Err(broker_core::Error::Rejected { .. }) => self.rejected += 1,
+                Err(_) => self.failed += 1,
+            }
+            self.queue.pop_front();
+        }
+    }
+}
+
+/// A connected broker: the Rust [`EventBroker`] and the outcomes of what it accepted.
 #[pyclass(module = "rasa_event_brokers", frozen)]
 pub(crate) struct NativeBroker {
     broker: Arc<dyn EventBroker>,
     describe: String,
     close_timeout: Duration,
-    settling: mpsc::UnboundedSender<Arc<Slot>>,
-    /// How many receipts the settling task has settled.
-    settled: watch::Receiver<u64>,
     counters: Arc<Counters>,
+    outcomes: Arc<Mutex<Outcomes>>,
+}
+
+/// Waits (at most `limit`) until every receipt in `outcomes` is settled and counted: after a
+/// flush or close they all are, unless a backend broke its contract.
+async fn count_all(outcomes: Arc<Mutex<Outcomes>>, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let front = {
+            let Ok(mut o) = outcomes.lock() else { return };
+            o.count_settled();
+            match o.queue.front() {
+                Some(f) => f.clone(),
+                None => return,
+            }
+        };
+        if tokio::time::timeout_at(deadline, front.wait()).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl NativeBroker {
     fn start(broker: Arc<dyn EventBroker>, describe: String, close_timeout: Duration) -> PyResult<NativeBroker> {
-        let (settling, mut queue) = mpsc::unbounded_channel::<Arc<Slot>>();
-        let (settled_tx, settled) = watch::channel(0u64);
-        let counters = Arc::new(Counters::default());
-        let c = counters.clone();
-        bridge::runtime()?.spawn(async move {
-            let mut n = 0u64;
-            while let Some(slot) = queue.recv().await {
-                let counter = match slot.wait().await {
-                    Ok(_) => &c.delivered,
-                    Err(broker_core::Error::Rejected { .. }) => &c.rejected,
-                    Err(_) => &c.failed,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                n += 1;
-                settled_tx.send_replace(n);
-            }
-        });
-        Ok(NativeBroker { broker, describe, close_timeout, settling, settled, counters })
-    }
-
-    /// Waits until the settling task has settled every receipt accepted so far (at most
-    /// `limit`: a receipt can outlive a flush only if its backend broke its contract).
-    fn caught_up(&self, limit: Duration) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let target = self.counters.accepted.load(Ordering::Acquire);
-        let mut settled = self.settled.clone();
-        async move {
-            let _ = tokio::time::timeout(limit, settled.wait_for(|n| *n >= target)).await;
-        }
+        Ok(NativeBroker { broker, describe, close_timeout, counters: Arc::default(), outcomes: Arc::default() })
     }
 }
 
@@ -139,11 +151,16 @@ impl NativeBroker {
         &self.describe
     }
 
-    /// Hands one event (its JSON bytes, `json.dumps` of the dict) to the pipeline; returns its
-    /// receipt. Waits only when the buffer is full and `when_full` is `block`.
-    #[pyo3(signature = (json, headers=None))]
-    fn publish(&self, py: Python<'_>, json: &[u8], headers: Option<&Bound<'_, PyDict>>) -> PyResult<Receipt> {
-        let event = Event::from_json(json).map_err(|e| convert::InvalidEventError::new_err(e.to_string()))?;
+    /// Hands one event (a dict) to the pipeline; returns its receipt. Waits only when the
+    /// buffer is full and `when_full` is `block`, with the GIL released.
+    #[pyo3(signature = (event, headers=None))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        event: &Bound<'_, PyAny>,
+        headers: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Receipt> {
+        let event = encode::event(event)?;
         let mut options = PublishOptions::default();
         if let Some(h) = headers {
             for (k, v) in h.iter() {
@@ -156,9 +173,11 @@ impl NativeBroker {
         match accepted {
             Ok(receipt) => {
                 let slot = Slot::new(receipt);
-                self.counters.accepted.fetch_add(1, Ordering::Release);
-                // The settling task ends only when this broker is dropped.
-                let _ = self.settling.send(slot.clone());
+                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut o) = self.outcomes.lock() {
+                    o.queue.push_back(slot.clone());
+                    o.count_settled();
+                }
                 Ok(Receipt::new(slot))
             }
             Err(e) => {
@@ -183,12 +202,12 @@ impl NativeBroker {
     /// outcome.
     fn flush<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let broker = self.broker.clone();
-        let caught_up = self.caught_up(Duration::from_secs(5));
+        let outcomes = self.outcomes.clone();
         bridge::awaitable(
             py,
             async move {
                 let r = broker.flush().await;
-                caught_up.await;
+                count_all(outcomes, Duration::from_secs(5)).await;
                 r
             },
             |py, r| r.map(|()| py.None()).map_err(|e| convert::broker_error(py, &e)),
@@ -199,12 +218,12 @@ impl NativeBroker {
     fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let broker = self.broker.clone();
         let counters = self.counters.clone();
-        let caught_up = self.caught_up(self.close_timeout + Duration::from_secs(5));
+        let (outcomes, limit) = (self.outcomes.clone(), self.close_timeout + Duration::from_secs(5));
         bridge::awaitable(
             py,
             async move {
                 let r = broker.close().await;
-                caught_up.await;
+                count_all(outcomes, limit).await;
                 r
             },
             move |py, r| match r {
@@ -219,18 +238,23 @@ impl NativeBroker {
 
     /// The delivery counters: `accepted`, `refused` (publish raised), `delivered`, `rejected`
     /// (refused by the service as the event's own fault), `failed`, `pending` (accepted, no
-    /// outcome yet) and `undelivered` (listed by `close`).
+    /// outcome yet, counted in publish order) and `undelivered` (listed by `close`).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = &self.counters;
         let out = PyDict::new(py);
-        let accepted = c.accepted.load(Ordering::Acquire);
-        let settled = *self.settled.borrow();
-        out.set_item("accepted", accepted)?;
+        let (delivered, rejected, failed, pending) = match self.outcomes.lock() {
+            Ok(mut o) => {
+                o.count_settled();
+                (o.delivered, o.rejected, o.failed, o.queue.len())
+            }
+            Err(_) => (0, 0, 0, 0),
+        };
+        out.set_item("accepted", c.accepted.load(Ordering::Relaxed))?;
         out.set_item("refused", c.refused.load(Ordering::Relaxed))?;
-        out.set_item("delivered", c.delivered.load(Ordering::Relaxed))?;
-        out.set_item("rejected", c.rejected.load(Ordering::Relaxed))?;
-        out.set_item("failed", c.failed.load(Ordering::Relaxed))?;
-        out.set_item("pending", accepted.saturating_sub(settled))?;
+        out.set_item("delivered", delivered)?;
+        out.set_item("rejected", rejected)?;
+        out.set_item("failed", failed)?;
+        out.set_item("pending", pending)?;
         out.set_item("undelivered", c.undelivered.load(Ordering::Relaxed))?;
         Ok(out)
     }

@@ -9,12 +9,13 @@
 //! is the Rust one. What this crate adds is the bridge:
 //!
 //! - **No round trip on Rasa's event loop.** `publish` is called synchronously once per event;
-//!   it serialises the dict with Python's own `json.dumps` (Rasa's exact bytes), hands the bytes
-//!   to the Rust pipeline with the GIL released and returns a receipt at once. Only a full
+//!   it walks the dict once into the core's JSON tree (written later, off the Python thread, as
+//!   the bytes `json.dumps` makes; anything but built-in types goes through `json.dumps` itself),
+//!   hands it to the Rust pipeline with the GIL released and returns a receipt at once. Only a full
 //!   buffer with `when_full: block` makes it wait (back-pressure); `when_full: error` raises
 //!   `BufferFullError` instead.
-//! - **Outcomes.** Each receipt settles once (delivered, or failed with the reason); one task per
-//!   broker settles them in publish order and keeps the counters of `stats()`.
+//! - **Outcomes.** Each receipt settles once (delivered, or failed with the reason); the broker
+//!   counts settled receipts in publish order for `stats()`, without a task or a wake-up per event.
 //! - **asyncio.** `from_endpoint_config`, `flush` and `close` run on a Tokio runtime owned by the
 //!   module and resolve an asyncio future through `loop.call_soon_threadsafe`.
 //! - **Logging.** `tracing` records go to Python's `logging` under `rasa_event_brokers.<crate>`,
@@ -37,10 +38,14 @@
 mod bridge;
 mod broker;
 mod convert;
+mod encode;
 mod logging;
 mod receipt;
 
 use pyo3::prelude::*;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The extension module `rasa_event_brokers._native`.
 #[pymodule]

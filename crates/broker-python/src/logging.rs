@@ -97,10 +97,7 @@ pub(crate) fn install(_py: Python<'_>) -> PyResult<()> {
         .name("rasa-event-brokers-log".into())
         .spawn(move || {
             while let Ok(record) = records.recv() {
-                if bridge::shutting_down() {
-                    return;
-                }
-                Python::with_gil(|py| {
+                let forwarded = bridge::with_python(|py| {
                     let dropped = DROPPED.swap(0, Ordering::Relaxed);
                     let log = |name: &str, level: u8, message: &str| -> PyResult<()> {
                         let logger = py.import("logging")?.call_method1("getLogger", (name,))?;
@@ -116,6 +113,9 @@ pub(crate) fn install(_py: Python<'_>) -> PyResult<()> {
                     }
                     let _ = log(&record.logger, record.level, &record.message);
                 });
+                if forwarded.is_none() {
+                    return;
+                }
             }
         })
         .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("cannot start the log thread: {e}")))?;

@@ -1,9 +1,9 @@
 //! The Python `Receipt`: one event's outcome, shared by the Python object and the broker's
-//! settling task.
+//! counts.
 //!
 //! The Rust [`broker_core::Receipt`] is a one-shot future: whoever awaits it takes it out of
 //! the slot and puts the outcome in (or puts the receipt back if it stops waiting first), and
-//! wakes the others. So `done()`, `result()`, `await` and the settling task can all ask, in any
+//! wakes the others. So `done()`, `result()`, `await` and the broker's counting can all ask, in any
 //! order, and each sees the same outcome.
 
 use std::future::Future;
