@@ -7,7 +7,11 @@ background publishes, until the queue holds every event). The same loop with a b
 nothing gives Rasa's own cost, so the table shows both the end-to-end ratio and the ratio of the
 broker's share (end-to-end minus that baseline).
 
-    python bench_rasa.py [--events N] [BACKEND ...]     # backends: file sqlite postgres kafka pika
+Then the Python side's own cost: the same N events published with our class directly (no
+tracker store) against the Rust CLI (`broker publish`, `--cli`, default target/release/broker)
+sending the same events as JSON lines, on the file and SQLite backends.
+
+    python bench_rasa.py [--events N] [--cli PATH] [BACKEND ...]   # backends: file sqlite postgres kafka pika
 """
 
 import argparse
@@ -92,6 +96,10 @@ async def measure(backend, impl, events):
             pass
 
     keys = endpoint(backend, "ours" if impl == "ours" else "rasa", workdir)
+    if backend == "kafka" and impl != "null":
+        from conftest import kafka_topics
+
+        kafka_topics(keys["url"], keys["topic"])
     broker = Null() if impl == "null" else await EventBroker.create(EndpointConfig(**keys))
     if backend == "postgres" and impl == "rasa":
         with broker.engine.begin() as c:
@@ -123,6 +131,43 @@ async def measure(backend, impl, events):
     return {"events": count, "seconds": elapsed}
 
 
+async def direct(backend, events):
+    """Our class alone: N sample events published, then close."""
+    import rasa_event_brokers
+
+    from conftest import sample_events
+
+    sample = sample_events()
+    batch = [sample[i % len(sample)] for i in range(events)]
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-direct-"))
+    keys = endpoint(backend, "ours", workdir)
+    keys.pop("type")
+    cls = rasa_event_brokers.FileEventBroker if backend == "file" else rasa_event_brokers.SQLEventBroker
+    broker = await cls.connect(**keys)
+    began = time.perf_counter()
+    for e in batch:
+        broker.publish(e)
+    assert await broker.close() == []
+    return {"events": events, "seconds": time.perf_counter() - began}
+
+
+def cli_rate(cli, backend, events):
+    """`broker publish` of the same events as JSON lines: events per second."""
+    from conftest import sample_events
+
+    sample = sample_events()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-cli-"))
+    lines = workdir / "events.jsonl"
+    lines.write_text("".join(json.dumps(sample[i % len(sample)]) + "\n" for i in range(events)))
+    keys = endpoint(backend, "ours", workdir)
+    yaml = "event_broker:\n  type: " + ("file" if backend == "file" else "sql") + "\n"
+    yaml += "".join(f"  {k}: {v}\n" for k, v in keys.items() if k != "type")
+    (workdir / "endpoints.yml").write_text(yaml)
+    began = time.perf_counter()
+    subprocess.run([cli, "--endpoints", str(workdir / "endpoints.yml"), "-q", "publish", str(lines)], check=True, timeout=600, capture_output=True)
+    return events / (time.perf_counter() - began)
+
+
 def child(backend, impl, events):
     out = subprocess.run(
         [sys.executable, "-W", "ignore", __file__, "--child", backend, impl, "--events", str(events)],
@@ -137,10 +182,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("backends", nargs="*", default=["file", "sqlite", "postgres", "kafka", "pika"])
     ap.add_argument("--events", type=int, default=10000)
+    ap.add_argument("--cli", default=str(HERE.parents[2] / "target" / "release" / "broker"))
     ap.add_argument("--child", nargs=2, metavar=("BACKEND", "IMPL"))
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(asyncio.run(measure(args.child[0], args.child[1], args.events))))
+        backend, impl = args.child
+        run = direct(backend, args.events) if impl == "direct" else measure(backend, impl, args.events)
+        print(json.dumps(asyncio.run(run)))
         return
     null = child("file", "null", args.events)
     print(f"Rasa's TrackerStore alone (a broker that does nothing): {null['events']} events in {null['seconds']:.3f} s")
@@ -156,6 +204,16 @@ def main():
             f"{rasa['seconds'] / ours['seconds']:>10.1f}x {share:>12.1f}x",
             flush=True,
         )
+    if not os.path.exists(args.cli):
+        print(f"(no {args.cli}: build it with `cargo build --release -p broker-cli` for the CLI comparison)")
+        return
+    print(f"\nPython side vs the Rust CLI ({args.cli}), {args.events} events published directly:")
+    print(f"{'backend':10} {'python ev/s':>12} {'cli ev/s':>12} {'cli/python':>11}")
+    for backend in [b for b in args.backends if b in ("file", "sqlite")]:
+        ours = child(backend, "direct", args.events)
+        py_rate = ours["events"] / ours["seconds"]
+        rate = cli_rate(args.cli, backend, args.events)
+        print(f"{backend:10} {py_rate:>12.0f} {rate:>12.0f} {rate / py_rate:>10.1f}x", flush=True)
 
 
 if __name__ == "__main__":

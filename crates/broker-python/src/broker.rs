@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use broker_core::{ConfigError, EventBroker, Options, PublishOptions};
@@ -168,8 +169,20 @@ impl NativeBroker {
             }
         }
         let rt = bridge::runtime()?;
-        let broker = &self.broker;
-        let accepted = py.allow_threads(|| rt.block_on(broker.publish_with(event, options)));
+        // Accepted at once when the buffer has room (the usual case): no GIL release, no
+        // blocking. Otherwise the same future is waited for with the GIL released.
+        let mut accepting = {
+            let _entered = rt.enter();
+            self.broker.publish_with(event, options)
+        };
+        let first = {
+            let _entered = rt.enter();
+            accepting.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+        };
+        let accepted = match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => py.allow_threads(|| rt.block_on(accepting)),
+        };
         match accepted {
             Ok(receipt) => {
                 let slot = Slot::new(receipt);

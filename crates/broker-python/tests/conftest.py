@@ -57,7 +57,8 @@ def trackers(events=None, repeat=1):
             by_sender.setdefault(e.get("sender_id", ""), []).append(e)
         for sender, es in by_sender.items():
             evs = [Event.from_parameters({k: v for k, v in e.items() if k != "sender_id"}) for e in es]
-            sender = sender if r == 0 else f"{sender}#{r}"
+            # Copies get their own senders, no longer than the original (Rasa's column is 255).
+            sender = sender if r == 0 else f"{r}#{sender}"[: max(len(sender), 8)]
             out.append(DialogueStateTracker.from_events(sender, [x for x in evs if x]))
     return out
 
