@@ -1,7 +1,8 @@
 //! The Tokio runtime the module owns, and Rust futures delivered to asyncio.
 //!
-//! A Rust future runs on the runtime; its result is converted under the GIL and handed to the
-//! caller's event loop with `loop.call_soon_threadsafe`, which sets an asyncio future (unless it
+//! A Rust future runs on the runtime; its result is converted under the GIL, on one thread kept
+//! for that (the runtime's workers never wait for the GIL), and handed to the caller's event loop
+//! with `loop.call_soon_threadsafe`, which sets an asyncio future (unless it
 //! was cancelled meanwhile).
 //!
 //! Every call into Python from a Rust thread goes through [`with_python`]: once interpreter
@@ -26,6 +27,9 @@ static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
 /// Calls into Python under way from Rust threads.
 static IN_PYTHON: AtomicUsize = AtomicUsize::new(0);
 static RESOLVE: GILOnceCell<PyObject> = GILOnceCell::new();
+/// Work for the thread that calls into Python on behalf of the runtime.
+type Call = Box<dyn FnOnce(Python<'_>) + Send>;
+static CALLS: OnceLock<Result<std::sync::mpsc::Sender<Call>, String>> = OnceLock::new();
 
 /// The module's runtime: two worker threads (the writers and the client libraries' I/O; the
 /// Python thread only enqueues).
@@ -59,6 +63,33 @@ pub(crate) fn shutdown(py: Python<'_>) {
     });
 }
 
+/// Hands `call` to the one thread that takes the GIL for the runtime, so the runtime's workers
+/// (the writers, the client libraries' I/O) never wait for the GIL while Rasa holds it.
+fn call_python(call: Call) -> PyResult<()> {
+    // The thread ends only at interpreter shutdown, when nobody waits for results any more.
+    let _ = calls()?.send(call);
+    Ok(())
+}
+
+/// The channel to the thread of [`call_python`], started on first use.
+fn calls() -> PyResult<&'static std::sync::mpsc::Sender<Call>> {
+    let calls = CALLS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Call>();
+        std::thread::Builder::new()
+            .name("rasa-event-brokers-py".into())
+            .spawn(move || {
+                while let Ok(call) = rx.recv() {
+                    if with_python(call).is_none() {
+                        return;
+                    }
+                }
+            })
+            .map(|_| tx)
+            .map_err(|e| e.to_string())
+    });
+    calls.as_ref().map_err(|e| PyRuntimeError::new_err(format!("cannot start a thread: {e}")))
+}
+
 /// Runs `f` with the GIL from a Rust thread, unless interpreter shutdown has begun (`None`).
 pub(crate) fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> Option<R> {
     IN_PYTHON.fetch_add(1, Ordering::SeqCst);
@@ -87,16 +118,19 @@ where
     let event_loop = py.import("asyncio")?.call_method0("get_running_loop")?;
     let py_future = event_loop.call_method0("create_future")?;
     let (event_loop, target) = (event_loop.unbind(), py_future.clone().unbind());
-    runtime()?.spawn(async move {
+    let rt = runtime()?;
+    // Started now, so a failure to start it is the caller's exception.
+    calls()?;
+    rt.spawn(async move {
         let output = fut.await;
-        with_python(|py| {
+        let _ = call_python(Box::new(move |py| {
             let (exc, value) = match convert(py, output) {
                 Ok(v) => (py.None(), v),
                 Err(e) => (e.into_value(py).into_any(), py.None()),
             };
             // A closed loop raises: nobody is waiting any more.
             let _ = event_loop.bind(py).call_method1("call_soon_threadsafe", (resolve, target, exc, value));
-        });
+        }));
     });
     Ok(py_future)
 }

@@ -41,7 +41,8 @@ pub(crate) fn validate<'py>(
 }
 
 /// Checks the options, then connects on the runtime; returns an asyncio future of a
-/// [`NativeBroker`]. The configuration's warnings are logged (`rasa_event_brokers`).
+/// [`NativeBroker`]. The configuration's warnings are logged by the options as they are read
+/// (`rasa_event_brokers.broker_core`).
 #[pyfunction]
 pub(crate) fn connect<'py>(
     py: Python<'py>,
@@ -49,9 +50,6 @@ pub(crate) fn connect<'py>(
     options: &Bound<'py, PyList>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let configured = configure(py, type_name, options)?;
-    for w in &configured.warnings {
-        tracing::warn!(target: "broker_python", "{w}");
-    }
     let backend = configured.backend;
     bridge::awaitable(
         py,
@@ -113,14 +111,17 @@ pub(crate) struct NativeBroker {
     outcomes: Arc<Mutex<Outcomes>>,
 }
 
-/// Waits (at most `limit`) until every receipt in `outcomes` is settled and counted: after a
-/// flush or close they all are, unless a backend broke its contract.
-async fn count_all(outcomes: Arc<Mutex<Outcomes>>, limit: Duration) {
+/// Waits (at most `limit`) until the first `target` receipts (all, when `None`) are settled
+/// and counted: after a flush or close they are, unless a backend broke its contract.
+async fn count_until(outcomes: Arc<Mutex<Outcomes>>, target: Option<u64>, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let front = {
             let Ok(mut o) = outcomes.lock() else { return };
             o.count_settled();
+            if target.is_some_and(|t| o.delivered + o.rejected + o.failed >= t) {
+                return;
+            }
             match o.queue.front() {
                 Some(f) => f.clone(),
                 None => return,
@@ -181,7 +182,18 @@ impl NativeBroker {
         };
         let accepted = match first {
             Poll::Ready(r) => r,
-            Poll::Pending => py.allow_threads(|| rt.block_on(accepting)),
+            // A full buffer with `when_full: block`: wait for room with the GIL released, in
+            // slices, so Python's signal handlers still run: a handler's exception (the second
+            // Ctrl-C under asyncio.run) ends the wait and the event is not accepted.
+            Poll::Pending => loop {
+                let slice = py.allow_threads(|| {
+                    rt.block_on(async { tokio::time::timeout(Duration::from_millis(100), &mut accepting).await })
+                });
+                match slice {
+                    Ok(r) => break r,
+                    Err(_) => py.check_signals()?,
+                }
+            },
         };
         match accepted {
             Ok(receipt) => {
@@ -216,11 +228,12 @@ impl NativeBroker {
     fn flush<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let broker = self.broker.clone();
         let outcomes = self.outcomes.clone();
+        let target = self.counters.accepted.load(Ordering::Relaxed);
         bridge::awaitable(
             py,
             async move {
                 let r = broker.flush().await;
-                count_all(outcomes, Duration::from_secs(5)).await;
+                count_until(outcomes, Some(target), Duration::from_secs(5)).await;
                 r
             },
             |py, r| r.map(|()| py.None()).map_err(|e| convert::broker_error(py, &e)),
@@ -236,12 +249,13 @@ impl NativeBroker {
             py,
             async move {
                 let r = broker.close().await;
-                count_all(outcomes, limit).await;
+                count_until(outcomes, None, limit).await;
                 r
             },
             move |py, r| match r {
                 Ok(report) => {
-                    counters.undelivered.fetch_add(report.undelivered.len() as u64, Ordering::Relaxed);
+                    // A second close reports the same events again: not counted twice.
+                    counters.undelivered.store(report.undelivered.len() as u64, Ordering::Relaxed);
                     Ok(convert::events(py, &report.undelivered)?.into_any().unbind())
                 }
                 Err(e) => Err(convert::broker_error(py, &e)),
@@ -249,9 +263,11 @@ impl NativeBroker {
         )
     }
 
-    /// The delivery counters: `accepted`, `refused` (publish raised), `delivered`, `rejected`
-    /// (refused by the service as the event's own fault), `failed`, `pending` (accepted, no
-    /// outcome yet, counted in publish order) and `undelivered` (listed by `close`).
+    /// The delivery counters: `accepted`, `refused` (not accepted: the buffer full with
+    /// `when_full: error`, or the broker closed; an invalid event is not counted), `delivered`,
+    /// `rejected` (refused by the service as the event's own fault), `failed` (every other
+    /// failure, the events `close` hands back included), `pending` (accepted, no outcome yet,
+    /// counted in publish order) and `undelivered` (listed by `close`, also in `failed`).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = &self.counters;
         let out = PyDict::new(py);

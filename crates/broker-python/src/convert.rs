@@ -67,8 +67,23 @@ pub(crate) fn broker_error(py: Python<'_>, e: &Error) -> PyErr {
     err
 }
 
+/// Option values nested deeper than this are refused (a self-referencing list would otherwise
+/// recurse until the stack overflows).
+const MAX_OPTION_DEPTH: usize = 32;
+
 /// A Python option value as a configuration value, or a [`ConfigError`] naming `key`.
 pub(crate) fn config_value(key: &str, value: &Bound<'_, PyAny>) -> Result<ConfigValue, ConfigError> {
+    option_value(key, value, 0)
+}
+
+fn option_value(key: &str, value: &Bound<'_, PyAny>, depth: usize) -> Result<ConfigValue, ConfigError> {
+    if depth > MAX_OPTION_DEPTH {
+        return Err(ConfigError::new(
+            Location::default(),
+            Some(key),
+            format!("nested deeper than {MAX_OPTION_DEPTH} levels"),
+        ));
+    }
     let at = Location::default;
     let unsupported = || {
         let kind = value.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
@@ -98,7 +113,7 @@ pub(crate) fn config_value(key: &str, value: &Bound<'_, PyAny>) -> Result<Config
         let mut items = Vec::new();
         for item in value.try_iter().map_err(|_| unsupported())? {
             let item = item.map_err(|_| unsupported())?;
-            items.push(Spanned { value: config_value(key, &item)?, at: at() });
+            items.push(Spanned { value: option_value(key, &item, depth + 1)?, at: at() });
         }
         return Ok(ConfigValue::List(items));
     }
@@ -107,7 +122,7 @@ pub(crate) fn config_value(key: &str, value: &Bound<'_, PyAny>) -> Result<Config
         for (k, v) in d.iter() {
             let k: String =
                 k.extract().map_err(|_| ConfigError::new(at(), Some(key), "mapping keys must be strings"))?;
-            let v = config_value(&k, &v)?;
+            let v = option_value(&k, &v, depth + 1)?;
             entries.push((k, Spanned { value: v, at: at() }));
         }
         return Ok(ConfigValue::Map(entries));

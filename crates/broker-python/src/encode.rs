@@ -5,7 +5,9 @@
 //! Only the exact built-in types are walked (`dict`, `list`, `tuple`, `str`, `int`, `float`,
 //! `bool`, `None`, and dict keys that are `str`). Anything else (a subclass such as an `IntEnum`,
 //! a non-string key, a string with a lone surrogate, nesting deeper than [`MAX_DEPTH`]) makes the
-//! whole event go through `json.dumps` instead, so the bytes are always what Rasa's classes send.
+//! whole event go through `json.dumps` instead, so the bytes are what Rasa's classes send. The one
+//! exception: a dict whose keys collide once `json.dumps` turns them into strings (`{1: "a", "1":
+//! "b"}`) is written with the key once, as Python's `json.loads` would read it back.
 
 use broker_core::Event;
 use broker_core::json::{Map, Number, Value};
@@ -69,10 +71,8 @@ fn walk(obj: &Bound<'_, PyAny>, depth: usize) -> Option<Value> {
                 return None;
             }
             let key = k.downcast::<PyString>().ok()?.to_cow().ok()?.into_owned();
-            let value = walk(&v, depth + 1)?;
-            if map.insert(key, value).is_some() {
-                return None;
-            }
+            // Distinct: the keys of a dict whose keys are all exact `str`.
+            map.push_new(key, walk(&v, depth + 1)?);
         }
         return Some(Value::Object(map));
     }

@@ -11,9 +11,9 @@
 //! - **No round trip on Rasa's event loop.** `publish` is called synchronously once per event;
 //!   it walks the dict once into the core's JSON tree (written later, off the Python thread, as
 //!   the bytes `json.dumps` makes; anything but built-in types goes through `json.dumps` itself),
-//!   hands it to the Rust pipeline with the GIL released and returns a receipt at once. Only a full
-//!   buffer with `when_full: block` makes it wait (back-pressure); `when_full: error` raises
-//!   `BufferFullError` instead.
+//!   hands it to the Rust pipeline and returns a receipt at once. Only a full buffer with
+//!   `when_full: block` makes it wait (back-pressure, the GIL released, Python's signal handlers still run);
+//!   `when_full: error` raises `BufferFullError` instead.
 //! - **Outcomes.** Each receipt settles once (delivered, or failed with the reason); the broker
 //!   counts settled receipts in publish order for `stats()`, without a task or a wake-up per event.
 //! - **asyncio.** `from_endpoint_config`, `flush` and `close` run on a Tokio runtime owned by the

@@ -88,7 +88,11 @@ impl<S: Subscriber> Layer<S> for ToPython {
 /// installed one) and starts the forwarding thread.
 pub(crate) fn install(_py: Python<'_>) -> PyResult<()> {
     let (queue, records) = sync_channel::<Record>(4096);
-    let filter = EnvFilter::try_from_env("RASA_EVENT_BROKERS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Directives add to the default `info` (`broker_pika=debug` keeps the others at info).
+    let filter = EnvFilter::builder()
+        .with_default_directive(tracing::level_filters::LevelFilter::INFO.into())
+        .with_env_var("RASA_EVENT_BROKERS_LOG")
+        .from_env_lossy();
     let subscriber = tracing_subscriber::registry().with(ToPython { queue }.with_filter(filter));
     if tracing::subscriber::set_global_default(subscriber).is_err() {
         return Ok(());

@@ -147,7 +147,8 @@ impl Receipt {
             Some(t) if !(t >= 0.0 && t.is_finite()) => {
                 return Err(PyValueError::new_err(format!("timeout must be a number of seconds >= 0, not {t}")));
             }
-            Some(t) => Some(Duration::from_secs_f64(t)),
+            // Beyond what a Duration holds: as long as it takes.
+            Some(t) => Duration::try_from_secs_f64(t).ok(),
             None => None,
         };
         let rt = bridge::runtime()?;
@@ -174,6 +175,15 @@ impl Receipt {
     }
 
     fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(outcome) = self.slot.poll_now() {
+            // Settled: an already-done future, no task.
+            let future = py.import("asyncio")?.call_method0("get_running_loop")?.call_method0("create_future")?;
+            match outcome_to_py(py, outcome) {
+                Ok(v) => future.call_method1("set_result", (v,))?,
+                Err(e) => future.call_method1("set_exception", (e.into_value(py),))?,
+            };
+            return future.call_method0("__await__");
+        }
         let slot = self.slot.clone();
         let future = bridge::awaitable(
             py,

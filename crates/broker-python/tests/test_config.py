@@ -59,6 +59,7 @@ def test_same_error_as_broker_check(tmp_path, type_name, keys):
     detail = ours[len("<options>: "):]
     assert detail in checked.stderr, f"{detail!r} not in {checked.stderr!r}"
     assert err.key is None or f"`{err.key}`" in ours
+    assert err.reason and err.reason in checked.stderr
 
 
 def test_check_validates_without_connecting():

@@ -43,6 +43,46 @@ def test_same_lines_as_rasas_file_broker(tmp_path):
     assert stats == {"accepted": n, "refused": 0, "delivered": n, "rejected": 0, "failed": 0, "pending": 0, "undelivered": 0}
 
 
+def edge_events():
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Channel(str, enum.Enum):
+        REST = "rest"
+
+    deep = "bottom"
+    for _ in range(70):
+        deep = [deep]
+    values = [
+        "\x7f", "\x00\x1f\b\f\n\r\t", "😀 客户 ü", "\u2028\u2029", "\ud800 lone", '"\\/',
+        2**64, -(2**63) - 1, 2**63 - 1, 0, -1,
+        float("nan"), float("inf"), float("-inf"), -0.0, 1e16, 1e-5, 1e-4, 0.1, 1.5e300, 5e-324, 123456789.123456789,
+        True, False, None, (1, "two", None), [], {}, {"nested": {"a": [1.0, {"b": ()}]}},
+        Level.HIGH, Channel.REST, {1: "int key", 2.5: "float key", True: "bool key", None: "none key"}, deep,
+    ]
+    return [{"sender_id": f"s{i}", "event": "slot", "timestamp": 1.0 + i, "name": "x", "value": v} for i, v in enumerate(values)]
+
+
+def test_edge_values_are_written_as_json_dumps_writes_them(tmp_path):
+    """The dict is encoded in Rust (or, for what is not a built-in type, through json.dumps): every
+    line must be json.dumps of the published dict."""
+    out = tmp_path / "edge.log"
+    events = edge_events()
+
+    async def main():
+        broker = await FileEventBroker.connect(path=str(out))
+        for e in events:
+            broker.publish(e)
+        assert await broker.close() == []
+
+    run(main())
+    lines = out.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    assert [l.decode() for l in lines[:-1]] == [json.dumps(e) for e in events]
+
+
 def test_receipts_settle_with_their_position(tmp_path):
     async def main():
         broker = await FileEventBroker.connect(path=str(tmp_path / "events.log"))
@@ -131,6 +171,33 @@ def test_full_buffer_blocks_publish_with_when_full_block_until_close():
         assert [e["text"] for e in undelivered] == [f"n{i}" for i in range(outcome["accepted"])]
 
     run(main())
+
+
+def test_a_signal_ends_a_publish_blocked_on_a_full_buffer():
+    """A publish waiting for room lets Python's signal handlers run. Under `asyncio.run` the first
+    Ctrl-C only asks the main task to stop (which it cannot while publish holds the loop); the
+    second raises KeyboardInterrupt, and that must end the wait."""
+    code = """
+import asyncio, os, signal, threading
+import rasa_event_brokers
+async def main():
+    b = await rasa_event_brokers.FileEventBroker.connect(path="/dev/full", buffer_size=2, close_timeout=1)
+    for at in (1.0, 1.5):
+        threading.Timer(at, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        for i in range(100000):
+            b.publish({"event": "bot", "text": str(i)})
+    except KeyboardInterrupt:
+        print("interrupted after", i)
+    await b.close()
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    pass  # asyncio re-raises it once main() is done
+"""
+    done = python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("interrupted after")
 
 
 def test_without_rasa_the_package_still_imports_and_works(tmp_path):

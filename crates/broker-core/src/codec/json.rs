@@ -79,6 +79,13 @@ impl Map {
         None
     }
 
+    /// Appends `key` without looking for it first: for copying a mapping whose keys are known to
+    /// be distinct (a Python `dict` with `str` keys), in linear time. A key that is already
+    /// there would be written twice.
+    pub fn push_new(&mut self, key: String, value: Value) {
+        self.entries.push((key, value));
+    }
+
     /// Appends without checking for an existing key. Only for builders that know the key is new.
     pub(crate) fn push_unique(&mut self, key: &str, value: Value) {
         self.entries.push((key.to_owned(), value));
