@@ -60,7 +60,7 @@ pub(crate) fn connect<'py>(
         },
         |py, connected| match connected {
             Ok((broker, describe, close_timeout)) => {
-                Ok(Py::new(py, NativeBroker::start(broker, describe, close_timeout)?)?.into_any())
+                Ok(Py::new(py, NativeBroker::new(broker, describe, close_timeout))?.into_any())
             }
             Err(e) => Err(convert::broker_error(py, &e)),
         },
@@ -134,8 +134,8 @@ async fn count_until(outcomes: Arc<Mutex<Outcomes>>, target: Option<u64>, limit:
 }
 
 impl NativeBroker {
-    fn start(broker: Arc<dyn EventBroker>, describe: String, close_timeout: Duration) -> PyResult<NativeBroker> {
-        Ok(NativeBroker { broker, describe, close_timeout, counters: Arc::default(), outcomes: Arc::default() })
+    fn new(broker: Arc<dyn EventBroker>, describe: String, close_timeout: Duration) -> NativeBroker {
+        NativeBroker { broker, describe, close_timeout, counters: Arc::default(), outcomes: Arc::default() }
     }
 }
 

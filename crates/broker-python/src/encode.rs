@@ -76,13 +76,9 @@ fn walk(obj: &Bound<'_, PyAny>, depth: usize) -> Option<Value> {
         }
         return Some(Value::Object(map));
     }
-    if obj.is_exact_instance_of::<PyList>() {
-        let list = obj.downcast::<PyList>().ok()?;
-        return list.iter().map(|v| walk(&v, depth + 1)).collect::<Option<Vec<_>>>().map(Value::Array);
-    }
-    if obj.is_exact_instance_of::<PyTuple>() {
-        let tuple = obj.downcast::<PyTuple>().ok()?;
-        return tuple.iter().map(|v| walk(&v, depth + 1)).collect::<Option<Vec<_>>>().map(Value::Array);
+    if obj.is_exact_instance_of::<PyList>() || obj.is_exact_instance_of::<PyTuple>() {
+        let items = obj.try_iter().ok()?.map(|v| walk(&v.ok()?, depth + 1));
+        return items.collect::<Option<Vec<_>>>().map(Value::Array);
     }
     None
 }
