@@ -51,7 +51,7 @@ pub use broker::{
 };
 pub use config::{ConfigError, ConfigValue, DeliveryOptions, Location, Options, Secret, Spanned, Warning, WhenFull};
 pub use error::{Error, Position};
-pub use event::{Event, EventError, EventId, TypedEvent};
+pub use event::{Event, EventError, EventId, EventWriter, TypedEvent};
 pub use registry::{Backend, BackendFactory, Configured, Registry};
 
 /// Re-exported so backends and their users name the same `async_trait`.

@@ -44,6 +44,7 @@ def test_same_lines_as_rasas_file_broker(tmp_path):
 
 
 def edge_events():
+    import collections
     import enum
 
     class Level(enum.IntEnum):
@@ -61,6 +62,8 @@ def edge_events():
         float("nan"), float("inf"), float("-inf"), -0.0, 1e16, 1e-5, 1e-4, 0.1, 1.5e300, 5e-324, 123456789.123456789,
         True, False, None, (1, "two", None), [], {}, {"nested": {"a": [1.0, {"b": ()}]}},
         Level.HIGH, Channel.REST, {1: "int key", 2.5: "float key", True: "bool key", None: "none key"}, deep,
+        {"k\u00e9y \"q\"\n\x7f": "escaped key", "😀": ["non-BMP key"]}, {"\udc80": "lone surrogate key"},
+        collections.OrderedDict(a=1), "x" * 10000,
     ]
     return [{"sender_id": f"s{i}", "event": "slot", "timestamp": 1.0 + i, "name": "x", "value": v} for i, v in enumerate(values)]
 

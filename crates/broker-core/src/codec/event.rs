@@ -3,7 +3,8 @@
 //! An [`Event`] *is* its ordered JSON object, so whatever we read is written back byte for byte:
 //! unknown event types (Rasa Pro's `flow_started`, ...) and unknown fields pass through untouched.
 //! Typed access goes through [`Event::typed`] (reading) and [`TypedEvent`] + [`Event::new`]
-//! (building, in Rasa's key order).
+//! (building, in Rasa's key order). [`EventWriter`] writes an event's bytes straight from another
+//! representation (a Python dict), without a tree.
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
@@ -12,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::json::{self, Map, Number, Value};
+
+pub use super::writer::{ArrayWriter, EventWriter, ObjectWriter, ValueWriter};
 
 /// A stable identity for one published event, carried by backends that have a place for it
 /// (AMQP `message_id`, a Kafka header) so consumers can drop the duplicates that at-least-once
@@ -150,6 +153,12 @@ impl Event {
                 repr: Repr::Encoded { json, event_type, sender_id: top.sender_id, tree: OnceLock::new() },
             }),
         }
+    }
+
+    /// An event from bytes that are already Rasa's encoding of an object whose `event` is
+    /// `event_type` ([`EventWriter`] makes them).
+    pub(crate) fn encoded(json: Vec<u8>, event_type: String, sender_id: Option<String>) -> Event {
+        Event { id: EventId::generate(), repr: Repr::Encoded { json, event_type, sender_id, tree: OnceLock::new() } }
     }
 
     /// Makes an event from a parsed JSON value. Legacy Rasa 2 types are converted as Rasa 3 reads

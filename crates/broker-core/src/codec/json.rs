@@ -449,13 +449,9 @@ pub fn write_str(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    let mut i = 0;
+    let mut i = scan_plain(bytes, 0);
     while i < bytes.len() {
         let b = bytes[i];
-        if is_plain(b) {
-            i += 1;
-            continue;
-        }
         out.extend_from_slice(&bytes[start..i]);
         if b < 0x80 {
             push_escaped_ascii(b, out);
@@ -470,6 +466,7 @@ pub fn write_str(s: &str, out: &mut Vec<u8>) {
             i += ch.len_utf8();
         }
         start = i;
+        i = scan_plain(bytes, i);
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
