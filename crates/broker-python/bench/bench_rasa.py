@@ -1,11 +1,12 @@
 """Rasa's TrackerStore streaming N events through Rasa's own broker class vs through ours.
 
-Each measurement runs in a process of its own, the fastest of `--runs` (default 3) counts (Rasa's FileEventBroker shares one logger per
+Each measurement runs in a process of its own (Rasa's FileEventBroker shares one logger per
 process). Timed: `InMemoryTrackerStore.save` of every tracker, then `close()` (ours delivers
 everything before returning; for Rasa's RabbitMQ class, whose close does not wait for its
 background publishes, until the queue holds every event). The same loop with a broker that does
 nothing gives Rasa's own cost, so the table shows both the end-to-end ratio and the ratio of the
-broker's share (end-to-end minus that baseline).
+broker's share (end-to-end minus that baseline). A run measures the three one after the other;
+the ratios are the median over `--runs` (default 5) runs, with their range.
 
 Then the Python side's own cost: the same N events published with our class directly (no
 tracker store) against the Rust CLI (`broker publish`, `--cli`, default target/release/broker)
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import pathlib
 import subprocess
 import sys
@@ -168,6 +170,21 @@ def cli_rate(cli, backend, events):
     return events / (time.perf_counter() - began)
 
 
+def best_cli_rate(runs, cli, backend, events):
+    """The fastest of `runs` CLI runs, as for every other cell (a run can hit the disk's
+    write-back)."""
+    return max(cli_rate(cli, backend, events) for _ in range(runs))
+
+
+def triple(backend, events):
+    """One run: Rasa's TrackerStore alone (a broker that does nothing), with Rasa's class, with
+    ours, one right after the other (so the broker's share is taken from measurements made under
+    the same conditions: subtracting a baseline from another moment magnifies the machine's noise)."""
+    null, rasa, ours = (child("file" if impl == "null" else backend, impl, events) for impl in ("null", "rasa", "ours"))
+    assert rasa["events"] == ours["events"], (rasa, ours)
+    return null, rasa, ours
+
+
 def best(runs, backend, impl, events):
     """The fastest of `runs` measurements (each in its own process)."""
     return min((child(backend, impl, events) for _ in range(runs)), key=lambda r: r["seconds"])
@@ -187,7 +204,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("backends", nargs="*", default=["file", "sqlite", "postgres", "kafka", "pika"])
     ap.add_argument("--events", type=int, default=10000)
-    ap.add_argument("--runs", type=int, default=3, help="measurements per cell; the fastest counts")
+    ap.add_argument("--runs", type=int, default=5, help="runs per backend (the median ratio counts) and per CLI cell (the fastest counts)")
     ap.add_argument("--cli", default=str(HERE.parents[2] / "target" / "release" / "broker"))
     ap.add_argument("--child", nargs=2, metavar=("BACKEND", "IMPL"))
     args = ap.parse_args()
@@ -196,18 +213,18 @@ def main():
         run = direct(backend, args.events) if impl == "direct" else measure(backend, impl, args.events)
         print(json.dumps(asyncio.run(run)))
         return
-    null = best(args.runs, "file", "null", args.events)
-    print(f"Rasa's TrackerStore alone (a broker that does nothing): {null['events']} events in {null['seconds']:.3f} s")
-    print(f"{'backend':10} {'events':>7} {'rasa s':>9} {'ours s':>9} {'end-to-end':>11} {'broker share':>13}")
+    print(f"{args.events} events per run, {args.runs} runs per backend; each run measures, one after the other,")
+    print("Rasa's TrackerStore with a broker that does nothing (its own cost), with Rasa's class and with ours.")
+    print("Ratios are the median over the runs (the range in brackets).")
+    print(f"{'backend':10} {'events':>7} {'null s':>8} {'rasa s':>8} {'ours s':>8} {'end-to-end':>11} {'broker share':>22}")
     for backend in args.backends:
-        rasa = best(args.runs, backend, "rasa", args.events)
-        ours = best(args.runs, backend, "ours", args.events)
-        assert rasa["events"] == ours["events"], (rasa, ours)
-        base = null["seconds"] * ours["events"] / max(1, null["events"])
-        share = (rasa["seconds"] - base) / max(1e-9, ours["seconds"] - base)
+        rows = [triple(backend, args.events) for _ in range(args.runs)]
+        e2e = [r["seconds"] / o["seconds"] for _, r, o in rows]
+        share = [(r["seconds"] - base) / max(1e-9, o["seconds"] - base) for base, r, o in ((n["seconds"] * o["events"] / max(1, n["events"]), r, o) for n, r, o in rows)]
+        null, rasa, ours = (statistics.median(x[i]["seconds"] for x in rows) for i in range(3))
         print(
-            f"{backend:10} {ours['events']:>7} {rasa['seconds']:>9.3f} {ours['seconds']:>9.3f} "
-            f"{rasa['seconds'] / ours['seconds']:>10.1f}x {share:>12.1f}x",
+            f"{backend:10} {rows[0][2]['events']:>7} {null:>8.3f} {rasa:>8.3f} {ours:>8.3f} "
+            f"{statistics.median(e2e):>10.1f}x {statistics.median(share):>8.1f}x [{min(share):.1f}-{max(share):.1f}]",
             flush=True,
         )
     if not os.path.exists(args.cli):
@@ -218,7 +235,7 @@ def main():
     for backend in [b for b in args.backends if b in ("file", "sqlite")]:
         ours = best(args.runs, backend, "direct", args.events)
         py_rate = ours["events"] / ours["seconds"]
-        rate = cli_rate(args.cli, backend, args.events)
+        rate = best_cli_rate(args.runs, args.cli, backend, args.events)
         print(f"{backend:10} {py_rate:>12.0f} {rate:>12.0f} {rate / py_rate:>10.1f}x", flush=True)
 
 
