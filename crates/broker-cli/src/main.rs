@@ -183,7 +183,13 @@ fn main() -> ExitCode {
             return ExitCode::from(code::UNDELIVERED);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // Everything the command owed is done: every event has its outcome, the summary and the
+    // undelivered file are written. What may still run is clean-up that the process exit does as
+    // well (a Kafka producer's destroy joins librdkafka's threads: 40-60 ms after the summary),
+    // so the runtime is not waited for.
+    runtime.shutdown_background();
+    match outcome {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             eprintln!("error: {:#}", f.error);

@@ -405,6 +405,13 @@ impl KafkaConfig {
         self.with_statistics(&mut c);
         c.set("acks", "all");
         c.set("enable.idempotence", "true");
+        // librdkafka (2.10+) sends the producer-id request only over the connection to a broker
+        // it learned from metadata, and opens that connection after a random part of
+        // `reconnect.backoff.ms / 2` (sparse connections): 50 ms of every start with the default
+        // 100 ms, in which no event goes out. 10 ms (then doubling, with jitter, up to
+        // `reconnect.backoff.max.ms`, 10 s) makes a 1,000-event `broker publish` about 35 ms
+        // faster and adds a handful of attempts in the first second of an outage.
+        c.set("reconnect.backoff.ms", "10");
         c.set("message.timeout.ms", self.message_timeout.as_millis().min(i32::MAX as u128).to_string());
         let queue = self.queue_size.unwrap_or(self.delivery.buffer_size as u64);
         c.set("queue.buffering.max.messages", queue.to_string());
