@@ -43,9 +43,24 @@ pub(crate) fn bench(events: u64, runs: usize) -> Result<()> {
                 "{events} events to one durable queue through a fanout exchange, RabbitMQ at {}",
                 target().describe()
             ),
-            variants: vec![("pika-raw", events), ("pika-ours", events), ("pika-one-by-one", one_by_one)],
-            comparisons: vec![("pika-ours", "pika-raw", 0.7), ("pika-ours", "pika-one-by-one", 8.0)],
-            note: "raw: amqprs with publisher confirms, serde_json bodies, a window of 1000 unconfirmed; ours: the pika backend (max_inflight 1000); one-by-one: amqprs awaiting each confirm before the next publish",
+            variants: vec![
+                ("pika-raw", events),
+                ("pika-raw-w100", events),
+                ("pika-raw-w5000", events),
+                ("pika-raw-w20000", events),
+                ("pika-ours", events),
+                ("pika-ours-w20000", events),
+                ("pika-one-by-one", one_by_one),
+            ],
+            comparisons: vec![
+                ("pika-ours", "pika-raw", 0.9),
+                ("pika-ours", "pika-raw-w100", 0.9),
+                ("pika-ours", "pika-raw-w5000", 0.9),
+                ("pika-ours", "pika-raw-w20000", 0.9),
+                ("pika-ours-w20000", "pika-raw-w20000", 0.9),
+                ("pika-ours", "pika-one-by-one", 8.0),
+            ],
+            note: "raw: amqprs with publisher confirms, serde_json bodies, a window of 1000 unconfirmed (raw-wN: N, the sweep for the best raw window); ours: the pika backend (max_inflight 1000; ours-wN: N); one-by-one: amqprs awaiting each confirm before the next publish",
         },
         runs,
     )
@@ -56,20 +71,38 @@ pub(crate) fn run(variant: &str, n: u64) -> Result<serde_json::Value> {
     let exchange = format!("bench-x-{variant}-{}", std::process::id());
     let t = target();
     let r = match variant {
-        "pika-ours" => {
-            let mut config =
-                PikaConfig::new(t.host.clone(), t.port, t.username.clone(), t.password.expose(), vec![queue.clone()])
-                    .exchange(&exchange);
-            config.target.vhost = t.vhost.clone();
-            config.max_inflight = WINDOW;
-            publish_through(variant, Box::new(PikaBackend::new(config)), dataset(n))
+        "pika-ours" => ours(variant, &t, &queue, &exchange, n, WINDOW),
+        other if other.starts_with("pika-ours-w") => {
+            let window = other["pika-ours-w".len()..].parse().with_context(|| format!("window of {other}"))?;
+            ours(variant, &t, &queue, &exchange, n, window)
         }
         "pika-raw" => raw(variant, &t, &queue, &exchange, n, WINDOW),
         "pika-one-by-one" => raw(variant, &t, &queue, &exchange, n, 1),
+        other if other.starts_with("pika-raw-w") => {
+            let window = other["pika-raw-w".len()..].parse().with_context(|| format!("window of {other}"))?;
+            raw(variant, &t, &queue, &exchange, n, window)
+        }
         other => bail!("unknown variant {other}"),
     };
     cleanup(&t, &queue, &exchange)?;
     r
+}
+
+/// Our pika backend with `max_inflight` = `window`.
+fn ours(
+    variant: &str,
+    t: &broker_pika::AmqpTarget,
+    queue: &str,
+    exchange: &str,
+    n: u64,
+    window: usize,
+) -> Result<serde_json::Value> {
+    let mut config =
+        PikaConfig::new(t.host.clone(), t.port, t.username.clone(), t.password.expose(), vec![queue.into()])
+            .exchange(exchange);
+    config.target.vhost = t.vhost.clone();
+    config.max_inflight = window;
+    publish_through(variant, Box::new(PikaBackend::new(config)), dataset(n))
 }
 
 fn cleanup(t: &broker_pika::AmqpTarget, queue: &str, exchange: &str) -> Result<()> {
