@@ -108,6 +108,7 @@ fn run_variant(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
         "raw-never" => raw(variant, &path, n, false),
         "raw-batch" => raw(variant, &path, n, true),
         "cli" => cli(variant, dir, n),
+        "lines-raw" => lines_raw(variant, dir, n),
         "encode-only" => encode_only(variant, &path, n),
         "parse-only" => parse_only(variant, n),
         other if other.starts_with("sqlite-") || other.starts_with("pg-") => sql::run(other, dir, n),
@@ -237,16 +238,49 @@ fn parse_only(variant: &str, n: u64) -> Result<serde_json::Value> {
 }
 
 /// `broker publish FILE` on a JSON-lines file of the same events: parsing, publishing, closing.
-fn cli(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
+/// The CLI's input: `n` events as JSON lines, in Rasa's encoding.
+fn cli_input(dir: &Path, n: u64) -> Result<PathBuf> {
     let input = dir.join("cli-input.jsonl");
-    {
-        let mut w = BufWriter::new(File::create(&input)?);
-        for e in dataset(n) {
-            w.write_all(&e.to_json())?;
-            w.write_all(b"\n")?;
-        }
-        w.flush()?;
+    let mut w = BufWriter::new(File::create(&input)?);
+    for e in dataset(n) {
+        w.write_all(&e.to_json())?;
+        w.write_all(b"\n")?;
     }
+    w.flush()?;
+    Ok(input)
+}
+
+/// The limit of relaying JSON lines to a file: read lines, write them, flush every `BATCH`
+/// lines; no parsing, in this process (the CLI's time includes its start).
+fn lines_raw(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
+    use std::io::BufRead;
+    let input = cli_input(dir, n)?;
+    let output = dir.join("lines-raw.log");
+    let _ = std::fs::remove_file(&output);
+    let started = Instant::now();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, File::open(&input)?);
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&output)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut line = Vec::with_capacity(4096);
+    let mut count = 0usize;
+    while reader.read_until(b'\n', &mut line)? > 0 {
+        w.write_all(&line)?;
+        line.clear();
+        count += 1;
+        if count % BATCH == 0 {
+            w.flush()?;
+        }
+    }
+    w.flush()?;
+    let elapsed = started.elapsed();
+    if count as u64 != n || std::fs::read(&output)? != std::fs::read(&input)? {
+        bail!("the raw relay's output differs from its input");
+    }
+    Ok(result(variant, n, elapsed, Vec::new(), peak_rss_mib()))
+}
+
+fn cli(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
+    let input = cli_input(dir, n)?;
     let work = dir.join("cli-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -324,7 +358,7 @@ fn bench_file(events: u64, runs: usize) -> Result<()> {
         Plan {
             backend: "file",
             describe: format!("{events} events (mix of user/bot/action/slot, {avg} bytes on average)"),
-            variants: ["raw-never", "ours-never", "raw-batch", "ours-batch", "cli"]
+            variants: ["raw-never", "ours-never", "raw-batch", "ours-batch", "lines-raw", "cli"]
                 .iter()
                 .map(|v| (*v, events))
                 .collect(),
@@ -332,9 +366,11 @@ fn bench_file(events: u64, runs: usize) -> Result<()> {
                 ("ours-never", "raw-never", 0.8),
                 ("ours-batch", "raw-batch", 0.8),
                 ("cli", "raw-never", 0.5),
+                ("cli", "lines-raw", 0.25),
             ],
             note: "raw-*: serde_json into a BufWriter flushed every 4096 events (batch: + fdatasync), ours-*: \
-                   the file backend with fsync never/batch; cli: `broker publish` of a JSON-lines file, parsing included",
+                   the file backend with fsync never/batch; lines-raw: JSON lines read and written unparsed, in-process; \
+                   cli: `broker publish` of a JSON-lines file, whole process, parsing included",
         },
         runs,
     )
