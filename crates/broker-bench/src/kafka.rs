@@ -2,8 +2,11 @@
 //! (acks=all, idempotence, key = sender_id, the same headers), both confirming every event by its
 //! delivery report.
 
+// The closures handed to `send_all` return rdkafka's own `send` result (the record comes back).
+#![allow(clippy::result_large_err)]
+
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -84,70 +87,37 @@ impl ProducerContext for Reports {
     }
 }
 
-fn raw(variant: &str, topic: &str, n: u64) -> Result<serde_json::Value> {
-    let values: Vec<serde_json::Value> =
-        dataset(n).iter().map(|e| serde_json::from_slice(&e.to_json()).context("dataset")).collect::<Result<_>>()?;
-    let context = Reports { latencies: Mutex::new(Vec::with_capacity(n as usize)), failed: AtomicU64::new(0) };
-    let producer: Arc<ThreadedProducer<Reports>> = Arc::new(
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "0")
-            .set("queue.buffering.max.messages", "10000")
-            .create_with_context(context)?,
-    );
-    let environment = "RASA_ENVIRONMENT_NOT_SET";
-    let started = Instant::now();
-    for (i, v) in values.iter().enumerate() {
-        let payload = serde_json::to_vec(v)?;
-        let key = v["sender_id"].as_str().unwrap_or_default().to_owned();
-        let id = format!("{i:032x}");
-        let mut opaque = Box::new(Instant::now());
-        loop {
-            let headers = OwnedHeaders::new_with_capacity(2)
-                .insert(Header { key: "RASA_ENVIRONMENT", value: Some(environment) })
-                .insert(Header { key: "rasa-event-id", value: Some(id.as_str()) });
-            let record: BaseRecord<'_, str, [u8], Box<Instant>> =
-                BaseRecord::with_opaque_to(topic, opaque).payload(&payload[..]).key(&key[..]).headers(headers);
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    opaque = r.delivery_opaque;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => bail!("send: {e}"),
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(120))?;
-    let elapsed = started.elapsed();
-    let failed = producer.context().failed.load(Ordering::Relaxed);
-    if failed > 0 {
-        bail!("{failed} messages failed");
-    }
-    let lat = std::mem::take(&mut *producer.context().latencies.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
-    Ok(result(variant, n, elapsed, lat, peak_rss_mib()))
+/// One message as ours sends it: the payload, the key (`sender_id`) and Rasa's headers.
+type Record<'a> = BaseRecord<'a, str, [u8], Box<Instant>>;
+
+/// The dataset as serde_json values (what a plain client would hold).
+fn values(n: u64) -> Result<Vec<serde_json::Value>> {
+    dataset(n).iter().map(|e| serde_json::from_slice(&e.to_json()).context("dataset")).collect()
 }
 
-/// The limit of a plain client: a `BaseProducer` with librdkafka's default queue sizes and the
-/// same acks, idempotence, keys and headers as ours, polled for delivery reports by the sending
-/// thread itself (every 1,000 sends, and while the queue is full) instead of a polling thread.
-fn raw_default(variant: &str, topic: &str, n: u64) -> Result<serde_json::Value> {
-    let values: Vec<serde_json::Value> =
-        dataset(n).iter().map(|e| serde_json::from_slice(&e.to_json()).context("dataset")).collect::<Result<_>>()?;
-    let context = Reports { latencies: Mutex::new(Vec::with_capacity(n as usize)), failed: AtomicU64::new(0) };
-    let producer: BaseProducer<Reports> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+fn raw_config() -> rdkafka::ClientConfig {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap())
         .set("acks", "all")
         .set("enable.idempotence", "true")
-        .set("message.timeout.ms", "0")
-        .create_with_context(context)?;
+        .set("message.timeout.ms", "0");
+    c
+}
+
+fn reports(n: u64) -> Reports {
+    Reports { latencies: Mutex::new(Vec::with_capacity(n as usize)), failed: AtomicU64::new(0) }
+}
+
+/// Sends every value with `send` (serde_json payload, key, headers as ours); while librdkafka's
+/// queue is full, calls `full` and tries again; calls `every_1000` after each thousand sends.
+fn send_all(
+    topic: &str,
+    values: &[serde_json::Value],
+    send: impl for<'r> Fn(Record<'r>) -> Result<(), (rdkafka::error::KafkaError, Record<'r>)>,
+    full: impl Fn(),
+    every_1000: impl Fn(),
+) -> Result<()> {
     let environment = "RASA_ENVIRONMENT_NOT_SET";
-    let started = Instant::now();
     for (i, v) in values.iter().enumerate() {
         let payload = serde_json::to_vec(v)?;
         let key = v["sender_id"].as_str().unwrap_or_default().to_owned();
@@ -157,24 +127,28 @@ fn raw_default(variant: &str, topic: &str, n: u64) -> Result<serde_json::Value> 
             let headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header { key: "RASA_ENVIRONMENT", value: Some(environment) })
                 .insert(Header { key: "rasa-event-id", value: Some(id.as_str()) });
-            let record: BaseRecord<'_, str, [u8], Box<Instant>> =
-                BaseRecord::with_opaque_to(topic, opaque).payload(&payload[..]).key(&key[..]).headers(headers);
-            match producer.send(record) {
+            let record = BaseRecord::with_opaque_to(topic, opaque).payload(&payload[..]).key(&key[..]).headers(headers);
+            match send(record) {
                 Ok(()) => break,
                 Err((
                     rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
                     r,
                 )) => {
                     opaque = r.delivery_opaque;
-                    producer.poll(Duration::from_millis(1));
+                    full();
                 }
                 Err((e, _)) => bail!("send: {e}"),
             }
         }
         if i % 1000 == 999 {
-            producer.poll(Duration::ZERO);
+            every_1000();
         }
     }
+    Ok(())
+}
+
+/// The result of a raw run once `producer` flushed: every message must be confirmed.
+fn finish<P: Producer<Reports>>(variant: &str, n: u64, started: Instant, producer: &P) -> Result<serde_json::Value> {
     producer.flush(Duration::from_secs(120))?;
     let elapsed = started.elapsed();
     let failed = producer.context().failed.load(Ordering::Relaxed);
@@ -186,4 +160,32 @@ fn raw_default(variant: &str, topic: &str, n: u64) -> Result<serde_json::Value> 
         bail!("{} delivery reports for {n} messages", lat.len());
     }
     Ok(result(variant, n, elapsed, lat, peak_rss_mib()))
+}
+
+/// rdkafka's `ThreadedProducer` with a queue of 10,000 (ours' default buffer), sleeping 1 ms
+/// while it is full.
+fn raw(variant: &str, topic: &str, n: u64) -> Result<serde_json::Value> {
+    let values = values(n)?;
+    let producer: ThreadedProducer<Reports> =
+        raw_config().set("queue.buffering.max.messages", "10000").create_with_context(reports(n))?;
+    let started = Instant::now();
+    send_all(topic, &values, |r| producer.send(r), || std::thread::sleep(Duration::from_millis(1)), || {})?;
+    finish(variant, n, started, &producer)
+}
+
+/// The limit of a plain client: a `BaseProducer` with librdkafka's default queue sizes and the
+/// same acks, idempotence, keys and headers as ours, polled for delivery reports by the sending
+/// thread itself (every 1,000 sends, and while the queue is full) instead of a polling thread.
+fn raw_default(variant: &str, topic: &str, n: u64) -> Result<serde_json::Value> {
+    let values = values(n)?;
+    let producer: BaseProducer<Reports> = raw_config().create_with_context(reports(n))?;
+    let started = Instant::now();
+    send_all(
+        topic,
+        &values,
+        |r| producer.send(r),
+        || producer.poll(Duration::from_millis(1)),
+        || producer.poll(Duration::ZERO),
+    )?;
+    finish(variant, n, started, &producer)
 }
