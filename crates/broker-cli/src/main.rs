@@ -185,10 +185,10 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(run(cli));
     // Everything the command owed is done: every event has its outcome, the summary and the
-    // undelivered file are written. What may still run is clean-up that the process exit does as
-    // well (a Kafka producer's destroy joins librdkafka's threads: 40-60 ms after the summary),
-    // so the runtime is not waited for.
-    runtime.shutdown_background();
+    // undelivered file are written. What may still run is clean-up (a Kafka producer released on
+    // the blocking pool): waited for, so no client library is mid-destroy while the process
+    // exits, but not for ever.
+    runtime.shutdown_timeout(Duration::from_secs(2));
     match outcome {
         Ok(code) => ExitCode::from(code),
         Err(f) => {

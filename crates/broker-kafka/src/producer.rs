@@ -17,18 +17,10 @@ pub struct KafkaBroker {
 }
 
 impl Drop for KafkaBroker {
-    /// The supervisor stops, and the producer with its threads goes with the last handle
-    /// (librdkafka purges what it still holds when `close` was not called). That last drop joins
-    /// rdkafka's polling thread, which can be inside its 100 ms poll, then destroys the client:
-    /// never on the dropping thread (an async worker, or a CLI about to exit, waited 40-100 ms),
-    /// but on a thread of its own.
+    /// Dropped without `close`: the supervisor stops, and the producer with its threads goes
+    /// with the last handle (librdkafka purges what it still holds).
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Release);
-        let producer = self.producer.clone();
-        let spawned = std::thread::Builder::new().name("broker-kafka-drop".into()).spawn(move || drop(producer));
-        if let Err(e) = spawned {
-            tracing::debug!("kafka: no thread to release the producer on ({e}); released here");
-        }
     }
 }
 
