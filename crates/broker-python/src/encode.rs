@@ -9,6 +9,8 @@
 //! exception: a dict whose keys collide once `json.dumps` turns them into strings (`{1: "a", "1":
 //! "b"}`) is written with the key once, as Python's `json.loads` would read it back.
 
+use std::borrow::Cow;
+
 use broker_core::Event;
 use broker_core::event::{EventWriter, ValueWriter};
 use broker_core::json::Number;
@@ -49,7 +51,7 @@ fn walk_event(dict: &Bound<'_, PyDict>) -> Option<Result<Event, broker_core::Eve
     let mut w = EventWriter::new();
     for (k, v) in dict.iter() {
         let key = text(&k)?;
-        walk(&v, w.field(key), 1)?;
+        walk(&v, w.field(&key), 1)?;
     }
     Some(w.finish())
 }
@@ -62,7 +64,7 @@ fn walk(obj: &Bound<'_, PyAny>, w: ValueWriter<'_>, depth: usize) -> Option<()> 
     if obj.is_none() {
         w.null();
     } else if obj.is_exact_instance_of::<PyString>() {
-        w.str(text(obj)?);
+        w.str(&text(obj)?);
     } else if obj.is_exact_instance_of::<PyBool>() {
         w.bool(obj.is_truthy().ok()?);
     } else if obj.is_exact_instance_of::<PyInt>() {
@@ -76,7 +78,7 @@ fn walk(obj: &Bound<'_, PyAny>, w: ValueWriter<'_>, depth: usize) -> Option<()> 
         let mut object = w.object();
         for (k, v) in dict.iter() {
             let key = text(&k)?;
-            walk(&v, object.key(key), depth + 1)?;
+            walk(&v, object.key(&key), depth + 1)?;
         }
     } else if let Ok(list) = obj.downcast_exact::<PyList>() {
         let mut array = w.array();
@@ -97,7 +99,8 @@ fn walk(obj: &Bound<'_, PyAny>, w: ValueWriter<'_>, depth: usize) -> Option<()> 
 /// The text of an exact `str` (`None` for anything else, and for a string with a lone
 /// surrogate, which is not UTF-8), borrowed from the string object: CPython keeps the UTF-8 form
 /// with the object, and an ASCII string's UTF-8 form is its own storage, so nothing is copied.
-fn text<'a>(obj: &'a Bound<'_, PyAny>) -> Option<&'a str> {
+#[cfg(not(windows))]
+fn text<'a>(obj: &'a Bound<'_, PyAny>) -> Option<Cow<'a, str>> {
     if !obj.is_exact_instance_of::<PyString>() {
         return None;
     }
@@ -116,10 +119,19 @@ fn text<'a>(obj: &'a Bound<'_, PyAny>) -> Option<&'a str> {
             return None;
         }
         let bytes = std::slice::from_raw_parts(p.cast::<u8>(), usize::try_from(size).ok()?);
-        Some(std::str::from_utf8_unchecked(bytes))
+        Some(Cow::Borrowed(std::str::from_utf8_unchecked(bytes)))
     }
 }
 
+/// The text of an exact `str` (`None` for anything else, and for a lone surrogate). On Windows an
+/// abi3 module links against `python3.dll`, which exports `PyUnicode_AsUTF8AndSize` only from
+/// 3.10: the limited API's copy instead.
+#[cfg(windows)]
+fn text<'a>(obj: &'a Bound<'_, PyAny>) -> Option<Cow<'a, str>> {
+    obj.downcast_exact::<PyString>().ok()?.to_cow().ok().map(|c| Cow::Owned(c.into_owned()))
+}
+
+#[cfg(not(windows))]
 #[allow(unsafe_code)]
 mod ffi {
     use pyo3::ffi::{Py_ssize_t, PyObject};

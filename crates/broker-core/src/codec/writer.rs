@@ -5,7 +5,8 @@
 //! event's bytes, so publishing costs one pass and one buffer instead of a [`Map`] of owned
 //! strings that is encoded later. The output is well-formed by construction: a key is written
 //! with its value (an entry whose [`ValueWriter`] is dropped unused is left out) and every object
-//! or array is closed when its writer is dropped, also when the caller gives up half way.
+//! or array is closed when its writer is dropped, also when the caller gives up half way (a
+//! writer leaked with `mem::forget` makes [`EventWriter::finish`] fail).
 //!
 //! ```
 //! use broker_core::event::EventWriter;
@@ -42,6 +43,8 @@ use super::json::{self, Number};
 pub struct EventWriter {
     out: Vec<u8>,
     empty: bool,
+    /// Objects and arrays begun and not closed (only `mem::forget` can leave one open).
+    open: usize,
     event_type: Option<String>,
     sender_id: Option<String>,
 }
@@ -57,7 +60,7 @@ impl EventWriter {
     pub fn new() -> EventWriter {
         let mut out = Vec::with_capacity(512);
         out.push(b'{');
-        EventWriter { out, empty: true, event_type: None, sender_id: None }
+        EventWriter { out, empty: true, open: 0, event_type: None, sender_id: None }
     }
 
     /// The top-level field `key`, written with the value the returned writer writes (left out
@@ -68,13 +71,18 @@ impl EventWriter {
             "sender_id" => Some(&mut self.sender_id),
             _ => None,
         };
-        ValueWriter { out: &mut self.out, empty: &mut self.empty, key: Some(key), capture }
+        ValueWriter { out: &mut self.out, empty: &mut self.empty, open: &mut self.open, key: Some(key), capture }
     }
 
     /// The event. Fails with [`EventError::MissingType`] when no string `event` field was
-    /// written. Rasa 2's `form` and `form_validation` types are converted as
-    /// [`Event::from_value`] converts them.
+    /// written, and with [`EventError::Json`] when an object or array writer was forgotten
+    /// (`mem::forget`) instead of dropped. Rasa 2's `form` and `form_validation` types are
+    /// converted as [`Event::from_value`] converts them.
     pub fn finish(mut self) -> Result<Event, EventError> {
+        if self.open != 0 {
+            let message = "an object or array was never closed (its writer was forgotten)";
+            return Err(EventError::Json(json::ParseError { message, offset: self.out.len() }));
+        }
         self.out.push(b'}');
         match self.event_type {
             None => Err(EventError::MissingType),
@@ -90,13 +98,14 @@ impl EventWriter {
 pub struct ValueWriter<'a> {
     out: &'a mut Vec<u8>,
     empty: &'a mut bool,
+    open: &'a mut usize,
     key: Option<&'a str>,
     capture: Option<&'a mut Option<String>>,
 }
 
 impl<'a> ValueWriter<'a> {
     /// The separator and the key; then the value is written to the returned buffer.
-    fn begin(self, captured: Option<&str>) -> &'a mut Vec<u8> {
+    fn begin(self, captured: Option<&str>) -> (&'a mut Vec<u8>, &'a mut usize) {
         if !std::mem::take(self.empty) {
             self.out.extend_from_slice(b", ");
         }
@@ -107,17 +116,17 @@ impl<'a> ValueWriter<'a> {
         if let Some(c) = self.capture {
             *c = captured.map(str::to_owned);
         }
-        self.out
+        (self.out, self.open)
     }
 
     /// `null`.
     pub fn null(self) {
-        self.begin(None).extend_from_slice(b"null");
+        self.begin(None).0.extend_from_slice(b"null");
     }
 
     /// `true` or `false`.
     pub fn bool(self, b: bool) {
-        self.begin(None).extend_from_slice(if b { b"true" } else { b"false" });
+        self.begin(None).0.extend_from_slice(if b { b"true" } else { b"false" });
     }
 
     /// An integer.
@@ -127,31 +136,33 @@ impl<'a> ValueWriter<'a> {
 
     /// A float in Python's `repr` form (`1.0`, `1e+16`, `NaN`).
     pub fn float(self, f: f64) {
-        json::write_float(f, self.begin(None));
+        json::write_float(f, self.begin(None).0);
     }
 
     /// A number as [`Number::write_python`] writes it.
     pub fn number(self, n: &Number) {
-        n.write_python(self.begin(None));
+        n.write_python(self.begin(None).0);
     }
 
     /// A string, with Python's `ensure_ascii` escaping.
     pub fn str(self, s: &str) {
-        json::write_str(s, self.begin(Some(s)));
+        json::write_str(s, self.begin(Some(s)).0);
     }
 
     /// An object, closed when the returned writer is dropped.
     pub fn object(self) -> ObjectWriter<'a> {
-        let out = self.begin(None);
+        let (out, open) = self.begin(None);
         out.push(b'{');
-        ObjectWriter { out, empty: true }
+        *open += 1;
+        ObjectWriter { out, open, empty: true }
     }
 
     /// An array, closed when the returned writer is dropped.
     pub fn array(self) -> ArrayWriter<'a> {
-        let out = self.begin(None);
+        let (out, open) = self.begin(None);
         out.push(b'[');
-        ArrayWriter { out, empty: true }
+        *open += 1;
+        ArrayWriter { out, open, empty: true }
     }
 }
 
@@ -159,19 +170,21 @@ impl<'a> ValueWriter<'a> {
 #[derive(Debug)]
 pub struct ObjectWriter<'a> {
     out: &'a mut Vec<u8>,
+    open: &'a mut usize,
     empty: bool,
 }
 
 impl ObjectWriter<'_> {
     /// The entry `key`, written with the value the returned writer writes.
     pub fn key<'w>(&'w mut self, key: &'w str) -> ValueWriter<'w> {
-        ValueWriter { out: self.out, empty: &mut self.empty, key: Some(key), capture: None }
+        ValueWriter { out: self.out, empty: &mut self.empty, open: self.open, key: Some(key), capture: None }
     }
 }
 
 impl Drop for ObjectWriter<'_> {
     fn drop(&mut self) {
         self.out.push(b'}');
+        *self.open -= 1;
     }
 }
 
@@ -179,19 +192,21 @@ impl Drop for ObjectWriter<'_> {
 #[derive(Debug)]
 pub struct ArrayWriter<'a> {
     out: &'a mut Vec<u8>,
+    open: &'a mut usize,
     empty: bool,
 }
 
 impl ArrayWriter<'_> {
     /// The next item, written with the value the returned writer writes.
     pub fn item(&mut self) -> ValueWriter<'_> {
-        ValueWriter { out: self.out, empty: &mut self.empty, key: None, capture: None }
+        ValueWriter { out: self.out, empty: &mut self.empty, open: self.open, key: None, capture: None }
     }
 }
 
 impl Drop for ArrayWriter<'_> {
     fn drop(&mut self) {
         self.out.push(b']');
+        *self.open -= 1;
     }
 }
 
@@ -314,6 +329,14 @@ mod tests {
             n += 1;
         }
         assert!(n > 100);
+    }
+
+    #[test]
+    fn a_forgotten_container_fails_the_event() {
+        let mut w = EventWriter::new();
+        w.field("event").str("bot");
+        std::mem::forget(w.field("data").object());
+        assert!(matches!(w.finish(), Err(EventError::Json(_))));
     }
 
     #[test]

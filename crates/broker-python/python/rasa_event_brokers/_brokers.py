@@ -46,8 +46,10 @@ class _RustEventBroker(_Base):  # type: ignore[misc,valid-type]
     def __init__(self, native: Any) -> None:
         self._native = native
         # Rasa calls `publish` once per event: the native method itself, without a Python frame
-        # in between (same signature and behaviour as the method below, which documents it).
-        self.publish = native.publish  # type: ignore[method-assign]
+        # in between (same signature and behaviour as the method below, which documents it),
+        # unless a subclass (or a test's patch) overrides `publish`.
+        if type(self).publish is _RustEventBroker.publish:
+            self.publish = native.publish  # type: ignore[method-assign]
 
     @classmethod
     async def from_endpoint_config(cls, broker_config: Any, event_loop: Any = None) -> Optional["_RustEventBroker"]:
