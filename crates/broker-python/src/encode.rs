@@ -80,15 +80,10 @@ fn walk(obj: &Bound<'_, PyAny>, w: ValueWriter<'_>, depth: usize) -> Option<()> 
             let key = text(&k)?;
             walk(&v, object.key(&key), depth + 1)?;
         }
-    } else if let Ok(list) = obj.downcast_exact::<PyList>() {
+    } else if obj.is_exact_instance_of::<PyList>() || obj.is_exact_instance_of::<PyTuple>() {
         let mut array = w.array();
-        for item in list.iter() {
-            walk(&item, array.item(), depth + 1)?;
-        }
-    } else if let Ok(tuple) = obj.downcast_exact::<PyTuple>() {
-        let mut array = w.array();
-        for item in tuple.iter() {
-            walk(&item, array.item(), depth + 1)?;
+        for item in obj.try_iter().ok()? {
+            walk(&item.ok()?, array.item(), depth + 1)?;
         }
     } else {
         return None;

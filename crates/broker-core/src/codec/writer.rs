@@ -151,62 +151,63 @@ impl<'a> ValueWriter<'a> {
 
     /// An object, closed when the returned writer is dropped.
     pub fn object(self) -> ObjectWriter<'a> {
-        let (out, open) = self.begin(None);
-        out.push(b'{');
-        *open += 1;
-        ObjectWriter { out, open, empty: true }
+        ObjectWriter(self.open_container(b'{', b'}'))
     }
 
     /// An array, closed when the returned writer is dropped.
     pub fn array(self) -> ArrayWriter<'a> {
+        ArrayWriter(self.open_container(b'[', b']'))
+    }
+
+    fn open_container(self, start: u8, close: u8) -> Open<'a> {
         let (out, open) = self.begin(None);
-        out.push(b'[');
+        out.push(start);
         *open += 1;
-        ArrayWriter { out, open, empty: true }
+        Open { out, open, empty: true, close }
+    }
+}
+
+/// A nested object or array being written: closed with its bracket when dropped.
+#[derive(Debug)]
+struct Open<'a> {
+    out: &'a mut Vec<u8>,
+    open: &'a mut usize,
+    empty: bool,
+    close: u8,
+}
+
+impl Open<'_> {
+    fn value<'w>(&'w mut self, key: Option<&'w str>) -> ValueWriter<'w> {
+        ValueWriter { out: self.out, empty: &mut self.empty, open: self.open, key, capture: None }
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.out.push(self.close);
+        *self.open -= 1;
     }
 }
 
 /// Writes the entries of a nested object; closes it with `}` when dropped.
 #[derive(Debug)]
-pub struct ObjectWriter<'a> {
-    out: &'a mut Vec<u8>,
-    open: &'a mut usize,
-    empty: bool,
-}
+pub struct ObjectWriter<'a>(Open<'a>);
 
 impl ObjectWriter<'_> {
     /// The entry `key`, written with the value the returned writer writes.
     pub fn key<'w>(&'w mut self, key: &'w str) -> ValueWriter<'w> {
-        ValueWriter { out: self.out, empty: &mut self.empty, open: self.open, key: Some(key), capture: None }
-    }
-}
-
-impl Drop for ObjectWriter<'_> {
-    fn drop(&mut self) {
-        self.out.push(b'}');
-        *self.open -= 1;
+        self.0.value(Some(key))
     }
 }
 
 /// Writes the items of an array; closes it with `]` when dropped.
 #[derive(Debug)]
-pub struct ArrayWriter<'a> {
-    out: &'a mut Vec<u8>,
-    open: &'a mut usize,
-    empty: bool,
-}
+pub struct ArrayWriter<'a>(Open<'a>);
 
 impl ArrayWriter<'_> {
     /// The next item, written with the value the returned writer writes.
     pub fn item(&mut self) -> ValueWriter<'_> {
-        ValueWriter { out: self.out, empty: &mut self.empty, open: self.open, key: None, capture: None }
-    }
-}
-
-impl Drop for ArrayWriter<'_> {
-    fn drop(&mut self) {
-        self.out.push(b']');
-        *self.open -= 1;
+        self.0.value(None)
     }
 }
 
