@@ -138,50 +138,87 @@ fn spawn_reader(
                 None => ("<stdin>".into(), Box::new(io::stdin().lock())),
             };
             let mut reader = BufReader::with_capacity(1 << 20, reader);
-            let mut line = Vec::with_capacity(4096);
+            // A line that spans the end of the reader's buffer is put together here; the rest
+            // are parsed where they lie in the buffer, without a copy.
+            let mut carry = Vec::new();
             let mut line_no = 0u64;
+            // Bytes read since the progress bar last heard (it is told once per chunk: it reads the
+            // clock on every call).
+            let mut unreported = 0u64;
             let mut chunk = Vec::with_capacity(CHUNK);
             loop {
-                line.clear();
-                let n = match reader.read_until(b'\n', &mut line) {
-                    Ok(n) => n,
+                let buf = match reader.fill_buf() {
+                    Ok(buf) => buf,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         chunk.push(Item::Stop(format!("reading {name}: {e}")));
                         send(chunk);
                         return;
                     }
                 };
-                if n == 0 {
+                let (text, used, end) = if buf.is_empty() {
+                    if carry.is_empty() {
+                        break;
+                    }
+                    (&carry[..], 0, true)
+                } else {
+                    match memchr::memchr(b'\n', buf) {
+                        Some(i) if carry.is_empty() => (&buf[..i], i + 1, false),
+                        Some(i) => {
+                            carry.extend_from_slice(&buf[..i]);
+                            (&carry[..], i + 1, false)
+                        }
+                        None => {
+                            carry.extend_from_slice(buf);
+                            let n = buf.len();
+                            reader.consume(n);
+                            continue;
+                        }
+                    }
+                };
+                line_no += 1;
+                let read = text.len() as u64 + u64::from(!end);
+                let text = text.strip_suffix(b"\r").unwrap_or(text);
+                let item = if text.iter().all(u8::is_ascii_whitespace) {
+                    None
+                } else {
+                    match Event::from_json(text) {
+                        Ok(e) => {
+                            let bytes = e.to_json();
+                            Some(Item::Event(e, bytes))
+                        }
+                        Err(e) if skip_invalid => Some(Item::Skipped(format!("{name}:{line_no}: {e}"))),
+                        Err(e) => {
+                            chunk.push(Item::Stop(format!(
+                                "{name}:{line_no}: invalid event: {e} (use --skip-invalid to skip such lines)"
+                            )));
+                            send(chunk);
+                            return;
+                        }
+                    }
+                };
+                unreported += read;
+                carry.clear();
+                reader.consume(used);
+                if end {
+                    if let Some(item) = item {
+                        chunk.push(item);
+                    }
                     break;
                 }
-                line_no += 1;
-                bar.inc(n as u64);
-                let text = line.strip_suffix(b"\n").unwrap_or(&line);
-                let text = text.strip_suffix(b"\r").unwrap_or(text);
-                if text.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                match Event::from_json(text) {
-                    Ok(e) => {
-                        let bytes = e.to_json();
-                        chunk.push(Item::Event(e, bytes));
-                    }
-                    Err(e) if skip_invalid => chunk.push(Item::Skipped(format!("{name}:{line_no}: {e}"))),
-                    Err(e) => {
-                        chunk.push(Item::Stop(format!(
-                            "{name}:{line_no}: invalid event: {e} (use --skip-invalid to skip such lines)"
-                        )));
-                        send(chunk);
-                        return;
-                    }
-                }
+                let Some(item) = item else { continue };
+                chunk.push(item);
                 // A full chunk goes at once; so does a partial one when the next read would wait
                 // for input (a slow pipe: events are published as they come, not 512 at a time).
                 let ready = chunk.len() >= CHUNK || (reader.buffer().is_empty() && !chunk.is_empty());
-                if ready && !send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))) {
-                    return;
+                if ready {
+                    bar.inc(std::mem::take(&mut unreported));
+                    if !send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))) {
+                        return;
+                    }
                 }
             }
+            bar.inc(unreported);
             if !chunk.is_empty() && !send(chunk) {
                 return;
             }

@@ -84,6 +84,50 @@ fn an_invalid_line_stops_after_delivering_what_came_before() {
     assert!(stderr(&out).contains("delivered 2, failed 0, undelivered 0, skipped 1 invalid lines"), "{}", stderr(&out));
 }
 
+/// Lines are found in the reader's 1 MiB buffer: lines that span its end, a line longer than it,
+/// CRLF endings, blank lines and a last line without a newline all come out whole and in order,
+/// and an invalid line is still named by its number.
+#[test]
+fn lines_across_read_buffers_come_out_whole_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("endpoints.yml"), "event_broker:\n  type: file\n").unwrap();
+    let long = "x".repeat(1_500_000);
+    let mut want = Vec::new();
+    let mut input = String::new();
+    for i in 0..8_000u32 {
+        let text = if i == 4_000 { long.clone() } else { format!("line {i} {}", "y".repeat((i % 97) as usize)) };
+        let line = format!(
+            "{{\"sender_id\": \"s{}\", \"event\": \"bot\", \"timestamp\": {i}.5, \"text\": \"{text}\"}}",
+            i % 7
+        );
+        input.push_str(&line);
+        input.push_str(if i % 3 == 0 { "\r\n" } else { "\n" });
+        if i % 1_000 == 0 {
+            input.push_str("\n  \r\n");
+        }
+        want.push(line);
+    }
+    // The last line has no newline.
+    input.truncate(input.trim_end().len());
+    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
+    let out = broker(dir.path(), &["publish", "in.jsonl"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("read 8000 events, delivered 8000, failed 0"), "{}", stderr(&out));
+    let written = std::fs::read_to_string(dir.path().join("rasa_event.log")).unwrap();
+    let written: Vec<&str> = written.lines().collect();
+    assert_eq!(written.len(), want.len());
+    assert!(written.iter().zip(&want).all(|(a, b)| a == b), "every line whole and in order");
+
+    // An invalid line after the long one is named by its line number (blank lines count).
+    let bad = format!(
+        "{{\"sender_id\": \"a\", \"event\": \"bot\", \"text\": \"{long}\"}}\n\n{{\"sender_id\": \"a\", \"event\": \"bot\" 1}}\n"
+    );
+    std::fs::write(dir.path().join("bad.jsonl"), bad).unwrap();
+    let out = broker(dir.path(), &["publish", "bad.jsonl"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("bad.jsonl:3: invalid event"), "{}", stderr(&out));
+}
+
 #[test]
 fn endpoints_file_is_used_and_errors_name_file_and_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! The Rasa encoding, checked against lines Rasa wrote and against Python's own `json.dumps`.
 
 use broker_core::Event;
+use broker_core::event::EventError;
 use broker_core::json::{self, Map, Number, Value};
 use proptest::prelude::*;
 
@@ -156,5 +157,90 @@ fn python_json_dumps_agrees() {
         assert_eq!(String::from_utf8(tree.to_json()).unwrap(), wrapped);
         assert_eq!(fast.sender_id(), Some("s"));
         assert_eq!(fast.event_type(), "x");
+    }
+}
+
+/// A JSON number literal in any form JSON allows: sign, leading `0` or digits, a fraction with
+/// trailing zeros or not, an exponent of either case and sign.
+fn arb_number_literal() -> impl Strategy<Value = String> {
+    let int = prop_oneof![Just("0".to_owned()), "[1-9][0-9]{0,20}"];
+    let frac = proptest::option::of("[0-9]{1,20}");
+    let exp = proptest::option::of("[eE][+-]?[0-9]{1,3}");
+    (proptest::bool::ANY, int, frac, exp).prop_map(|(neg, i, f, e)| {
+        format!(
+            "{}{i}{}{}",
+            if neg { "-" } else { "" },
+            f.map(|f| format!(".{f}")).unwrap_or_default(),
+            e.unwrap_or_default()
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(5000))]
+
+    /// Numbers the transcoder copies as they are must be what the tree path writes (Python's
+    /// repr, checked against Python itself above), whatever form they come in.
+    #[test]
+    fn transcoded_numbers_are_written_as_python_writes_them(lit in arb_number_literal()) {
+        number_agrees(&lit)?;
+    }
+}
+
+fn number_agrees(lit: &str) -> Result<(), proptest::test_runner::TestCaseError> {
+    let text = format!(r#"{{"sender_id": "s", "event": "slot", "value": {lit}, "list": [{lit}, {{"n": {lit}}}]}}"#);
+    let fast = Event::from_json(text.as_bytes());
+    let tree = json::parse(text.as_bytes()).map_err(EventError::from).and_then(Event::from_value);
+    match (fast, tree) {
+        (Ok(f), Ok(t)) => {
+            prop_assert_eq!(String::from_utf8(f.to_json()).unwrap(), String::from_utf8(t.to_json()).unwrap(), "{}", lit)
+        }
+        (Err(_), Err(_)) => {}
+        (f, t) => {
+            prop_assert!(false, "{lit}: transcoded {:?}, tree {:?}", f.map(|e| e.to_json()), t.map(|e| e.to_json()))
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn number_edge_cases_transcode_as_python_writes_them() {
+    for lit in [
+        "0",
+        "-0",
+        "0.0",
+        "-0.0",
+        "1.0",
+        "1.50",
+        "1.5",
+        "0.0001",
+        "0.00001",
+        "0.00012",
+        "1e5",
+        "1E5",
+        "1e-5",
+        "123456789012345.6",
+        "12345678901234.5",
+        "1234567890123456",
+        "99999999999999999999",
+        "1e16",
+        "1000000000000000.0",
+        "100000000000000.0",
+        "9007199254740993",
+        "0.1",
+        "0.30000000000000004",
+        "1700000000.001",
+        "1528402837.617225",
+        "0.9876543210123",
+        "1e400",
+        "-1e400",
+        "5e-324",
+        "01",
+        "1.",
+        "-",
+        "1.2.3",
+        "-01.5",
+    ] {
+        number_agrees(lit).unwrap();
     }
 }

@@ -1002,6 +1002,40 @@ fn scan_plain(s: &[u8], from: usize) -> usize {
     j
 }
 
+/// The keys of one object being transcoded, for the duplicate check: each key's range in the
+/// output and a fingerprint (length and first bytes), so keys are compared byte by byte only
+/// when the fingerprints match. The first 16 live on the stack.
+struct Keys {
+    inline: [(usize, usize, u64); 16],
+    len: usize,
+    more: Vec<(usize, usize, u64)>,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        Keys { inline: [(0, 0, 0); 16], len: 0, more: Vec::new() }
+    }
+
+    /// Records the key at `out[start..end]`; says whether an equal key was recorded before.
+    fn insert_is_duplicate(&mut self, out: &[u8], start: usize, end: usize) -> bool {
+        let key = &out[start..end];
+        let mut head = [0u8; 8];
+        let n = key.len().min(8);
+        head[..n].copy_from_slice(&key[..n]);
+        let print = u64::from_le_bytes(head) ^ ((key.len() as u64) << 56);
+        let seen = self.inline[..self.len.min(16)].iter().chain(&self.more);
+        let duplicate = seen.into_iter().any(|&(a, b, p)| p == print && out.get(a..b) == Some(key));
+        let entry = (start, end, print);
+        if self.len < 16 {
+            self.inline[self.len] = entry;
+        } else {
+            self.more.push(entry);
+        }
+        self.len += 1;
+        duplicate
+    }
+}
+
 impl Transcoder<'_, '_> {
     fn err(&self, message: &'static str) -> ParseError {
         ParseError { message, offset: self.i }
@@ -1023,8 +1057,13 @@ impl Transcoder<'_, '_> {
             Some(b'{') => self.object(false),
             Some(b'[') => self.array(),
             Some(b'"') => self.string().map(|_| ()),
+            Some(b'-' | b'0'..=b'9') if self.verbatim_number() => Ok(()),
+            Some(b't') if self.copy_literal(b"true") => Ok(()),
+            Some(b'f') if self.copy_literal(b"false") => Ok(()),
+            Some(b'n') if self.copy_literal(b"null") => Ok(()),
             Some(_) => {
-                // Scalars: reuse the tree parser on this one token, then write it canonically.
+                // Other scalars: reuse the tree parser on this one token, then write it
+                // canonically.
                 let mut p = Parser { s: self.s, i: self.i, depth: 0 };
                 let v = p.value()?;
                 self.i = p.i;
@@ -1032,6 +1071,84 @@ impl Transcoder<'_, '_> {
                 Ok(())
             }
         }
+    }
+
+    /// Copies `lit` when it comes next, and says whether it did.
+    fn copy_literal(&mut self, lit: &[u8]) -> bool {
+        if !self.s[self.i..].starts_with(lit) {
+            return false;
+        }
+        self.out.extend_from_slice(lit);
+        self.i += lit.len();
+        true
+    }
+
+    /// Copies the number at `i` as it is when that is already how Python writes it, and says
+    /// whether it did; otherwise nothing is consumed (the tree parser then handles it).
+    ///
+    /// An integer is written with the same digits (JSON has no leading zeros), except `-0`. A
+    /// float in positional notation with at most 15 significant digits is exactly the decimal
+    /// of the double it rounds to (15 digits always survive the round trip, so no shorter
+    /// decimal rounds to the same double), hence Python's shortest `repr` has the same digits;
+    /// it is written the same way when it has no trailing zero after the point (except `.0`)
+    /// and lies in `repr`'s positional range (at least `1e-4`: at most three zeros after `0.`).
+    fn verbatim_number(&mut self) -> bool {
+        let s = self.s;
+        let start = self.i;
+        let mut j = start;
+        if s.get(j) == Some(&b'-') {
+            j += 1;
+        }
+        let int_start = j;
+        while matches!(s.get(j), Some(b'0'..=b'9')) {
+            j += 1;
+        }
+        let int_digits = &s[int_start..j];
+        if int_digits.is_empty() || (int_digits.len() > 1 && int_digits[0] == b'0') {
+            return false;
+        }
+        let frac = if s.get(j) == Some(&b'.') {
+            let f_start = j + 1;
+            j = f_start;
+            while matches!(s.get(j), Some(b'0'..=b'9')) {
+                j += 1;
+            }
+            Some(&s[f_start..j])
+        } else {
+            None
+        };
+        if matches!(s.get(j), Some(b'e' | b'E' | b'.')) {
+            return false;
+        }
+        match frac {
+            None => {
+                if &s[start..j] == b"-0" || int_digits.len() > 4300 {
+                    return false;
+                }
+            }
+            Some([]) => return false,
+            Some(frac) => {
+                let significant = if frac == b"0" {
+                    int_digits.len()
+                } else if frac.last() == Some(&b'0') {
+                    return false;
+                } else if int_digits == b"0" {
+                    let zeros = frac.iter().take_while(|&&d| d == b'0').count();
+                    if zeros > 3 {
+                        return false;
+                    }
+                    frac.len() - zeros
+                } else {
+                    int_digits.len() + frac.len()
+                };
+                if significant > 15 {
+                    return false;
+                }
+            }
+        }
+        self.out.extend_from_slice(&s[start..j]);
+        self.i = j;
+        true
     }
 
     fn enter(&mut self) -> Result<(), ParseError> {
@@ -1046,9 +1163,9 @@ impl Transcoder<'_, '_> {
         self.enter()?;
         self.i += 1;
         self.out.push(b'{');
-        // Output ranges of this object's keys, to detect duplicates (their canonical encodings
-        // are equal exactly when the keys are).
-        let mut keys: Vec<(usize, usize)> = Vec::new();
+        // This object's keys, to detect duplicates (their canonical encodings are equal exactly
+        // when the keys are).
+        let mut keys = Keys::new();
         self.skip_ws();
         if self.s.get(self.i) == Some(&b'}') {
             self.i += 1;
@@ -1064,11 +1181,10 @@ impl Transcoder<'_, '_> {
             let key_start = self.out.len();
             self.string()?;
             let key_end = self.out.len();
-            let key = &self.out[key_start..key_end];
-            if keys.iter().any(|&(a, b)| &self.out[a..b] == key) {
+            if keys.insert_is_duplicate(self.out, key_start, key_end) {
                 self.top.needs_tree = true;
             }
-            keys.push((key_start, key_end));
+            let key = &self.out[key_start..key_end];
             let which = if top {
                 match key {
                     b"\"event\"" => 1,
@@ -1085,7 +1201,23 @@ impl Transcoder<'_, '_> {
             self.i += 1;
             self.out.extend_from_slice(b": ");
             self.skip_ws();
-            if which != 0 && self.s.get(self.i) == Some(&b'"') {
+            let plain_end = if which != 0 && self.s.get(self.i) == Some(&b'"') {
+                let j = scan_plain(self.s, self.i + 1);
+                (self.s.get(j) == Some(&b'"')).then_some(j)
+            } else {
+                None
+            };
+            if let Some(j) = plain_end {
+                // Plain ASCII: copied as it is, and the text is the bytes between the quotes.
+                let text = String::from_utf8_lossy(&self.s[self.i + 1..j]).into_owned();
+                self.out.extend_from_slice(&self.s[self.i..=j]);
+                self.i = j + 1;
+                if which == 1 {
+                    self.top.event_type = Some(text);
+                } else {
+                    self.top.sender_id = Some(text);
+                }
+            } else if which != 0 && self.s.get(self.i) == Some(&b'"') {
                 let mut p = Parser { s: self.s, i: self.i, depth: 0 };
                 match p.string()? {
                     Value::String(text) => {
