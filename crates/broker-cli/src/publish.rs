@@ -24,7 +24,7 @@ use crate::{Failure, code, progress};
 
 /// How many outcomes may be outstanding before the oldest is awaited; the broker's own buffer
 /// bounds memory further down.
-const WINDOW: usize = 16_384;
+const WINDOW: usize = 2048;
 
 /// Lines the reader thread hands over at once.
 const CHUNK: usize = 512;
@@ -123,7 +123,7 @@ fn spawn_reader(
     skip_invalid: bool,
     bar: ProgressBar,
 ) -> tokio::sync::mpsc::Receiver<Vec<Item>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Item>>(16);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Item>>(4);
     std::thread::spawn(move || {
         let send = |chunk: Vec<Item>| tx.blocking_send(chunk).is_ok();
         for input in inputs {
@@ -137,7 +137,7 @@ fn spawn_reader(
                 },
                 None => ("<stdin>".into(), Box::new(io::stdin().lock())),
             };
-            let mut reader = BufReader::with_capacity(1 << 20, reader);
+            let mut reader = BufReader::with_capacity(1 << 18, reader);
             // A line that spans the end of the reader's buffer is put together here; the rest
             // are parsed where they lie in the buffer, without a copy.
             let mut carry = Vec::new();

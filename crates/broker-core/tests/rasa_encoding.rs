@@ -244,3 +244,70 @@ fn number_edge_cases_transcode_as_python_writes_them() {
         number_agrees(lit).unwrap();
     }
 }
+
+/// Writes `v` as JSON with whitespace of `ws` (cycled) around every token and separator, so the
+/// transcoder's rewriting of each position is exercised.
+fn spaced(v: &Value, ws: &[&str], k: &mut usize, out: &mut String) {
+    fn pad(ws: &[&str], k: &mut usize, out: &mut String) {
+        out.push_str(ws[*k % ws.len()]);
+        *k += 1;
+    }
+    match v {
+        Value::Array(items) => {
+            out.push('[');
+            pad(ws, k, out);
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                    pad(ws, k, out);
+                }
+                spaced(item, ws, k, out);
+                pad(ws, k, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            pad(ws, k, out);
+            for (i, (key, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                    pad(ws, k, out);
+                }
+                out.push_str(&Value::String(key.to_owned()).to_rasa_string());
+                pad(ws, k, out);
+                out.push(':');
+                pad(ws, k, out);
+                spaced(item, ws, k, out);
+                pad(ws, k, out);
+            }
+            out.push('}');
+        }
+        scalar => out.push_str(&scalar.to_rasa_string()),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whitespace anywhere JSON allows it (none, one space, tabs, newlines, several) gives the
+    /// same bytes as the canonical text.
+    #[test]
+    fn whitespace_anywhere_transcodes_to_the_canonical_bytes(
+        v in arb_value(),
+        ws in proptest::collection::vec(prop_oneof![Just(""), Just(" "), Just("  "), Just("\t"), Just("\r\n "), Just(" \n")], 1..6),
+    ) {
+        let mut body = Map::new();
+        body.insert("sender_id", Value::String("s".into()));
+        body.insert("event", Value::String("slot".into()));
+        body.insert("v", v);
+        let body = Value::Object(body);
+        let canonical = body.to_rasa_string();
+        let mut text = String::new();
+        spaced(&body, &ws, &mut 0, &mut text);
+        let event = Event::from_json(text.as_bytes()).unwrap();
+        prop_assert_eq!(String::from_utf8(event.to_json()).unwrap(), canonical, "from {}", text);
+        prop_assert_eq!(event.sender_id(), Some("s"));
+        prop_assert_eq!(event.event_type(), "slot");
+    }
+}

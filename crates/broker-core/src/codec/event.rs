@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::json::{self, Map, Number, Value};
+use crate::json::{self, Map, Number, Text, Value};
 
 pub use super::writer::{ArrayWriter, EventWriter, ObjectWriter, ValueWriter};
 
@@ -87,7 +87,13 @@ pub struct Event {
 #[derive(Clone)]
 enum Repr {
     Tree(Map),
-    Encoded { json: Vec<u8>, event_type: String, sender_id: Option<String>, tree: OnceLock<Map> },
+    /// `event_type` and `sender_id` point into `json` when they are plain ASCII.
+    Encoded {
+        json: Vec<u8>,
+        event_type: Text,
+        sender_id: Option<Text>,
+        tree: OnceLock<Map>,
+    },
 }
 
 impl PartialEq for Event {
@@ -146,7 +152,7 @@ impl Event {
         match top.event_type {
             // Legacy types are rewritten, and duplicates resolved, on the tree.
             _ if top.needs_tree => Event::from_value(json::parse(bytes)?),
-            Some(ref t) if t == "form" || t == "form_validation" => Event::from_value(json::parse(bytes)?),
+            Some(ref t) if matches!(t.get(&json), "form" | "form_validation") => Event::from_value(json::parse(bytes)?),
             None => Err(EventError::MissingType),
             Some(event_type) => Ok(Event {
                 id: EventId::generate(),
@@ -158,6 +164,7 @@ impl Event {
     /// An event from bytes that are already Rasa's encoding of an object whose `event` is
     /// `event_type` ([`EventWriter`] makes them).
     pub(crate) fn encoded(json: Vec<u8>, event_type: String, sender_id: Option<String>) -> Event {
+        let (event_type, sender_id) = (Text::Owned(event_type), sender_id.map(Text::Owned));
         Event { id: EventId::generate(), repr: Repr::Encoded { json, event_type, sender_id, tree: OnceLock::new() } }
     }
 
@@ -222,7 +229,7 @@ impl Event {
     pub fn sender_id(&self) -> Option<&str> {
         match &self.repr {
             Repr::Tree(body) => body.get("sender_id").and_then(Value::as_str),
-            Repr::Encoded { sender_id, .. } => sender_id.as_deref(),
+            Repr::Encoded { json, sender_id, .. } => sender_id.as_ref().map(|t| t.get(json)),
         }
     }
 
@@ -230,7 +237,7 @@ impl Event {
     pub fn event_type(&self) -> &str {
         match &self.repr {
             Repr::Tree(body) => body.get("event").and_then(Value::as_str).unwrap_or(""),
-            Repr::Encoded { event_type, .. } => event_type,
+            Repr::Encoded { json, event_type, .. } => event_type.get(json),
         }
     }
 
@@ -300,7 +307,10 @@ impl Event {
                 };
                 (out, sender)
             }
-            Repr::Encoded { json, sender_id, .. } => (json, sender_id),
+            Repr::Encoded { json, sender_id, .. } => {
+                let sender = sender_id.map(|t| t.into_string(&json));
+                (json, sender)
+            }
         }
     }
 

@@ -924,13 +924,41 @@ mod tests {
     }
 }
 
+/// A string value [`transcode`] extracted: where its text is in the output (plain ASCII, written
+/// as it is: no allocation), or the decoded text.
+#[derive(Debug, Clone)]
+pub(crate) enum Text {
+    /// `json[start..end]`, plain ASCII.
+    Span(usize, usize),
+    /// The decoded text.
+    Owned(String),
+}
+
+impl Text {
+    /// The text, given the output it points into.
+    pub(crate) fn get<'a>(&'a self, json: &'a [u8]) -> &'a str {
+        match self {
+            Text::Span(a, b) => json.get(*a..*b).and_then(|t| std::str::from_utf8(t).ok()).unwrap_or_default(),
+            Text::Owned(t) => t,
+        }
+    }
+
+    /// The text as an owned string.
+    pub(crate) fn into_string(self, json: &[u8]) -> String {
+        match self {
+            Text::Owned(t) => t,
+            span => span.get(json).to_owned(),
+        }
+    }
+}
+
 /// What [`transcode`] learned about a top-level object.
 #[derive(Debug, Default)]
 pub(crate) struct TopLevel {
     /// The `event` value, when a string.
-    pub event_type: Option<String>,
+    pub event_type: Option<Text>,
     /// The `sender_id` value, when a string.
-    pub sender_id: Option<String>,
+    pub sender_id: Option<Text>,
     /// The input needs the tree path: a duplicate key (Python keeps the last value in the first
     /// position) or a string with an unpaired surrogate in a place we extract.
     pub needs_tree: bool,
@@ -939,7 +967,7 @@ pub(crate) struct TopLevel {
 /// Writes the Rasa encoding of a JSON object text straight to `out`, without building a tree:
 /// the fast path for publishing JSON lines. Same acceptance rules as [`parse`].
 pub(crate) fn transcode(input: &[u8], out: &mut Vec<u8>) -> Result<TopLevel, ParseError> {
-    let mut t = Transcoder { s: input, i: 0, depth: 0, out, top: TopLevel::default() };
+    let mut t = Transcoder { s: input, i: 0, mark: 0, depth: 0, out, top: TopLevel::default() };
     t.skip_ws();
     if t.s.get(t.i) != Some(&b'{') {
         return Err(t.err("an event must be a JSON object"));
@@ -949,12 +977,19 @@ pub(crate) fn transcode(input: &[u8], out: &mut Vec<u8>) -> Result<TopLevel, Par
     if t.i != t.s.len() {
         return Err(t.err("extra data after the JSON value"));
     }
+    t.flush(t.i);
     Ok(t.top)
 }
 
+/// The transcoder copies lazily: input already in Rasa's encoding (what Rasa and this crate
+/// write) is not copied token by token but as one span. `mark` is where the input not yet
+/// copied to `out` starts; everything from `mark` to `i` is already canonical. Where the input
+/// differs (whitespace, another separator, an escape or number written another way), the span
+/// before it is copied, the canonical form is written, and `mark` moves past the token.
 struct Transcoder<'a, 'o> {
     s: &'a [u8],
     i: usize,
+    mark: usize,
     depth: usize,
     out: &'o mut Vec<u8>,
     top: TopLevel,
@@ -1002,34 +1037,50 @@ fn scan_plain(s: &[u8], from: usize) -> usize {
     j
 }
 
-/// The keys of one object being transcoded, for the duplicate check: each key's range in the
-/// output and a fingerprint (length and first bytes), so keys are compared byte by byte only
-/// when the fingerprints match. The first 16 live on the stack.
+/// Where a key's canonical encoding is: in the input (copied as it is) or in the output
+/// (rewritten).
+#[derive(Clone, Copy)]
+enum At {
+    Input(usize, usize),
+    Output(usize, usize),
+}
+
+impl At {
+    fn bytes<'b>(self, input: &'b [u8], output: &'b [u8]) -> &'b [u8] {
+        match self {
+            At::Input(a, b) => input.get(a..b).unwrap_or_default(),
+            At::Output(a, b) => output.get(a..b).unwrap_or_default(),
+        }
+    }
+}
+
+/// The keys of one object being transcoded, for the duplicate check: where each key's encoding
+/// is and a fingerprint (length and first bytes), so keys are compared byte by byte only when
+/// the fingerprints match. The first 16 live on the stack.
 struct Keys {
-    inline: [(usize, usize, u64); 16],
+    inline: [(At, u64); 16],
     len: usize,
-    more: Vec<(usize, usize, u64)>,
+    more: Vec<(At, u64)>,
 }
 
 impl Keys {
     fn new() -> Keys {
-        Keys { inline: [(0, 0, 0); 16], len: 0, more: Vec::new() }
+        Keys { inline: [(At::Input(0, 0), 0); 16], len: 0, more: Vec::new() }
     }
 
-    /// Records the key at `out[start..end]`; says whether an equal key was recorded before.
-    fn insert_is_duplicate(&mut self, out: &[u8], start: usize, end: usize) -> bool {
-        let key = &out[start..end];
+    /// Records the key at `at`; says whether an equal key was recorded before.
+    fn insert_is_duplicate(&mut self, input: &[u8], output: &[u8], at: At) -> bool {
+        let key = at.bytes(input, output);
         let mut head = [0u8; 8];
         let n = key.len().min(8);
         head[..n].copy_from_slice(&key[..n]);
         let print = u64::from_le_bytes(head) ^ ((key.len() as u64) << 56);
         let seen = self.inline[..self.len.min(16)].iter().chain(&self.more);
-        let duplicate = seen.into_iter().any(|&(a, b, p)| p == print && out.get(a..b) == Some(key));
-        let entry = (start, end, print);
+        let duplicate = seen.into_iter().any(|&(a, p)| p == print && a.bytes(input, output) == key);
         if self.len < 16 {
-            self.inline[self.len] = entry;
+            self.inline[self.len] = (at, print);
         } else {
-            self.more.push(entry);
+            self.more.push((at, print));
         }
         self.len += 1;
         duplicate
@@ -1041,14 +1092,49 @@ impl Transcoder<'_, '_> {
         ParseError { message, offset: self.i }
     }
 
-    fn skip_ws(&mut self) {
-        while let Some(&b) = self.s.get(self.i) {
-            if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-                self.i += 1;
-            } else {
-                break;
-            }
+    /// Copies the input from `mark` up to `upto` (canonical as it is) to the output.
+    fn flush(&mut self, upto: usize) {
+        if let Some(span) = self.s.get(self.mark..upto) {
+            self.out.extend_from_slice(span);
         }
+        self.mark = upto;
+    }
+
+    /// Whitespace is never part of the canonical form outside separators: it is dropped.
+    fn skip_ws(&mut self) {
+        if !matches!(self.s.get(self.i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            return;
+        }
+        self.flush(self.i);
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.s.get(self.i) {
+            self.i += 1;
+        }
+        self.mark = self.i;
+    }
+
+    /// At a `,` or `:` (at `i`): moves past it and the whitespace after it, writing it and one
+    /// space, as Python writes them. (More whitespace after `, ` is dropped by the `skip_ws`
+    /// that follows.)
+    fn separator(&mut self) {
+        if self.s.get(self.i + 1) == Some(&b' ') {
+            self.i += 2;
+            return;
+        }
+        let sep = self.s[self.i];
+        self.flush(self.i);
+        self.out.extend_from_slice(&[sep, b' ']);
+        self.i += 1;
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.s.get(self.i) {
+            self.i += 1;
+        }
+        self.mark = self.i;
+    }
+
+    /// Writes `v` in place of the input from `start` to `i`.
+    fn rewrite(&mut self, start: usize, v: &Value) {
+        self.flush(start);
+        v.write_rasa(self.out);
+        self.mark = self.i;
     }
 
     fn value(&mut self) -> Result<(), ParseError> {
@@ -1058,33 +1144,33 @@ impl Transcoder<'_, '_> {
             Some(b'[') => self.array(),
             Some(b'"') => self.string().map(|_| ()),
             Some(b'-' | b'0'..=b'9') if self.verbatim_number() => Ok(()),
-            Some(b't') if self.copy_literal(b"true") => Ok(()),
-            Some(b'f') if self.copy_literal(b"false") => Ok(()),
-            Some(b'n') if self.copy_literal(b"null") => Ok(()),
+            Some(b't') if self.literal(b"true") => Ok(()),
+            Some(b'f') if self.literal(b"false") => Ok(()),
+            Some(b'n') if self.literal(b"null") => Ok(()),
             Some(_) => {
                 // Other scalars: reuse the tree parser on this one token, then write it
                 // canonically.
+                let start = self.i;
                 let mut p = Parser { s: self.s, i: self.i, depth: 0 };
                 let v = p.value()?;
                 self.i = p.i;
-                v.write_rasa(self.out);
+                self.rewrite(start, &v);
                 Ok(())
             }
         }
     }
 
-    /// Copies `lit` when it comes next, and says whether it did.
-    fn copy_literal(&mut self, lit: &[u8]) -> bool {
+    /// Moves past `lit` when it comes next (it is canonical as it is), and says whether it did.
+    fn literal(&mut self, lit: &[u8]) -> bool {
         if !self.s[self.i..].starts_with(lit) {
             return false;
         }
-        self.out.extend_from_slice(lit);
         self.i += lit.len();
         true
     }
 
-    /// Copies the number at `i` as it is when that is already how Python writes it, and says
-    /// whether it did; otherwise nothing is consumed (the tree parser then handles it).
+    /// Moves past the number at `i` when it is already how Python writes it, and says whether
+    /// it did; otherwise nothing is consumed (the tree parser then handles it).
     ///
     /// An integer is written with the same digits (JSON has no leading zeros), except `-0`. A
     /// float in positional notation with at most 15 significant digits is exactly the decimal
@@ -1146,7 +1232,6 @@ impl Transcoder<'_, '_> {
                 }
             }
         }
-        self.out.extend_from_slice(&s[start..j]);
         self.i = j;
         true
     }
@@ -1162,14 +1247,12 @@ impl Transcoder<'_, '_> {
     fn object(&mut self, top: bool) -> Result<(), ParseError> {
         self.enter()?;
         self.i += 1;
-        self.out.push(b'{');
         // This object's keys, to detect duplicates (their canonical encodings are equal exactly
         // when the keys are).
         let mut keys = Keys::new();
         self.skip_ws();
         if self.s.get(self.i) == Some(&b'}') {
             self.i += 1;
-            self.out.push(b'}');
             self.depth -= 1;
             return Ok(());
         }
@@ -1178,15 +1261,12 @@ impl Transcoder<'_, '_> {
             if self.s.get(self.i) != Some(&b'"') {
                 return Err(self.err("expected a string key"));
             }
-            let key_start = self.out.len();
-            self.string()?;
-            let key_end = self.out.len();
-            if keys.insert_is_duplicate(self.out, key_start, key_end) {
+            let at = self.string()?;
+            if keys.insert_is_duplicate(self.s, self.out, at) {
                 self.top.needs_tree = true;
             }
-            let key = &self.out[key_start..key_end];
             let which = if top {
-                match key {
+                match at.bytes(self.s, self.out) {
                     b"\"event\"" => 1,
                     b"\"sender_id\"" => 2,
                     _ => 0,
@@ -1198,42 +1278,10 @@ impl Transcoder<'_, '_> {
             if self.s.get(self.i) != Some(&b':') {
                 return Err(self.err("expected ':' after a key"));
             }
-            self.i += 1;
-            self.out.extend_from_slice(b": ");
+            self.separator();
             self.skip_ws();
-            let plain_end = if which != 0 && self.s.get(self.i) == Some(&b'"') {
-                let j = scan_plain(self.s, self.i + 1);
-                (self.s.get(j) == Some(&b'"')).then_some(j)
-            } else {
-                None
-            };
-            if let Some(j) = plain_end {
-                // Plain ASCII: copied as it is, and the text is the bytes between the quotes.
-                let text = String::from_utf8_lossy(&self.s[self.i + 1..j]).into_owned();
-                self.out.extend_from_slice(&self.s[self.i..=j]);
-                self.i = j + 1;
-                if which == 1 {
-                    self.top.event_type = Some(text);
-                } else {
-                    self.top.sender_id = Some(text);
-                }
-            } else if which != 0 && self.s.get(self.i) == Some(&b'"') {
-                let mut p = Parser { s: self.s, i: self.i, depth: 0 };
-                match p.string()? {
-                    Value::String(text) => {
-                        write_str(&text, self.out);
-                        if which == 1 {
-                            self.top.event_type = Some(text);
-                        } else {
-                            self.top.sender_id = Some(text);
-                        }
-                    }
-                    other => {
-                        other.write_rasa(self.out);
-                        self.top.needs_tree = true;
-                    }
-                }
-                self.i = p.i;
+            if which != 0 && self.s.get(self.i) == Some(&b'"') {
+                self.extracted_string(which == 1)?;
             } else {
                 if which == 1 {
                     self.top.event_type = None;
@@ -1244,13 +1292,9 @@ impl Transcoder<'_, '_> {
             }
             self.skip_ws();
             match self.s.get(self.i) {
-                Some(b',') => {
-                    self.i += 1;
-                    self.out.extend_from_slice(b", ");
-                }
+                Some(b',') => self.separator(),
                 Some(b'}') => {
                     self.i += 1;
-                    self.out.push(b'}');
                     self.depth -= 1;
                     return Ok(());
                 }
@@ -1259,14 +1303,45 @@ impl Transcoder<'_, '_> {
         }
     }
 
+    /// The string value of the top-level `event` (`is_type`) or `sender_id` key, written and
+    /// kept in `top`.
+    fn extracted_string(&mut self, is_type: bool) -> Result<(), ParseError> {
+        let start = self.i;
+        let j = scan_plain(self.s, start + 1);
+        let text = if self.s.get(j) == Some(&b'"') {
+            // Plain ASCII: canonical as it is, and the text is the bytes between the quotes, at
+            // the same distance from `mark` in the output.
+            self.i = j + 1;
+            let at = self.out.len() - self.mark;
+            Text::Span(at + start + 1, at + j)
+        } else {
+            let mut p = Parser { s: self.s, i: start, depth: 0 };
+            let v = p.string()?;
+            self.i = p.i;
+            self.rewrite(start, &v);
+            match v {
+                Value::String(text) => Text::Owned(text),
+                _ => {
+                    // A lone surrogate: the tree path handles it.
+                    self.top.needs_tree = true;
+                    return Ok(());
+                }
+            }
+        };
+        if is_type {
+            self.top.event_type = Some(text);
+        } else {
+            self.top.sender_id = Some(text);
+        }
+        Ok(())
+    }
+
     fn array(&mut self) -> Result<(), ParseError> {
         self.enter()?;
         self.i += 1;
-        self.out.push(b'[');
         self.skip_ws();
         if self.s.get(self.i) == Some(&b']') {
             self.i += 1;
-            self.out.push(b']');
             self.depth -= 1;
             return Ok(());
         }
@@ -1275,13 +1350,9 @@ impl Transcoder<'_, '_> {
             self.value()?;
             self.skip_ws();
             match self.s.get(self.i) {
-                Some(b',') => {
-                    self.i += 1;
-                    self.out.extend_from_slice(b", ");
-                }
+                Some(b',') => self.separator(),
                 Some(b']') => {
                     self.i += 1;
-                    self.out.push(b']');
                     self.depth -= 1;
                     return Ok(());
                 }
@@ -1290,20 +1361,23 @@ impl Transcoder<'_, '_> {
         }
     }
 
-    /// Copies runs of plain ASCII as they are; anything else is decoded and re-encoded.
-    fn string(&mut self) -> Result<(), ParseError> {
+    /// A string: runs of plain ASCII are canonical as they are; anything else is decoded and
+    /// written again. Says where its canonical encoding is.
+    fn string(&mut self) -> Result<At, ParseError> {
         let start = self.i;
         let j = scan_plain(self.s, self.i + 1);
         if self.s.get(j) == Some(&b'"') {
             // The common case: nothing to escape or decode.
-            self.out.extend_from_slice(&self.s[start..=j]);
             self.i = j + 1;
-            return Ok(());
+            return Ok(At::Input(start, self.i));
         }
         let mut p = Parser { s: self.s, i: start, depth: 0 };
         let v = p.string()?;
         self.i = p.i;
+        self.flush(start);
+        let from = self.out.len();
         v.write_rasa(self.out);
-        Ok(())
+        self.mark = self.i;
+        Ok(At::Output(from, self.out.len()))
     }
 }
