@@ -32,11 +32,19 @@ const CHUNK: usize = 512;
 /// After close, how long the receipts still open may take to settle before they count as unknown.
 const SETTLE_AFTER_CLOSE: Duration = Duration::from_secs(2);
 
-/// What the reader thread found, in input order.
+/// What the reader thread found, in input order, and the Rasa bytes of its events.
+#[derive(Default)]
+struct Chunk {
+    items: Vec<Item>,
+    /// The events' Rasa bytes one after the other, copied on the reader thread: kept (one buffer
+    /// per chunk, not one per event) until their outcomes are known, for the undelivered file.
+    bytes: Vec<u8>,
+}
+
+/// What the reader thread found on one line.
 enum Item {
-    /// An event and a copy of its Rasa bytes (made on the reader thread), kept until its outcome
-    /// is known, for the undelivered file.
-    Event(Event, Vec<u8>),
+    /// An event, and where its Rasa bytes are in its chunk's `bytes`.
+    Event(Event, usize, usize),
     /// An invalid line skipped under `--skip-invalid`.
     Skipped(String),
     /// An invalid line or unreadable input that ends the run.
@@ -102,7 +110,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn settle(&mut self, event: Vec<u8>, outcome: Result<broker_core::Delivered, Error>) {
+    fn settle(&mut self, event: impl FnOnce() -> Vec<u8>, outcome: Result<broker_core::Delivered, Error>) {
         match outcome {
             Ok(_) => self.delivered += 1,
             Err(e) => {
@@ -110,8 +118,45 @@ impl Tally {
                 if self.first_failure.is_none() {
                     self.first_failure = Some(e.to_string());
                 }
-                self.undelivered.push(event);
+                self.undelivered.push(event());
             }
+        }
+    }
+}
+
+/// Where an event's Rasa bytes are kept: a span of its chunk's buffer.
+#[derive(Clone, Copy)]
+struct Kept {
+    chunk: u64,
+    start: usize,
+    end: usize,
+}
+
+/// The byte buffers of the chunks whose events are not all settled yet, oldest first (receipts
+/// are awaited in publish order, so a chunk's buffer goes once a later chunk's event settles).
+#[derive(Default)]
+struct Buffers {
+    first: u64,
+    buffers: VecDeque<Vec<u8>>,
+}
+
+impl Buffers {
+    /// Keeps the buffer of the next chunk; returns its number.
+    fn push(&mut self, bytes: Vec<u8>) -> u64 {
+        self.buffers.push_back(bytes);
+        self.first + self.buffers.len() as u64 - 1
+    }
+
+    /// A copy of the event's bytes.
+    fn get(&self, k: Kept) -> Vec<u8> {
+        let buffer = usize::try_from(k.chunk - self.first).ok().and_then(|i| self.buffers.get(i));
+        buffer.and_then(|b| b.get(k.start..k.end)).map(<[u8]>::to_vec).unwrap_or_default()
+    }
+
+    /// Drops the buffers of the chunks before `chunk`.
+    fn release_before(&mut self, chunk: u64) {
+        while self.first < chunk && self.buffers.pop_front().is_some() {
+            self.first += 1;
         }
     }
 }
@@ -122,16 +167,17 @@ fn spawn_reader(
     inputs: Vec<Option<PathBuf>>,
     skip_invalid: bool,
     bar: ProgressBar,
-) -> tokio::sync::mpsc::Receiver<Vec<Item>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Item>>(4);
+) -> tokio::sync::mpsc::Receiver<Chunk> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
     std::thread::spawn(move || {
-        let send = |chunk: Vec<Item>| tx.blocking_send(chunk).is_ok();
+        let send = |chunk: Chunk| tx.blocking_send(chunk).is_ok();
+        let stop = |why: String| Chunk { items: vec![Item::Stop(why)], bytes: Vec::new() };
         for input in inputs {
             let (name, reader): (String, Box<dyn Read>) = match &input {
                 Some(p) => match File::open(p) {
                     Ok(f) => (p.display().to_string(), Box::new(f)),
                     Err(e) => {
-                        send(vec![Item::Stop(format!("cannot open {}: {e}", p.display()))]);
+                        send(stop(format!("cannot open {}: {e}", p.display())));
                         return;
                     }
                 },
@@ -145,13 +191,19 @@ fn spawn_reader(
             // Bytes read since the progress bar last heard (it is told once per chunk: it reads the
             // clock on every call).
             let mut unreported = 0u64;
-            let mut chunk = Vec::with_capacity(CHUNK);
+            // A chunk's buffer is sized after the one before: a steady stream fills it without
+            // growing, a slow pipe (one event per chunk) does not hold big empty buffers.
+            let new_chunk = |before: usize| Chunk {
+                items: Vec::with_capacity(CHUNK),
+                bytes: Vec::with_capacity(before + before / 8 + 4096),
+            };
+            let mut chunk = new_chunk(0);
             loop {
                 let buf = match reader.fill_buf() {
                     Ok(buf) => buf,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        chunk.push(Item::Stop(format!("reading {name}: {e}")));
+                        chunk.items.push(Item::Stop(format!("reading {name}: {e}")));
                         send(chunk);
                         return;
                     }
@@ -184,12 +236,13 @@ fn spawn_reader(
                 } else {
                     match Event::from_json(text) {
                         Ok(e) => {
-                            let bytes = e.to_json();
-                            Some(Item::Event(e, bytes))
+                            let start = chunk.bytes.len();
+                            e.write_json(&mut chunk.bytes);
+                            Some(Item::Event(e, start, chunk.bytes.len()))
                         }
                         Err(e) if skip_invalid => Some(Item::Skipped(format!("{name}:{line_no}: {e}"))),
                         Err(e) => {
-                            chunk.push(Item::Stop(format!(
+                            chunk.items.push(Item::Stop(format!(
                                 "{name}:{line_no}: invalid event: {e} (use --skip-invalid to skip such lines)"
                             )));
                             send(chunk);
@@ -202,24 +255,25 @@ fn spawn_reader(
                 reader.consume(used);
                 if end {
                     if let Some(item) = item {
-                        chunk.push(item);
+                        chunk.items.push(item);
                     }
                     break;
                 }
                 let Some(item) = item else { continue };
-                chunk.push(item);
+                chunk.items.push(item);
                 // A full chunk goes at once; so does a partial one when the next read would wait
                 // for input (a slow pipe: events are published as they come, not 512 at a time).
-                let ready = chunk.len() >= CHUNK || (reader.buffer().is_empty() && !chunk.is_empty());
+                let ready = chunk.items.len() >= CHUNK || (reader.buffer().is_empty() && !chunk.items.is_empty());
                 if ready {
                     bar.inc(std::mem::take(&mut unreported));
-                    if !send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))) {
+                    let next = new_chunk(chunk.bytes.len());
+                    if !send(std::mem::replace(&mut chunk, next)) {
                         return;
                     }
                 }
             }
             bar.inc(unreported);
-            if !chunk.is_empty() && !send(chunk) {
+            if !chunk.items.is_empty() && !send(chunk) {
                 return;
             }
         }
@@ -239,14 +293,16 @@ pub(crate) struct Args {
 struct Run<'a> {
     broker: &'a dyn EventBroker,
     close_timeout: Duration,
-    pending: VecDeque<(Receipt, Vec<u8>)>,
+    pending: VecDeque<(Receipt, Kept)>,
+    /// The Rasa bytes of the pending events.
+    kept: Buffers,
     tally: Tally,
     signals: Signals,
 }
 
 impl Run<'_> {
     /// Publishes one event; `Err` says why reading must stop (the event is then undelivered).
-    async fn publish(&mut self, event: Event, bytes: Vec<u8>) -> Result<(), Stop> {
+    async fn publish(&mut self, event: Event, bytes: Kept) -> Result<(), Stop> {
         // Accepted at once unless the buffer is full: only then are a timer and the signals
         // watched (a signal between chunks is seen by the caller's loop).
         let mut publish = std::pin::pin!(self.broker.publish(event));
@@ -267,7 +323,7 @@ impl Run<'_> {
             Ok(receipt) => self.pending.push_back((receipt, bytes)),
             Err(stop) => {
                 // Never accepted: it goes to the undelivered file with the rest.
-                self.tally.undelivered.push(bytes);
+                self.tally.undelivered.push(self.kept.get(bytes));
                 return Err(stop);
             }
         }
@@ -285,7 +341,10 @@ impl Run<'_> {
                     },
                 };
                 match outcome {
-                    Ok(o) => self.tally.settle(event, o),
+                    Ok(o) => {
+                        self.tally.settle(|| self.kept.get(event), o);
+                        self.kept.release_before(event.chunk);
+                    }
                     Err(stop) => {
                         self.pending.push_front((receipt, event));
                         return Err(stop);
@@ -329,7 +388,7 @@ impl Run<'_> {
                 r = tokio::time::timeout(left, &mut receipt) => r.ok(),
             };
             match settled {
-                Some(outcome) => self.tally.settle(event, outcome),
+                Some(outcome) => self.tally.settle(|| self.kept.get(event), outcome),
                 None => {
                     self.pending.push_front((receipt, event));
                     self.give_up_pending();
@@ -345,7 +404,7 @@ impl Run<'_> {
     fn give_up_pending(&mut self) {
         for (_, event) in self.pending.drain(..) {
             self.tally.unknown += 1;
-            self.tally.undelivered.push(event);
+            self.tally.undelivered.push(self.kept.get(event));
         }
     }
 }
@@ -421,6 +480,7 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
         broker: broker.as_ref(),
         close_timeout: backend.close_timeout(),
         pending: VecDeque::new(),
+        kept: Buffers::default(),
         tally: Tally::default(),
         signals,
     };
@@ -436,10 +496,11 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
             }
             c = chunks.recv() => c,
         };
-        let Some(chunk) = chunk else { break };
-        for item in chunk {
+        let Some(Chunk { items, bytes }) = chunk else { break };
+        let chunk = run.kept.push(bytes);
+        for item in items {
             let event = match item {
-                Item::Event(e, bytes) => (e, bytes),
+                Item::Event(e, start, end) => (e, Kept { chunk, start, end }),
                 Item::Skipped(why) => {
                     run.tally.skipped += 1;
                     bar.suspend(|| eprintln!("skipped {why}"));
