@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use broker_core::{Backend, Error, Event, EventBroker, Receipt};
+use broker_core::{Backend, BatchReceipt, Error, Event, EventBroker, Outcome, PublishOptions};
 use indicatif::ProgressBar;
 
 use crate::{Failure, code, progress};
@@ -293,7 +293,10 @@ pub(crate) struct Args {
 struct Run<'a> {
     broker: &'a dyn EventBroker,
     close_timeout: Duration,
-    pending: VecDeque<(Receipt, Kept)>,
+    /// One receipt per chunk published, with where its events' bytes are, oldest first.
+    pending: VecDeque<(BatchReceipt, Vec<Kept>)>,
+    /// How many events `pending` holds.
+    outstanding: usize,
     /// The Rasa bytes of the pending events.
     kept: Buffers,
     tally: Tally,
@@ -301,58 +304,102 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Publishes one event; `Err` says why reading must stop (the event is then undelivered).
-    async fn publish(&mut self, event: Event, bytes: Kept) -> Result<(), Stop> {
+    /// Publishes one chunk's events with one receipt; `Err` says why reading must stop (the
+    /// events not accepted are then undelivered).
+    async fn publish(&mut self, events: Vec<Event>, mut spans: Vec<Kept>) -> Result<(), Stop> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let before = self.tally.read - events.len() as u64;
         // Accepted at once unless the buffer is full: only then are a timer and the signals
         // watched (a signal between chunks is seen by the caller's loop).
-        let mut publish = std::pin::pin!(self.broker.publish(event));
+        let mut publish = std::pin::pin!(self.broker.publish_batch(events, PublishOptions::default()));
         let first = std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
-        let refused = |e: Error, read| Stop::Refused(format!("event {read}: publish refused: {e}"));
-        let accepted = match first {
-            Poll::Ready(r) => r.map_err(|e| refused(e, self.tally.read)),
+        let published = match first {
+            Poll::Ready(p) => Ok(p),
             Poll::Pending => tokio::select! {
                 biased;
                 _ = self.signals.recv() => Err(Stop::Signal),
-                r = tokio::time::timeout(self.close_timeout, publish) => match r {
-                    Ok(r) => r.map_err(|e| refused(e, self.tally.read)),
-                    Err(_) => Err(Stop::Blocked(self.close_timeout)),
-                },
+                r = tokio::time::timeout(self.close_timeout, publish) => r.map_err(|_| Stop::Blocked(self.close_timeout)),
             },
         };
-        match accepted {
-            Ok(receipt) => self.pending.push_back((receipt, bytes)),
+        let published = match published {
+            Ok(p) => p,
             Err(stop) => {
-                // Never accepted: it goes to the undelivered file with the rest.
-                self.tally.undelivered.push(self.kept.get(bytes));
+                // Given up while waiting for room: nothing was accepted (a chunk fits in the
+                // buffer; past it, a part may have been, and may be delivered twice then).
+                for k in &spans {
+                    self.tally.undelivered.push(self.kept.get(*k));
+                }
                 return Err(stop);
             }
+        };
+        let accepted = published.receipt.len();
+        let mut stop = None;
+        if let Some(refused) = published.refused {
+            // Never accepted: they go to the undelivered file with the rest.
+            for k in spans.get(accepted..).unwrap_or_default() {
+                self.tally.undelivered.push(self.kept.get(*k));
+            }
+            let which = before + accepted as u64 + 1;
+            stop = Some(Stop::Refused(format!("event {which}: publish refused: {}", refused.error)));
         }
-        if self.pending.len() >= WINDOW {
-            if let Some((receipt, event)) = self.pending.pop_front() {
-                let mut receipt = receipt;
-                // Usually settled already: a timer and the signals only when it is not.
-                let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut receipt).poll(cx))).await;
-                let outcome = match first {
-                    Poll::Ready(o) => Ok(o),
-                    Poll::Pending => tokio::select! {
-                        biased;
-                        _ = self.signals.recv() => Err(Stop::Signal),
-                        r = tokio::time::timeout(self.close_timeout, &mut receipt) => r.map_err(|_| Stop::Blocked(self.close_timeout)),
-                    },
-                };
-                match outcome {
-                    Ok(o) => {
-                        self.tally.settle(|| self.kept.get(event), o);
-                        self.kept.release_before(event.chunk);
-                    }
-                    Err(stop) => {
-                        self.pending.push_front((receipt, event));
-                        return Err(stop);
-                    }
+        if accepted > 0 {
+            spans.truncate(accepted);
+            self.outstanding += spans.len();
+            self.pending.push_back((published.receipt, spans));
+        }
+        if let Some(stop) = stop {
+            return Err(stop);
+        }
+        while self.outstanding > WINDOW {
+            self.settle_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Awaits the oldest receipt and tallies its outcomes.
+    async fn settle_oldest(&mut self) -> Result<(), Stop> {
+        let Some((mut receipt, spans)) = self.pending.pop_front() else { return Ok(()) };
+        // Usually settled already: a timer and the signals only when it is not.
+        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut receipt).poll(cx))).await;
+        let outcomes = match first {
+            Poll::Ready(o) => Ok(o),
+            Poll::Pending => tokio::select! {
+                biased;
+                _ = self.signals.recv() => Err(Stop::Signal),
+                r = tokio::time::timeout(self.close_timeout, &mut receipt) => r.map_err(|_| Stop::Blocked(self.close_timeout)),
+            },
+        };
+        match outcomes {
+            Ok(outcomes) => {
+                self.tally_outcomes(outcomes.into_iter().map(Some), &spans);
+                if let Some(last) = spans.last() {
+                    self.kept.release_before(last.chunk);
+                }
+                Ok(())
+            }
+            Err(stop) => {
+                self.pending.push_front((receipt, spans));
+                Err(stop)
+            }
+        }
+    }
+
+    /// Tallies the outcomes of the events at `spans`; an event without one (`None`, or missing)
+    /// is of unknown outcome and goes to the undelivered file.
+    fn tally_outcomes(&mut self, outcomes: impl Iterator<Item = Option<Outcome>>, spans: &[Kept]) {
+        self.outstanding = self.outstanding.saturating_sub(spans.len());
+        let mut outcomes = outcomes.fuse();
+        for k in spans {
+            match outcomes.next().flatten() {
+                Some(o) => self.tally.settle(|| self.kept.get(*k), o),
+                None => {
+                    self.tally.unknown += 1;
+                    self.tally.undelivered.push(self.kept.get(*k));
                 }
             }
         }
-        Ok(())
     }
 
     /// Closes the broker and settles every receipt. `signals` more signals stop the wait (what
@@ -380,7 +427,7 @@ impl Run<'_> {
             self.tally.first_failure.get_or_insert(format!("close failed: {e}"));
         }
         let until = Instant::now() + SETTLE_AFTER_CLOSE;
-        while let Some((mut receipt, event)) = self.pending.pop_front() {
+        while let Some((mut receipt, spans)) = self.pending.pop_front() {
             let left = until.saturating_duration_since(Instant::now());
             let settled = tokio::select! {
                 biased;
@@ -388,9 +435,9 @@ impl Run<'_> {
                 r = tokio::time::timeout(left, &mut receipt) => r.ok(),
             };
             match settled {
-                Some(outcome) => self.tally.settle(|| self.kept.get(event), outcome),
+                Some(outcomes) => self.tally_outcomes(outcomes.into_iter().map(Some), &spans),
                 None => {
-                    self.pending.push_front((receipt, event));
+                    self.pending.push_front((receipt, spans));
                     self.give_up_pending();
                     return got + 1;
                 }
@@ -399,12 +446,13 @@ impl Run<'_> {
         got
     }
 
-    /// Every receipt still open: outcome unknown, written to the undelivered file (it may have
-    /// been delivered too: never dropped, possibly duplicated).
+    /// Every receipt still open: the outcomes known so far are tallied; the others are unknown,
+    /// written to the undelivered file (they may have been delivered too: never dropped,
+    /// possibly duplicated).
     fn give_up_pending(&mut self) {
-        for (_, event) in self.pending.drain(..) {
-            self.tally.unknown += 1;
-            self.tally.undelivered.push(self.kept.get(event));
+        for (mut receipt, spans) in std::mem::take(&mut self.pending) {
+            let known = receipt.settled_so_far();
+            self.tally_outcomes(known.into_iter(), &spans);
         }
     }
 }
@@ -480,6 +528,7 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
         broker: broker.as_ref(),
         close_timeout: backend.close_timeout(),
         pending: VecDeque::new(),
+        outstanding: 0,
         kept: Buffers::default(),
         tally: Tally::default(),
         signals,
@@ -498,24 +547,32 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
         };
         let Some(Chunk { items, bytes }) = chunk else { break };
         let chunk = run.kept.push(bytes);
+        let (mut events, mut spans) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
+        let mut input_stop = None;
         for item in items {
-            let event = match item {
-                Item::Event(e, start, end) => (e, Kept { chunk, start, end }),
+            match item {
+                Item::Event(e, start, end) => {
+                    events.push(e);
+                    spans.push(Kept { chunk, start, end });
+                }
                 Item::Skipped(why) => {
                     run.tally.skipped += 1;
                     bar.suspend(|| eprintln!("skipped {why}"));
-                    continue;
                 }
                 Item::Stop(why) => {
-                    stop = Some(Stop::Input(why));
-                    break 'chunks;
+                    input_stop = Some(Stop::Input(why));
+                    break;
                 }
-            };
-            run.tally.read += 1;
-            if let Err(why) = run.publish(event.0, event.1).await {
-                stop = Some(why);
-                break 'chunks;
             }
+        }
+        run.tally.read += events.len() as u64;
+        if let Err(why) = run.publish(events, spans).await {
+            stop = Some(why);
+            break 'chunks;
+        }
+        if input_stop.is_some() {
+            stop = input_stop;
+            break 'chunks;
         }
         bar.set_message(format!("{} events", run.tally.read));
     }

@@ -128,6 +128,31 @@ fn lines_across_read_buffers_come_out_whole_and_in_order() {
     assert!(stderr(&out).contains("bad.jsonl:3: invalid event"), "{}", stderr(&out));
 }
 
+/// `when_full: error` with a buffer smaller than a chunk: the events that found room are
+/// delivered, the first refused one is named, and every other event read goes to the
+/// undelivered file, in order: none lost, none twice.
+#[test]
+fn a_refused_publish_names_the_event_and_hands_the_rest_to_the_undelivered_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("endpoints.yml"),
+        "event_broker:\n  type: file\n  buffer_size: 10\n  when_full: error\n",
+    )
+    .unwrap();
+    let events = events("r", 1_000);
+    std::fs::write(dir.path().join("in.jsonl"), events.join("\n") + "\n").unwrap();
+    let out = broker(dir.path(), &["publish", "in.jsonl", "--undelivered", "left.jsonl"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("error: event 11: publish refused: "), "{}", stderr(&out));
+    let read = read_count(&stderr(&out));
+    let written = std::fs::read_to_string(dir.path().join("rasa_event.log")).unwrap();
+    let left = std::fs::read_to_string(dir.path().join("left.jsonl")).unwrap();
+    let written: Vec<&str> = written.lines().collect();
+    let left: Vec<&str> = left.lines().collect();
+    assert_eq!(written, events[..10], "the ten that found room");
+    assert_eq!(left, events[10..read], "the rest of what was read, in order");
+}
+
 #[test]
 fn endpoints_file_is_used_and_errors_name_file_and_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,12 +2,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
+use crate::batch::{BatchPublished, BatchReceipt, Refused, Slots, gone};
 use crate::error::{Error, Position};
 use crate::event::{Event, EventId};
 use crate::metrics::Meter;
@@ -54,7 +56,7 @@ impl Receipt {
     /// A receipt and the sender that settles it, not measured (see [`Receipt::metered`]).
     pub fn channel(id: EventId) -> (Receipt, Settle) {
         let (tx, rx) = oneshot::channel();
-        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, tx, metered: None })
+        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, to: To::One(tx), metered: None })
     }
 
     /// A receipt for an event published through `meter`'s broker, and the sender that settles
@@ -63,7 +65,7 @@ impl Receipt {
     pub fn metered(meter: &Meter, id: EventId) -> (Receipt, Settle) {
         let (tx, rx) = oneshot::channel();
         let metered = Some((meter.clone(), Instant::now()));
-        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, tx, metered })
+        (Receipt { id, rx: ReceiptInner::Pending(rx) }, Settle { id, to: To::One(tx), metered })
     }
 
     /// A receipt that is already settled.
@@ -84,47 +86,67 @@ impl Future for Receipt {
         let this = self.get_mut();
         match &mut this.rx {
             ReceiptInner::Ready(o) => Poll::Ready(o.take().unwrap_or(Err(Error::Closed))),
-            ReceiptInner::Pending(rx) => Pin::new(rx).poll(cx).map(|r| {
-                r.unwrap_or_else(|_| {
-                    Err(Error::Io {
-                        backend: "broker",
-                        operation: "delivering".into(),
-                        reason: "the backend stopped before reporting this event's outcome".into(),
-                        cause: None,
-                    })
-                })
-            }),
+            ReceiptInner::Pending(rx) => Pin::new(rx).poll(cx).map(|r| r.unwrap_or_else(|_| Err(gone()))),
         }
     }
 }
 
-/// The sending half of a [`Receipt`], held by the backend until the outcome is known.
+/// The sending half of a [`Receipt`] (or of one event's place in a [`BatchReceipt`]), held by
+/// the backend until the outcome is known. Dropped without an outcome, it reports that the
+/// backend stopped before knowing it.
 #[derive(Debug)]
 pub struct Settle {
     id: EventId,
-    tx: oneshot::Sender<Outcome>,
+    to: To,
     /// The broker's meter and the time of `publish`, for the metrics.
     metered: Option<(Meter, Instant)>,
 }
 
+#[derive(Debug)]
+enum To {
+    One(oneshot::Sender<Outcome>),
+    Slot(Arc<Slots>, usize),
+    Settled,
+}
+
 impl Settle {
+    /// The settle of event `id`, slot `index` of a batch.
+    pub(crate) fn slot(id: EventId, slots: &Arc<Slots>, index: usize, metered: Option<(Meter, Instant)>) -> Settle {
+        Settle { id, to: To::Slot(slots.clone(), index), metered }
+    }
+
     /// The event's id.
     pub fn id(&self) -> EventId {
         self.id
     }
 
     /// Reports the outcome. A dropped receipt is fine: nobody was waiting.
-    pub fn settle(self, outcome: Outcome) {
-        if let Some((meter, since)) = self.metered {
+    pub fn settle(mut self, outcome: Outcome) {
+        if let Some((meter, since)) = self.metered.take() {
             meter.settled(since, &outcome.as_ref().map(|_| ()));
         }
-        let _ = self.tx.send(outcome);
+        match std::mem::replace(&mut self.to, To::Settled) {
+            To::One(tx) => {
+                let _ = tx.send(outcome);
+            }
+            To::Slot(slots, index) => slots.fill(index, outcome),
+            To::Settled => {}
+        }
     }
 
     /// Reports success at `position`.
     pub fn delivered(self, position: Option<Position>) {
         let id = self.id;
         self.settle(Ok(Delivered { id, position }));
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        // A receipt learns it from its closed channel; a batch's slot is filled here.
+        if let To::Slot(slots, index) = std::mem::replace(&mut self.to, To::Settled) {
+            slots.fill(index, Err(gone()));
+        }
     }
 }
 
@@ -203,6 +225,31 @@ pub trait EventBroker: Send + Sync {
     /// [`EventBroker::publish`] with per-event options (message headers). Works the same through
     /// `dyn EventBroker` and through layers.
     async fn publish_with(&self, event: Event, options: PublishOptions) -> Result<Receipt, Error>;
+
+    /// Accepts `events` for delivery in order, each with `options`, and gives one receipt for
+    /// their outcomes (still one per event, in order): for bulk publishers, which would otherwise
+    /// spend more on receipts than on events. The events not accepted are handed back in
+    /// [`BatchPublished::refused`] with the reason, so none is lost.
+    ///
+    /// Queued backends accept a batch that fits in their buffer (`buffer_size`) all at once or
+    /// not at all; cancelling the call then accepts nothing. A larger batch is accepted in parts,
+    /// and one cancelled midway may have accepted its first parts. This default publishes each
+    /// event on its own (a clone of each is kept until it is accepted, to hand it back).
+    async fn publish_batch(&self, events: Vec<Event>, options: PublishOptions) -> BatchPublished {
+        let mut receipts = Vec::with_capacity(events.len());
+        let mut events = events.into_iter();
+        while let Some(event) = events.next() {
+            match self.publish_with(event.clone(), options.clone()).await {
+                Ok(r) => receipts.push(r),
+                Err(error) => {
+                    let events = std::iter::once(event).chain(events).collect();
+                    let refused = Some(Refused { error, events });
+                    return BatchPublished { receipt: BatchReceipt::from_receipts(receipts), refused };
+                }
+            }
+        }
+        BatchPublished { receipt: BatchReceipt::from_receipts(receipts), refused: None }
+    }
 
     /// Waits until every event accepted before this call has its outcome.
     async fn flush(&self) -> Result<(), Error>;

@@ -33,6 +33,7 @@
 //! # }
 //! ```
 
+pub mod batch;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -45,6 +46,7 @@ pub mod registry;
 pub use codec::{event, json};
 pub use delivery::{backoff, pipeline};
 
+pub use batch::{BatchPublished, BatchReceipt, Refused};
 pub use broker::{
     CloseReport, Delivered, EventBroker, EventBrokerExt, EventSource, Outcome, PublishOptions, QueueChoice, Receipt,
     Received, Settle, SourceOptions, StartFrom,

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::batch::{BatchPublished, BatchReceipt, Refused};
 use crate::broker::{CloseReport, EventBroker, PublishOptions, Receipt, Settle};
 use crate::config::{DeliveryOptions, WhenFull};
 use crate::error::Error;
@@ -192,6 +193,47 @@ impl Outbox {
         Ok(receipt)
     }
 
+    /// Hands `events` to the writer in order, with one receipt for all their outcomes
+    /// ([`EventBroker::publish_batch`]). Room for up to `buffer_size` events is taken at once
+    /// (all or none, cancel-safe); a larger batch goes in parts of that size.
+    pub async fn publish_batch_with(&self, events: Vec<Event>, options: PublishOptions) -> BatchPublished {
+        let n = events.len();
+        let (receipt, slots) = BatchReceipt::shared(n);
+        let refuse = |error: Error, events: Vec<Event>, accepted: usize| {
+            slots.truncate(accepted);
+            Some(Refused { error, events })
+        };
+        if self.closed.load(Ordering::Acquire) {
+            return BatchPublished { refused: refuse(Error::Closed, events, 0), receipt };
+        }
+        let since = Instant::now();
+        let mut events = events.into_iter();
+        let mut accepted = 0;
+        while accepted < n {
+            let part = (n - accepted).min(self.options.buffer_size.max(1));
+            let permits = match self.options.when_full {
+                WhenFull::Block => self.tx.reserve_many(part).await.map_err(|_| Error::Closed),
+                WhenFull::Error => self.tx.try_reserve_many(part).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(()) => Error::BufferFull { capacity: self.options.buffer_size },
+                    mpsc::error::TrySendError::Closed(()) => Error::Closed,
+                }),
+            };
+            let permits = match permits {
+                Ok(p) => p,
+                Err(error) => return BatchPublished { refused: refuse(error, events.collect(), accepted), receipt },
+            };
+            for (permit, event) in permits.zip(events.by_ref()) {
+                let settle = Settle::slot(event.id(), &slots, accepted, Some((self.meter.clone(), since)));
+                let mut pending = Pending::new(event, settle);
+                pending.headers.clone_from(&options.headers);
+                permit.send(Command::Publish(pending));
+                self.meter.accepted();
+                accepted += 1;
+            }
+        }
+        BatchPublished { receipt, refused: None }
+    }
+
     /// Waits until every event accepted before the call has its outcome.
     pub async fn flush(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
@@ -223,6 +265,11 @@ impl Outbox {
         };
         *closing = Some(result.clone());
         result.map(CloseReport::new)
+    }
+
+    #[cfg(test)]
+    fn close_now_for_test(&self) {
+        self.closed.store(true, Ordering::Release);
     }
 
     /// The backend this queue belongs to.
@@ -394,6 +441,9 @@ impl EventBroker for QueuedBroker {
     async fn publish_with(&self, event: Event, options: PublishOptions) -> Result<Receipt, Error> {
         self.outbox.publish_with(event, options).await
     }
+    async fn publish_batch(&self, events: Vec<Event>, options: PublishOptions) -> BatchPublished {
+        self.outbox.publish_batch_with(events, options).await
+    }
     async fn flush(&self) -> Result<(), Error> {
         self.outbox.flush().await
     }
@@ -466,6 +516,83 @@ mod tests {
         assert!(matches!(outbox.close().await, Err(Error::Timeout(_))));
         assert!(matches!(outbox.publish(event()).await, Err(Error::Closed)));
         assert!(matches!(outbox.close().await, Err(Error::Timeout(_))), "never a made-up clean report");
+    }
+
+    fn settle_all(batch: Vec<Command>) -> Vec<crate::event::EventId> {
+        batch
+            .into_iter()
+            .map(|c| match c {
+                Command::Publish(p) => {
+                    let id = p.id;
+                    p.settle.delivered(None);
+                    id
+                }
+                Command::Flush(_) => panic!("no flush was asked for"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_queued_in_order_and_its_receipt_gives_each_outcome() {
+        let (outbox, mut inbox) = channel("test", options(10, WhenFull::Block));
+        let events: Vec<Event> = (0..3).map(|_| event()).collect();
+        let ids: Vec<_> = events.iter().map(Event::id).collect();
+        let published = outbox.publish_batch_with(events, PublishOptions::default().header("h", "v")).await;
+        assert!(published.refused.is_none());
+        assert_eq!(published.receipt.len(), 3);
+        let mut batch = Vec::new();
+        assert_eq!(inbox.recv_batch(&mut batch, 10).await, 3);
+        assert!(
+            batch.iter().all(|c| matches!(c, Command::Publish(p) if p.headers == [("h".to_owned(), "v".to_owned())]))
+        );
+        assert_eq!(settle_all(batch), ids, "queued in publish order");
+        let outcomes = published.receipt.await;
+        assert_eq!(outcomes.iter().map(|o| o.as_ref().unwrap().id).collect::<Vec<_>>(), ids);
+    }
+
+    #[tokio::test]
+    async fn a_batch_without_room_is_refused_whole_with_its_events_handed_back() {
+        let (outbox, inbox) = channel("test", options(4, WhenFull::Error));
+        let _a = outbox.publish(event()).await.unwrap();
+        let events: Vec<Event> = (0..4).map(|_| event()).collect();
+        let ids: Vec<_> = events.iter().map(Event::id).collect();
+        let published = outbox.publish_batch_with(events, PublishOptions::default()).await;
+        let refused = published.refused.expect("no room for 4 more");
+        assert!(matches!(refused.error, Error::BufferFull { capacity: 4 }));
+        assert_eq!(refused.events.iter().map(Event::id).collect::<Vec<_>>(), ids, "handed back, in order");
+        assert!(published.receipt.is_empty());
+        assert!(published.receipt.await.is_empty());
+        assert_eq!(inbox.queued(), 1, "none of the batch was queued");
+
+        outbox.close_now_for_test();
+        let published = outbox.publish_batch_with(vec![event()], PublishOptions::default()).await;
+        assert!(matches!(published.refused, Some(Refused { error: Error::Closed, ref events }) if events.len() == 1));
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_buffer_goes_in_parts_and_the_writer_gone_fails_what_it_held() {
+        let (outbox, mut inbox) = channel("test", options(2, WhenFull::Block));
+        let events: Vec<Event> = (0..5).map(|_| event()).collect();
+        let ids: Vec<_> = events.iter().map(Event::id).collect();
+        let writer = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 4 {
+                let mut batch = Vec::new();
+                inbox.recv_batch(&mut batch, 10).await;
+                got.extend(settle_all(batch));
+            }
+            // The fifth stays queued when the writer goes.
+            let mut batch = Vec::new();
+            inbox.recv_batch(&mut batch, 10).await;
+            drop(batch);
+            got
+        });
+        let published = outbox.publish_batch_with(events, PublishOptions::default()).await;
+        assert!(published.refused.is_none());
+        let outcomes = published.receipt.await;
+        assert_eq!(writer.await.unwrap(), ids[..4]);
+        assert!(outcomes[..4].iter().all(Result::is_ok));
+        assert!(matches!(&outcomes[4], Err(Error::Io { .. })), "a dropped event fails, never hangs: {:?}", outcomes[4]);
     }
 
     #[tokio::test]
