@@ -55,6 +55,7 @@ pub(crate) fn bench(events: u64, runs: usize) -> Result<()> {
                 ("pika-ours-w20000", events),
                 ("pika-one-by-one", one_by_one),
             ],
+            rates: vec![],
             comparisons: vec![
                 ("pika-ours", "pika-raw", 0.9),
                 ("pika-ours", "pika-raw-w100", 0.9),

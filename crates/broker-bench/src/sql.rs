@@ -55,6 +55,7 @@ pub(crate) fn bench(events: u64, runs: usize) -> Result<()> {
                 ("pg-ours-pool2", events),
                 ("pg-per-event", PER_EVENT),
             ],
+            rates: vec![],
             comparisons: vec![
                 ("sqlite-ours", "sqlite-raw", 0.7),
                 ("sqlite-ours", "sqlite-per-event", 20.0),
