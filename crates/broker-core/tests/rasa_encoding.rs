@@ -311,3 +311,27 @@ proptest! {
         prop_assert_eq!(event.event_type(), "slot");
     }
 }
+
+/// Duplicate keys (Python keeps the first position and the last value) are found at every
+/// depth, also when written differently (`"a"` and `"\u0061"`) and past many keys; the same
+/// key in a nested object and around it is no duplicate.
+#[test]
+fn duplicate_keys_are_found_at_every_depth() {
+    let many: String = (0..40).map(|i| format!(r#""k{i}": {i}, "#)).collect();
+    for (text, duplicate) in [
+        (r#"{"sender_id": "s", "event": "slot", "a": 1, "b": {"a": 2}, "c": 3}"#.to_owned(), false),
+        (r#"{"sender_id": "s", "event": "slot", "a": 1, "b": {"a": 2}, "a": 3}"#.to_owned(), true),
+        (r#"{"sender_id": "s", "event": "slot", "b": {"x": 1, "y": [{"x": 1}], "x": 2}}"#.to_owned(), true),
+        (r#"{"sender_id": "s", "event": "slot", "a": 1, "\u0061": 2}"#.to_owned(), true),
+        (format!(r#"{{"sender_id": "s", "event": "slot", {many}"k3": "again"}}"#), true),
+        (format!(r#"{{"sender_id": "s", "event": "slot", {many}"k40": "new"}}"#), false),
+        (r#"{"sender_id": "s", "event": "slot", "sender_id": "t"}"#.to_owned(), true),
+    ] {
+        let fast = Event::from_json(text.as_bytes()).unwrap();
+        let tree = Event::from_value(json::parse(text.as_bytes()).unwrap()).unwrap();
+        assert_eq!(String::from_utf8(fast.to_json()).unwrap(), String::from_utf8(tree.to_json()).unwrap(), "{text}");
+        assert_eq!(fast.sender_id(), tree.sender_id(), "{text}");
+        let collapsed = tree.to_json().len() < text.len() - 3;
+        assert_eq!(collapsed, duplicate, "{text}");
+    }
+}

@@ -967,18 +967,17 @@ pub(crate) struct TopLevel {
 /// Writes the Rasa encoding of a JSON object text straight to `out`, without building a tree:
 /// the fast path for publishing JSON lines. Same acceptance rules as [`parse`].
 pub(crate) fn transcode(input: &[u8], out: &mut Vec<u8>) -> Result<TopLevel, ParseError> {
-    let mut t = Transcoder { s: input, i: 0, mark: 0, depth: 0, out, top: TopLevel::default() };
-    t.skip_ws();
-    if t.s.get(t.i) != Some(&b'{') {
-        return Err(t.err("an event must be a JSON object"));
+    // The keys' scratch space is kept per thread, so transcoding allocates only its output.
+    thread_local! {
+        static KEYS: std::cell::Cell<Vec<(At, u64)>> = const { std::cell::Cell::new(Vec::new()) };
     }
-    t.object(true)?;
-    t.skip_ws();
-    if t.i != t.s.len() {
-        return Err(t.err("extra data after the JSON value"));
-    }
-    t.flush(t.i);
-    Ok(t.top)
+    let keys = Keys(KEYS.take());
+    let mut t = Transcoder { s: input, i: 0, mark: 0, depth: 0, out, top: TopLevel::default(), keys };
+    let done = t.event();
+    let mut keys = t.keys.0;
+    keys.clear();
+    KEYS.set(keys);
+    done.map(|()| t.top)
 }
 
 /// The transcoder copies lazily: input already in Rasa's encoding (what Rasa and this crate
@@ -993,6 +992,8 @@ struct Transcoder<'a, 'o> {
     depth: usize,
     out: &'o mut Vec<u8>,
     top: TopLevel,
+    /// The keys of the objects being transcoded, innermost last.
+    keys: Keys,
 }
 
 /// Bytes a string scan stops at: `"`, `\`, control characters and non-ASCII.
@@ -1054,40 +1055,43 @@ impl At {
     }
 }
 
-/// The keys of one object being transcoded, for the duplicate check: where each key's encoding
-/// is and a fingerprint (length and first bytes), so keys are compared byte by byte only when
-/// the fingerprints match. The first 16 live on the stack.
-struct Keys {
-    inline: [(At, u64); 16],
-    len: usize,
-    more: Vec<(At, u64)>,
-}
+/// The keys of the objects open in a transcode, for the duplicate check: where each key's
+/// encoding is and a fingerprint (length and first bytes), so keys are compared byte by byte
+/// only when the fingerprints match. Each object checks the keys from where it started.
+struct Keys(Vec<(At, u64)>);
 
 impl Keys {
-    fn new() -> Keys {
-        Keys { inline: [(At::Input(0, 0), 0); 16], len: 0, more: Vec::new() }
-    }
-
-    /// Records the key at `at`; says whether an equal key was recorded before.
-    fn insert_is_duplicate(&mut self, input: &[u8], output: &[u8], at: At) -> bool {
+    /// Records the key at `at` for the object whose keys start at `from`; says whether it has
+    /// an equal key already.
+    fn insert_is_duplicate(&mut self, from: usize, input: &[u8], output: &[u8], at: At) -> bool {
         let key = at.bytes(input, output);
         let mut head = [0u8; 8];
         let n = key.len().min(8);
         head[..n].copy_from_slice(&key[..n]);
         let print = u64::from_le_bytes(head) ^ ((key.len() as u64) << 56);
-        let seen = self.inline[..self.len.min(16)].iter().chain(&self.more);
-        let duplicate = seen.into_iter().any(|&(a, p)| p == print && a.bytes(input, output) == key);
-        if self.len < 16 {
-            self.inline[self.len] = (at, print);
-        } else {
-            self.more.push((at, print));
-        }
-        self.len += 1;
+        let seen = self.0.get(from..).unwrap_or_default();
+        let duplicate = seen.iter().any(|&(a, p)| p == print && a.bytes(input, output) == key);
+        self.0.push((at, print));
         duplicate
     }
 }
 
 impl Transcoder<'_, '_> {
+    /// The whole input: one object, whitespace around it.
+    fn event(&mut self) -> Result<(), ParseError> {
+        self.skip_ws();
+        if self.s.get(self.i) != Some(&b'{') {
+            return Err(self.err("an event must be a JSON object"));
+        }
+        self.object(true)?;
+        self.skip_ws();
+        if self.i != self.s.len() {
+            return Err(self.err("extra data after the JSON value"));
+        }
+        self.flush(self.i);
+        Ok(())
+    }
+
     fn err(&self, message: &'static str) -> ParseError {
         ParseError { message, offset: self.i }
     }
@@ -1248,8 +1252,8 @@ impl Transcoder<'_, '_> {
         self.enter()?;
         self.i += 1;
         // This object's keys, to detect duplicates (their canonical encodings are equal exactly
-        // when the keys are).
-        let mut keys = Keys::new();
+        // when the keys are), are recorded from here; they are dropped when it closes.
+        let keys_from = self.keys.0.len();
         self.skip_ws();
         if self.s.get(self.i) == Some(&b'}') {
             self.i += 1;
@@ -1262,7 +1266,7 @@ impl Transcoder<'_, '_> {
                 return Err(self.err("expected a string key"));
             }
             let at = self.string()?;
-            if keys.insert_is_duplicate(self.s, self.out, at) {
+            if self.keys.insert_is_duplicate(keys_from, self.s, self.out, at) {
                 self.top.needs_tree = true;
             }
             let which = if top {
@@ -1296,6 +1300,7 @@ impl Transcoder<'_, '_> {
                 Some(b'}') => {
                     self.i += 1;
                     self.depth -= 1;
+                    self.keys.0.truncate(keys_from);
                     return Ok(());
                 }
                 _ => return Err(self.err("expected ',' or '}' in an object")),
