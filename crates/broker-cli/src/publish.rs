@@ -23,8 +23,10 @@ use indicatif::ProgressBar;
 use crate::{Failure, code, progress};
 
 /// How many outcomes may be outstanding before the oldest is awaited; the broker's own buffer
-/// bounds memory further down.
-const WINDOW: usize = 2048;
+/// bounds memory further down. Well above a backend's batch (the file's is 4,096), so the next
+/// batch is published while one is written: at 4,096 the two took turns and a publish of 500k
+/// events to a file took 0.80 s instead of 0.31 s. Cheap with one receipt per chunk.
+const WINDOW: usize = 16_384;
 
 /// Lines the reader thread hands over at once.
 const CHUNK: usize = 512;
@@ -32,19 +34,13 @@ const CHUNK: usize = 512;
 /// After close, how long the receipts still open may take to settle before they count as unknown.
 const SETTLE_AFTER_CLOSE: Duration = Duration::from_secs(2);
 
-/// What the reader thread found, in input order, and the Rasa bytes of its events.
-#[derive(Default)]
-struct Chunk {
-    items: Vec<Item>,
-    /// The events' Rasa bytes one after the other, copied on the reader thread: kept (one buffer
-    /// per chunk, not one per event) until their outcomes are known, for the undelivered file.
-    bytes: Vec<u8>,
-}
+/// What the reader thread found, in input order.
+type Chunk = Vec<Item>;
 
 /// What the reader thread found on one line.
 enum Item {
-    /// An event, and where its Rasa bytes are in its chunk's `bytes`.
-    Event(Event, usize, usize),
+    /// An event.
+    Event(Event),
     /// An invalid line skipped under `--skip-invalid`.
     Skipped(String),
     /// An invalid line or unreadable input that ends the run.
@@ -132,8 +128,10 @@ struct Kept {
     end: usize,
 }
 
-/// The byte buffers of the chunks whose events are not all settled yet, oldest first (receipts
-/// are awaited in publish order, so a chunk's buffer goes once a later chunk's event settles).
+/// The Rasa bytes of the events of each chunk whose events are not all settled yet, one buffer
+/// per chunk (not one allocation per event), oldest first: receipts are awaited in publish
+/// order, so a chunk's buffer goes once a later chunk's event settles. Copied on the publishing
+/// thread, which has room to spare while the reader parses.
 #[derive(Default)]
 struct Buffers {
     first: u64,
@@ -141,10 +139,15 @@ struct Buffers {
 }
 
 impl Buffers {
-    /// Keeps the buffer of the next chunk; returns its number.
-    fn push(&mut self, bytes: Vec<u8>) -> u64 {
+    /// The number the next chunk's buffer gets, and an empty buffer sized after the last one.
+    fn next(&self) -> (u64, Vec<u8>) {
+        let before = self.buffers.back().map_or(0, Vec::len);
+        (self.first + self.buffers.len() as u64, Vec::with_capacity(before + before / 8 + 4096))
+    }
+
+    /// Keeps the buffer of the next chunk.
+    fn push(&mut self, bytes: Vec<u8>) {
         self.buffers.push_back(bytes);
-        self.first + self.buffers.len() as u64 - 1
     }
 
     /// A copy of the event's bytes.
@@ -168,10 +171,10 @@ fn spawn_reader(
     skip_invalid: bool,
     bar: ProgressBar,
 ) -> tokio::sync::mpsc::Receiver<Chunk> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(8);
     std::thread::spawn(move || {
         let send = |chunk: Chunk| tx.blocking_send(chunk).is_ok();
-        let stop = |why: String| Chunk { items: vec![Item::Stop(why)], bytes: Vec::new() };
+        let stop = |why: String| vec![Item::Stop(why)];
         for input in inputs {
             let (name, reader): (String, Box<dyn Read>) = match &input {
                 Some(p) => match File::open(p) {
@@ -191,19 +194,14 @@ fn spawn_reader(
             // Bytes read since the progress bar last heard (it is told once per chunk: it reads the
             // clock on every call).
             let mut unreported = 0u64;
-            // A chunk's buffer is sized after the one before: a steady stream fills it without
-            // growing, a slow pipe (one event per chunk) does not hold big empty buffers.
-            let new_chunk = |before: usize| Chunk {
-                items: Vec::with_capacity(CHUNK),
-                bytes: Vec::with_capacity(before + before / 8 + 4096),
-            };
-            let mut chunk = new_chunk(0);
+            let new_chunk = || Vec::with_capacity(CHUNK);
+            let mut chunk = new_chunk();
             loop {
                 let buf = match reader.fill_buf() {
                     Ok(buf) => buf,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        chunk.items.push(Item::Stop(format!("reading {name}: {e}")));
+                        chunk.push(Item::Stop(format!("reading {name}: {e}")));
                         send(chunk);
                         return;
                     }
@@ -235,14 +233,10 @@ fn spawn_reader(
                     None
                 } else {
                     match Event::from_json(text) {
-                        Ok(e) => {
-                            let start = chunk.bytes.len();
-                            e.write_json(&mut chunk.bytes);
-                            Some(Item::Event(e, start, chunk.bytes.len()))
-                        }
+                        Ok(e) => Some(Item::Event(e)),
                         Err(e) if skip_invalid => Some(Item::Skipped(format!("{name}:{line_no}: {e}"))),
                         Err(e) => {
-                            chunk.items.push(Item::Stop(format!(
+                            chunk.push(Item::Stop(format!(
                                 "{name}:{line_no}: invalid event: {e} (use --skip-invalid to skip such lines)"
                             )));
                             send(chunk);
@@ -255,25 +249,24 @@ fn spawn_reader(
                 reader.consume(used);
                 if end {
                     if let Some(item) = item {
-                        chunk.items.push(item);
+                        chunk.push(item);
                     }
                     break;
                 }
                 let Some(item) = item else { continue };
-                chunk.items.push(item);
+                chunk.push(item);
                 // A full chunk goes at once; so does a partial one when the next read would wait
                 // for input (a slow pipe: events are published as they come, not 512 at a time).
-                let ready = chunk.items.len() >= CHUNK || (reader.buffer().is_empty() && !chunk.items.is_empty());
+                let ready = chunk.len() >= CHUNK || (reader.buffer().is_empty() && !chunk.is_empty());
                 if ready {
                     bar.inc(std::mem::take(&mut unreported));
-                    let next = new_chunk(chunk.bytes.len());
-                    if !send(std::mem::replace(&mut chunk, next)) {
+                    if !send(std::mem::replace(&mut chunk, new_chunk())) {
                         return;
                     }
                 }
             }
             bar.inc(unreported);
-            if !chunk.items.is_empty() && !send(chunk) {
+            if !chunk.is_empty() && !send(chunk) {
                 return;
             }
         }
@@ -545,15 +538,17 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
             }
             c = chunks.recv() => c,
         };
-        let Some(Chunk { items, bytes }) = chunk else { break };
-        let chunk = run.kept.push(bytes);
+        let Some(items) = chunk else { break };
+        let (chunk, mut bytes) = run.kept.next();
         let (mut events, mut spans) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
         let mut input_stop = None;
         for item in items {
             match item {
-                Item::Event(e, start, end) => {
+                Item::Event(e) => {
+                    let start = bytes.len();
+                    e.write_json(&mut bytes);
+                    spans.push(Kept { chunk, start, end: bytes.len() });
                     events.push(e);
-                    spans.push(Kept { chunk, start, end });
                 }
                 Item::Skipped(why) => {
                     run.tally.skipped += 1;
@@ -565,6 +560,7 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
                 }
             }
         }
+        run.kept.push(bytes);
         run.tally.read += events.len() as u64;
         if let Err(why) = run.publish(events, spans).await {
             stop = Some(why);
