@@ -103,6 +103,9 @@ struct Tally {
     first_failure: Option<String>,
     /// Rasa bytes of the events not delivered, in publish order.
     undelivered: Vec<Vec<u8>>,
+    /// Rasa bytes of the events never accepted (reading stops at the first): they go after
+    /// `undelivered` once the events accepted before them have their outcomes.
+    refused: Vec<Vec<u8>>,
 }
 
 impl Tally {
@@ -297,18 +300,38 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Publishes one chunk's events with one receipt; `Err` says why reading must stop (the
-    /// events not accepted are then undelivered).
-    async fn publish(&mut self, events: Vec<Event>, mut spans: Vec<Kept>) -> Result<(), Stop> {
-        if events.is_empty() {
-            return Ok(());
+    /// Publishes one chunk's events, numbered from `first`: in batches the broker accepts all or
+    /// nothing ([`EventBroker::atomic_batch`]), so when a wait is given up (a signal, blocked for
+    /// `close_timeout`) it is known which were accepted. `Err` says why reading must stop; the
+    /// events not accepted are then undelivered.
+    async fn publish(&mut self, events: Vec<Event>, spans: Vec<Kept>, first: u64) -> Result<(), Stop> {
+        let atomic = self.broker.atomic_batch().max(1);
+        let (mut events, mut spans) = (events.into_iter(), spans.into_iter());
+        let mut first = first;
+        loop {
+            let batch: Vec<Event> = events.by_ref().take(atomic).collect();
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let batch_spans: Vec<Kept> = spans.by_ref().take(batch.len()).collect();
+            let number = first;
+            first += batch.len() as u64;
+            if let Err(stop) = self.publish_batch(batch, batch_spans, number).await {
+                for k in spans {
+                    self.tally.refused.push(self.kept.get(k));
+                }
+                return Err(stop);
+            }
         }
-        let before = self.tally.read - events.len() as u64;
+    }
+
+    /// Publishes events numbered from `first` with one receipt.
+    async fn publish_batch(&mut self, events: Vec<Event>, mut spans: Vec<Kept>, first: u64) -> Result<(), Stop> {
         // Accepted at once unless the buffer is full: only then are a timer and the signals
         // watched (a signal between chunks is seen by the caller's loop).
         let mut publish = std::pin::pin!(self.broker.publish_batch(events, PublishOptions::default()));
-        let first = std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
-        let published = match first {
+        let ready = std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
+        let published = match ready {
             Poll::Ready(p) => Ok(p),
             Poll::Pending => tokio::select! {
                 biased;
@@ -319,10 +342,10 @@ impl Run<'_> {
         let published = match published {
             Ok(p) => p,
             Err(stop) => {
-                // Given up while waiting for room: nothing was accepted (a chunk fits in the
-                // buffer; past it, a part may have been, and may be delivered twice then).
+                // Given up while waiting for room: the batch is all or nothing, so none of it
+                // was accepted.
                 for k in &spans {
-                    self.tally.undelivered.push(self.kept.get(*k));
+                    self.tally.refused.push(self.kept.get(*k));
                 }
                 return Err(stop);
             }
@@ -330,11 +353,10 @@ impl Run<'_> {
         let accepted = published.receipt.len();
         let mut stop = None;
         if let Some(refused) = published.refused {
-            // Never accepted: they go to the undelivered file with the rest.
             for k in spans.get(accepted..).unwrap_or_default() {
-                self.tally.undelivered.push(self.kept.get(*k));
+                self.tally.refused.push(self.kept.get(*k));
             }
-            let which = before + accepted as u64 + 1;
+            let which = first + accepted as u64;
             stop = Some(Stop::Refused(format!("event {which}: publish refused: {}", refused.error)));
         }
         if accepted > 0 {
@@ -561,8 +583,9 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
             }
         }
         run.kept.push(bytes);
+        let first = run.tally.read + 1;
         run.tally.read += events.len() as u64;
-        if let Err(why) = run.publish(events, spans).await {
+        if let Err(why) = run.publish(events, spans, first).await {
             stop = Some(why);
             break 'chunks;
         }
@@ -587,6 +610,9 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
     // After a signal, one more exits at once; otherwise the first one means "stop", the second
     // "exit now".
     let late_signals = run.close(if signalled { 1 } else { 2 }).await;
+    // The events never accepted come after every event accepted before them.
+    let refused = std::mem::take(&mut run.tally.refused);
+    run.tally.undelivered.extend(refused);
     bar.finish_and_clear();
     let Run { tally, .. } = run;
     let file = (!tally.undelivered.is_empty()).then(|| undelivered.clone().unwrap_or_else(default_undelivered_path));

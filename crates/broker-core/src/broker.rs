@@ -143,9 +143,17 @@ impl Settle {
 
 impl Drop for Settle {
     fn drop(&mut self) {
-        // A receipt learns it from its closed channel; a batch's slot is filled here.
+        if matches!(self.to, To::Settled) {
+            return;
+        }
+        // Dropped without an outcome: it failed, for the metrics too. A receipt learns it from
+        // its closed channel; a batch's slot is filled here.
+        let error = gone();
+        if let Some((meter, since)) = self.metered.take() {
+            meter.settled(since, &Err(&error));
+        }
         if let To::Slot(slots, index) = std::mem::replace(&mut self.to, To::Settled) {
-            slots.fill(index, Err(gone()));
+            slots.fill(index, Err(error));
         }
     }
 }
@@ -235,6 +243,8 @@ pub trait EventBroker: Send + Sync {
     /// not at all; cancelling the call then accepts nothing. A larger batch is accepted in parts,
     /// and one cancelled midway may have accepted its first parts. This default publishes each
     /// event on its own (a clone of each is kept until it is accepted, to hand it back).
+    ///
+    /// [`EventBroker::atomic_batch`] says how many events a call may hold to be all or nothing.
     async fn publish_batch(&self, events: Vec<Event>, options: PublishOptions) -> BatchPublished {
         let mut receipts = Vec::with_capacity(events.len());
         let mut events = events.into_iter();
@@ -249,6 +259,14 @@ pub trait EventBroker: Send + Sync {
             }
         }
         BatchPublished { receipt: BatchReceipt::from_receipts(receipts), refused: None }
+    }
+
+    /// The most events [`EventBroker::publish_batch`] accepts all at once or not at all, so that
+    /// cancelling the call accepts none of them: a caller that may give up waiting (a deadline,
+    /// a signal) sends batches of at most this many to know exactly what was accepted. 1 for the
+    /// default `publish_batch`, which publishes one event at a time.
+    fn atomic_batch(&self) -> usize {
+        1
     }
 
     /// Waits until every event accepted before this call has its outcome.

@@ -335,3 +335,27 @@ fn duplicate_keys_are_found_at_every_depth() {
         assert_eq!(collapsed, duplicate, "{text}");
     }
 }
+
+/// Whitespace before the extracted `event` and `sender_id` values (dropped from the output, so
+/// the output lags the input) leaves them read right; integers of 4300 digits and a sign are
+/// read as Python reads them on both paths, 4301 digits refused on both.
+#[test]
+fn extracted_strings_after_whitespace_and_long_negative_integers() {
+    for text in [
+        r#"{ "event": "user", "sender_id" :  "s1"}"#,
+        "{\n  \"sender_id\"\t:\t\"s1\" ,\r\n  \"event\" : \"user\" ,\"text\":\"hi\" }",
+        r#"{"text": "a  b", "event":"user","sender_id":"s1"}"#,
+    ] {
+        let e = Event::from_json(text.as_bytes()).unwrap();
+        assert_eq!((e.event_type(), e.sender_id()), ("user", Some("s1")), "{text}");
+        let tree = Event::from_value(json::parse(text.as_bytes()).unwrap()).unwrap();
+        assert_eq!(e.to_json(), tree.to_json(), "{text}");
+    }
+    for digits in [4300, 4301] {
+        for sign in ["", "-"] {
+            number_agrees(&format!("{sign}{}", "7".repeat(digits))).unwrap();
+        }
+    }
+    let long = format!(r#"{{"sender_id": "s", "event": "slot", "v": -{}}}"#, "7".repeat(4300));
+    assert!(Event::from_json(long.as_bytes()).is_ok(), "Python reads a 4300-digit negative integer");
+}

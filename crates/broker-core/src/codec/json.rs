@@ -688,8 +688,8 @@ impl Parser<'_> {
         if let Ok(i) = text.parse::<i64>() {
             return Ok(Value::Number(Number::Int(i)));
         }
-        // Python prints ints of up to 4300 digits; so do we.
-        if text.len() > 4300 {
+        // Python prints ints of up to 4300 digits (the sign not counted); so do we.
+        if text.trim_start_matches('-').len() > 4300 {
             return Err(ParseError { message: "integer longer than 4300 digits", offset: start });
         }
         Ok(Value::Number(Number::Big(text.into())))
@@ -1316,9 +1316,10 @@ impl Transcoder<'_, '_> {
         let text = if self.s.get(j) == Some(&b'"') {
             // Plain ASCII: canonical as it is, and the text is the bytes between the quotes, at
             // the same distance from `mark` in the output.
+            // (`mark` may be past `out.len()`: dropped whitespace is in the input only.)
             self.i = j + 1;
-            let at = self.out.len() - self.mark;
-            Text::Span(at + start + 1, at + j)
+            let at = self.out.len();
+            Text::Span(at + (start + 1 - self.mark), at + (j - self.mark))
         } else {
             let mut p = Parser { s: self.s, i: start, depth: 0 };
             let v = p.string()?;

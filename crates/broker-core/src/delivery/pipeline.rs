@@ -444,6 +444,9 @@ impl EventBroker for QueuedBroker {
     async fn publish_batch(&self, events: Vec<Event>, options: PublishOptions) -> BatchPublished {
         self.outbox.publish_batch_with(events, options).await
     }
+    fn atomic_batch(&self) -> usize {
+        self.outbox.options().buffer_size.max(1)
+    }
     async fn flush(&self) -> Result<(), Error> {
         self.outbox.flush().await
     }
