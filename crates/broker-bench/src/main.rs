@@ -304,9 +304,6 @@ pub(crate) fn cli_publish(
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     std::fs::write(work.join("endpoints.yml"), endpoints)?;
-    // Let the machine settle after making the input (the kernel reclaims what this process
-    // freed): on 2 cores that work would be measured as the CLI's.
-    std::thread::sleep(Duration::from_millis(500));
     let exe = std::env::current_exe()?.with_file_name("broker");
     if !exe.exists() {
         bail!("{} not found: build it with `cargo build --release -p broker-cli`", exe.display());

@@ -1265,7 +1265,7 @@ impl Transcoder<'_, '_> {
             if self.s.get(self.i) != Some(&b'"') {
                 return Err(self.err("expected a string key"));
             }
-            let at = self.string()?;
+            let (at, _) = self.string()?;
             if self.keys.insert_is_duplicate(keys_from, self.s, self.out, at) {
                 self.top.needs_tree = true;
             }
@@ -1311,27 +1311,19 @@ impl Transcoder<'_, '_> {
     /// The string value of the top-level `event` (`is_type`) or `sender_id` key, written and
     /// kept in `top`.
     fn extracted_string(&mut self, is_type: bool) -> Result<(), ParseError> {
-        let start = self.i;
-        let j = scan_plain(self.s, start + 1);
-        let text = if self.s.get(j) == Some(&b'"') {
+        let text = match self.string()? {
             // Plain ASCII: canonical as it is, and the text is the bytes between the quotes, at
-            // the same distance from `mark` in the output.
-            // (`mark` may be past `out.len()`: dropped whitespace is in the input only.)
-            self.i = j + 1;
-            let at = self.out.len();
-            Text::Span(at + (start + 1 - self.mark), at + (j - self.mark))
-        } else {
-            let mut p = Parser { s: self.s, i: start, depth: 0 };
-            let v = p.string()?;
-            self.i = p.i;
-            self.rewrite(start, &v);
-            match v {
-                Value::String(text) => Text::Owned(text),
-                _ => {
-                    // A lone surrogate: the tree path handles it.
-                    self.top.needs_tree = true;
-                    return Ok(());
-                }
+            // the same distance from `mark` in the output. (`mark` may be past `out.len()`:
+            // dropped whitespace is in the input only.)
+            (At::Input(a, b), _) => {
+                let at = self.out.len();
+                Text::Span(at + (a + 1 - self.mark), at + (b - 1 - self.mark))
+            }
+            (_, Some(Value::String(text))) => Text::Owned(text),
+            _ => {
+                // A lone surrogate: the tree path handles it.
+                self.top.needs_tree = true;
+                return Ok(());
             }
         };
         if is_type {
@@ -1368,14 +1360,15 @@ impl Transcoder<'_, '_> {
     }
 
     /// A string: runs of plain ASCII are canonical as they are; anything else is decoded and
-    /// written again. Says where its canonical encoding is.
-    fn string(&mut self) -> Result<At, ParseError> {
+    /// written again. Says where its canonical encoding is, and gives the decoded value when it
+    /// was written again.
+    fn string(&mut self) -> Result<(At, Option<Value>), ParseError> {
         let start = self.i;
         let j = scan_plain(self.s, self.i + 1);
         if self.s.get(j) == Some(&b'"') {
             // The common case: nothing to escape or decode.
             self.i = j + 1;
-            return Ok(At::Input(start, self.i));
+            return Ok((At::Input(start, self.i), None));
         }
         let mut p = Parser { s: self.s, i: start, depth: 0 };
         let v = p.string()?;
@@ -1384,6 +1377,6 @@ impl Transcoder<'_, '_> {
         let from = self.out.len();
         v.write_rasa(self.out);
         self.mark = self.i;
-        Ok(At::Output(from, self.out.len()))
+        Ok((At::Output(from, self.out.len()), Some(v)))
     }
 }
