@@ -92,6 +92,11 @@ impl Proxy {
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     let mut conns = conns.lock().await;
+                    if mode.load(Ordering::Acquire) == REFUSE {
+                        // Refused while the upstream connection was being made: `refuse` has
+                        // closed the others already, so this one is closed here.
+                        continue;
+                    }
                     conns.push(tokio::spawn(pump(cr, sw, mode.clone())));
                     conns.push(tokio::spawn(pump(sr, cw, mode.clone())));
                 }
