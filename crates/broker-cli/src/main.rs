@@ -1,6 +1,7 @@
 //! `broker`: publish, tail and check tracker events through the broker configured in Rasa's
 //! `endpoints.yml` (docs/contract.md §D). Exit codes: see [`code`].
 
+mod export;
 mod publish;
 mod serve;
 mod tail;
@@ -141,6 +142,29 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
+    /// Rasa's `rasa export`: publish the events of the endpoints file's tracker_store (sql) to
+    /// its event_broker, per conversation in timestamp order, with `sender_id` added last.
+    Export {
+        /// Only events with a timestamp >= this (seconds since the epoch).
+        #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
+        minimum_timestamp: Option<f64>,
+        /// Only events with a timestamp < this.
+        #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
+        maximum_timestamp: Option<f64>,
+        /// Only these conversations (comma-separated); one that is not in the store is an error.
+        #[arg(long, value_name = "IDS")]
+        conversation_ids: Option<String>,
+        /// Add this many seconds to every exported event's timestamp.
+        #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+        offset_timestamps_by_seconds: Option<i64>,
+        /// Append every event read and not delivered to PATH (as for publish). Default: a new
+        /// undelivered-YYYYMMDDTHHMMSSZ.jsonl in the working directory, named on stderr.
+        #[arg(long, value_name = "PATH")]
+        undelivered: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics and /ready while exporting.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
     /// Validate the configuration, connect, and report readiness and the server's version.
     Check,
     /// Print a shell completion script (e.g. `broker completions bash > /etc/bash_completion.d/broker`).
@@ -209,6 +233,25 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         })?;
         return Ok(code::OK);
     }
+    if let Command::Export {
+        minimum_timestamp,
+        maximum_timestamp,
+        conversation_ids,
+        offset_timestamps_by_seconds,
+        undelivered,
+        metrics_addr,
+    } = cli.command
+    {
+        let args = export::Args {
+            minimum_timestamp,
+            maximum_timestamp,
+            conversation_ids,
+            offset_timestamps_by_seconds,
+            undelivered,
+            metrics_addr,
+        };
+        return export::export(cli.endpoints.as_deref(), args).await;
+    }
     let backend = resolve_backend(cli.endpoints.as_deref()).map_err(Failure::config)?;
     match cli.command {
         Command::Publish { files, skip_invalid, undelivered, metrics_addr } => {
@@ -229,7 +272,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             tail::tail(backend.as_ref(), args).await
         }
         Command::Check => check(backend.as_ref()).await,
-        Command::Completions { .. } => Ok(code::OK),
+        Command::Completions { .. } | Command::Export { .. } => Ok(code::OK),
     }
 }
 

@@ -34,13 +34,13 @@ const CHUNK: usize = 512;
 /// After close, how long the receipts still open may take to settle before they count as unknown.
 const SETTLE_AFTER_CLOSE: Duration = Duration::from_secs(2);
 
-/// What the reader thread found, in input order.
-type Chunk = Vec<Item>;
+/// What the reader found, in input order.
+pub(crate) type Chunk = Vec<Item>;
 
-/// What the reader thread found on one line.
-enum Item {
-    /// An event.
-    Event(Event),
+/// What the reader found on one line (or in one stored event).
+pub(crate) enum Item {
+    /// An event, with the timestamp a resumed export would start from (NaN for input lines).
+    Event(Event, f64),
     /// An invalid line skipped under `--skip-invalid`.
     Skipped(String),
     /// An invalid line or unreadable input that ends the run.
@@ -106,10 +106,14 @@ struct Tally {
     /// Rasa bytes of the events never accepted (reading stops at the first): they go after
     /// `undelivered` once the events accepted before them have their outcomes.
     refused: Vec<Vec<u8>>,
+    /// The lowest resume timestamp of the events not delivered (an export resumes there).
+    resume_at: Option<f64>,
+    /// The resume timestamp of the last event read.
+    last_read: Option<f64>,
 }
 
 impl Tally {
-    fn settle(&mut self, event: impl FnOnce() -> Vec<u8>, outcome: Result<broker_core::Delivered, Error>) {
+    fn settle(&mut self, event: impl FnOnce() -> (Vec<u8>, f64), outcome: Result<broker_core::Delivered, Error>) {
         match outcome {
             Ok(_) => self.delivered += 1,
             Err(e) => {
@@ -117,8 +121,27 @@ impl Tally {
                 if self.first_failure.is_none() {
                     self.first_failure = Some(e.to_string());
                 }
-                self.undelivered.push(event());
+                let (bytes, ts) = event();
+                self.undeliver(bytes, ts);
             }
+        }
+    }
+
+    /// Counts an event as not delivered.
+    fn undeliver(&mut self, bytes: Vec<u8>, ts: f64) {
+        self.note_resume(ts);
+        self.undelivered.push(bytes);
+    }
+
+    /// Counts an event as never accepted.
+    fn refuse(&mut self, (bytes, ts): (Vec<u8>, f64)) {
+        self.note_resume(ts);
+        self.refused.push(bytes);
+    }
+
+    fn note_resume(&mut self, ts: f64) {
+        if !ts.is_nan() && self.resume_at.is_none_or(|r| ts < r) {
+            self.resume_at = Some(ts);
         }
     }
 }
@@ -129,6 +152,8 @@ struct Kept {
     chunk: u64,
     start: usize,
     end: usize,
+    /// Where an export would resume to send it again (NaN: not an export).
+    ts: f64,
 }
 
 /// The Rasa bytes of the events of each chunk whose events are not all settled yet, one buffer
@@ -153,10 +178,10 @@ impl Buffers {
         self.buffers.push_back(bytes);
     }
 
-    /// A copy of the event's bytes.
-    fn get(&self, k: Kept) -> Vec<u8> {
+    /// A copy of the event's bytes, and its resume timestamp.
+    fn get(&self, k: Kept) -> (Vec<u8>, f64) {
         let buffer = usize::try_from(k.chunk - self.first).ok().and_then(|i| self.buffers.get(i));
-        buffer.and_then(|b| b.get(k.start..k.end)).map(<[u8]>::to_vec).unwrap_or_default()
+        (buffer.and_then(|b| b.get(k.start..k.end)).map(<[u8]>::to_vec).unwrap_or_default(), k.ts)
     }
 
     /// Drops the buffers of the chunks before `chunk`.
@@ -236,7 +261,7 @@ fn spawn_reader(
                     None
                 } else {
                     match Event::from_json(text) {
-                        Ok(e) => Some(Item::Event(e)),
+                        Ok(e) => Some(Item::Event(e, f64::NAN)),
                         Err(e) if skip_invalid => Some(Item::Skipped(format!("{name}:{line_no}: {e}"))),
                         Err(e) => {
                             chunk.push(Item::Stop(format!(
@@ -297,6 +322,8 @@ struct Run<'a> {
     kept: Buffers,
     tally: Tally,
     signals: Signals,
+    /// Headers for every event (`broker export` to RabbitMQ).
+    options: PublishOptions,
 }
 
 impl Run<'_> {
@@ -318,7 +345,7 @@ impl Run<'_> {
             first += batch.len() as u64;
             if let Err(stop) = self.publish_batch(batch, batch_spans, number).await {
                 for k in spans {
-                    self.tally.refused.push(self.kept.get(k));
+                    self.tally.refuse(self.kept.get(k));
                 }
                 return Err(stop);
             }
@@ -329,7 +356,7 @@ impl Run<'_> {
     async fn publish_batch(&mut self, events: Vec<Event>, mut spans: Vec<Kept>, first: u64) -> Result<(), Stop> {
         // Accepted at once unless the buffer is full: only then are a timer and the signals
         // watched (a signal between chunks is seen by the caller's loop).
-        let mut publish = std::pin::pin!(self.broker.publish_batch(events, PublishOptions::default()));
+        let mut publish = std::pin::pin!(self.broker.publish_batch(events, self.options.clone()));
         let ready = std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
         let published = match ready {
             Poll::Ready(p) => Ok(p),
@@ -345,7 +372,7 @@ impl Run<'_> {
                 // Given up while waiting for room: the batch is all or nothing, so none of it
                 // was accepted.
                 for k in &spans {
-                    self.tally.refused.push(self.kept.get(*k));
+                    self.tally.refuse(self.kept.get(*k));
                 }
                 return Err(stop);
             }
@@ -354,7 +381,7 @@ impl Run<'_> {
         let mut stop = None;
         if let Some(refused) = published.refused {
             for k in spans.get(accepted..).unwrap_or_default() {
-                self.tally.refused.push(self.kept.get(*k));
+                self.tally.refuse(self.kept.get(*k));
             }
             let which = first + accepted as u64;
             stop = Some(Stop::Refused(format!("event {which}: publish refused: {}", refused.error)));
@@ -411,7 +438,8 @@ impl Run<'_> {
                 Some(o) => self.tally.settle(|| self.kept.get(*k), o),
                 None => {
                     self.tally.unknown += 1;
-                    self.tally.undelivered.push(self.kept.get(*k));
+                    let (bytes, ts) = self.kept.get(*k);
+                    self.tally.undeliver(bytes, ts);
                 }
             }
         }
@@ -512,11 +540,6 @@ fn write_undelivered(path: &Path, events: &[Vec<u8>]) -> io::Result<()> {
 
 pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Failure> {
     let Args { files, skip_invalid, undelivered, metrics_addr } = args;
-    // Before anything is recorded.
-    let metrics = match metrics_addr {
-        Some(addr) => Some((addr, crate::serve::install().map_err(|e| Failure::new(code::CONFIG, e))?)),
-        None => None,
-    };
     let inputs: Vec<Option<PathBuf>> = if files.is_empty() {
         vec![None]
     } else {
@@ -524,6 +547,47 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
     };
     let total: Option<u64> =
         inputs.iter().map(|i| i.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len())).sum::<Option<u64>>();
+    let job = Job { undelivered, metrics_addr, options: PublishOptions::default(), total_bytes: total };
+    let done = drive(backend, job, |bar| spawn_reader(inputs, skip_invalid, bar)).await?;
+    Ok(done.code)
+}
+
+/// What a [`drive`] run is given besides its input.
+pub(crate) struct Job {
+    /// `--undelivered`.
+    pub(crate) undelivered: Option<PathBuf>,
+    /// `--metrics-addr`.
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Options (headers) for every event.
+    pub(crate) options: PublishOptions,
+    /// The input's size, for the progress bar (`None`: a spinner with the count).
+    pub(crate) total_bytes: Option<u64>,
+}
+
+/// How a [`drive`] run ended.
+pub(crate) struct Done {
+    /// The exit code.
+    pub(crate) code: u8,
+    /// Where an export resumes to send what was not delivered (or not read): the lowest resume
+    /// timestamp of the events not delivered, else that of the last event read when the run
+    /// stopped early; `None` when everything was delivered.
+    pub(crate) resume_at: Option<f64>,
+}
+
+/// Connects, publishes what `start` reads (it is started once connected, with the progress
+/// bar), closes, writes the undelivered file and prints the summary: the one publish loop of
+/// `broker publish` and `broker export`.
+pub(crate) async fn drive(
+    backend: &dyn Backend,
+    job: Job,
+    start: impl FnOnce(ProgressBar) -> tokio::sync::mpsc::Receiver<Chunk>,
+) -> Result<Done, Failure> {
+    let Job { undelivered, metrics_addr, options, total_bytes } = job;
+    // Before anything is recorded.
+    let metrics = match metrics_addr {
+        Some(addr) => Some((addr, crate::serve::install().map_err(|e| Failure::new(code::CONFIG, e))?)),
+        None => None,
+    };
     let signals =
         Signals::new().map_err(|e| Failure::new(code::UNDELIVERED, anyhow::anyhow!("cannot watch signals: {e}")))?;
     let broker: std::sync::Arc<dyn EventBroker> = match backend.connect().await {
@@ -537,7 +601,7 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
         let ready = crate::serve::Readiness::Broker(broker.clone());
         crate::serve::serve(addr, handle, ready).await.map_err(|e| Failure::new(code::CONFIG, e))?;
     }
-    let bar = progress(total);
+    let bar = progress(total_bytes);
     let started = Instant::now();
     let mut run = Run {
         broker: broker.as_ref(),
@@ -547,9 +611,10 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
         kept: Buffers::default(),
         tally: Tally::default(),
         signals,
+        options,
     };
     let mut stop: Option<Stop> = None;
-    let mut chunks = spawn_reader(inputs, skip_invalid, bar.clone());
+    let mut chunks = start(bar.clone());
 
     'chunks: loop {
         let chunk = tokio::select! {
@@ -566,11 +631,12 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
         let mut input_stop = None;
         for item in items {
             match item {
-                Item::Event(e) => {
+                Item::Event(e, ts) => {
                     let start = bytes.len();
                     e.write_json(&mut bytes);
-                    spans.push(Kept { chunk, start, end: bytes.len() });
+                    spans.push(Kept { chunk, start, end: bytes.len(), ts });
                     events.push(e);
+                    run.tally.last_read = Some(ts).filter(|t| !t.is_nan());
                 }
                 Item::Skipped(why) => {
                     run.tally.skipped += 1;
@@ -654,10 +720,12 @@ pub(crate) async fn publish(backend: &dyn Backend, args: Args) -> Result<u8, Fai
     if let Some(Stop::Input(why) | Stop::Refused(why)) = stop {
         eprintln!("error: {why}");
     }
+    let resume_at = tally.resume_at.or(if stopped { tally.last_read } else { None });
     if signalled || late_signals > 0 {
-        return Ok(code::INTERRUPTED);
+        return Ok(Done { code: code::INTERRUPTED, resume_at });
     }
-    Ok(if tally.undelivered.is_empty() && written.is_ok() && !stopped { code::OK } else { code::UNDELIVERED })
+    let clean = tally.undelivered.is_empty() && written.is_ok() && !stopped;
+    Ok(Done { code: if clean { code::OK } else { code::UNDELIVERED }, resume_at })
 }
 
 #[cfg(test)]

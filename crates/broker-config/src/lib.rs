@@ -32,11 +32,11 @@ mod yaml;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use broker_core::{ConfigError, Configured, Location, Options, Registry, Warning};
+use broker_core::{ConfigError, Configured, ConfiguredStore, Location, Options, Registry, Warning};
 
 pub use broker_core::memory::MemoryFactory;
 
-/// The `event_broker:` section, before the backend reads its options.
+/// The `event_broker:` (or `tracker_store:`) section, before the backend reads its options.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct BrokerSection {
@@ -52,16 +52,20 @@ pub struct BrokerSection {
 
 /// Reads `path`. A missing file is `Ok(None)`: no broker configured.
 pub fn read_file(path: &Path) -> Result<Option<BrokerSection>, ConfigError> {
-    let file = Some(Arc::new(path.to_owned()));
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            let at = Location { file, line: 0, column: 0 };
-            return Err(ConfigError::new(at, None, format!("cannot read the endpoints file: {e}")));
-        }
-    };
+    let Some(text) = read_text(path)? else { return Ok(None) };
     parse_with_env(&text, Some(path), &|name| std::env::var(name).ok())
+}
+
+/// The endpoints file's text; `Ok(None)` when it does not exist.
+fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => {
+            let at = Location { file: Some(Arc::new(path.to_owned())), line: 0, column: 0 };
+            Err(ConfigError::new(at, None, format!("cannot read the endpoints file: {e}")))
+        }
+    }
 }
 
 /// Parses endpoints YAML text, interpolating from the process environment.
@@ -75,13 +79,66 @@ pub fn parse_with_env(
     file: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<BrokerSection>, ConfigError> {
+    parse_section(text, file, env, EVENT_BROKER)
+}
+
+/// The `event_broker:` section's name.
+const EVENT_BROKER: &str = "event_broker";
+/// The `tracker_store:` section's name.
+const TRACKER_STORE: &str = "tracker_store";
+
+/// The `tracker_store:` section of endpoints YAML text (what `broker export` reads), by the
+/// same rules as `event_broker:`; a section without a type is Rasa's in-memory store
+/// (`type_name` `in_memory`). `Ok(None)`: no such section.
+pub fn parse_tracker_store(
+    text: &str,
+    file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<BrokerSection>, ConfigError> {
+    parse_section(text, file, env, TRACKER_STORE)
+}
+
+/// Reads `path` and builds its tracker store through `registry`, with the section's warnings
+/// first. `Ok(None)`: the file or the section is missing.
+pub fn load_tracker_store(path: &Path, registry: &Registry) -> Result<Option<ConfiguredStore>, ConfigError> {
+    let Some(text) = read_text(path)? else { return Ok(None) };
+    let Some(section) = parse_tracker_store(&text, Some(path), &|name| std::env::var(name).ok())? else {
+        return Ok(None);
+    };
+    if section.type_name == IN_MEMORY {
+        return Err(ConfigError::new(
+            section.type_at,
+            Some("type"),
+            "the in-memory tracker store has nothing to export",
+        )
+        .with_hint(format!(
+            "Rasa keeps it in its own process only; export needs a persistent store: {}",
+            registry.tracker_store_names().join(", ")
+        )));
+    }
+    let mut configured = registry.configure_tracker_store(&section.type_name, section.type_at, section.options)?;
+    let mut warnings = section.warnings;
+    warnings.append(&mut configured.warnings);
+    configured.warnings = warnings;
+    Ok(Some(configured))
+}
+
+/// Rasa's name for a tracker store section without a type.
+const IN_MEMORY: &str = "in_memory";
+
+fn parse_section(
+    text: &str,
+    file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+) -> Result<Option<BrokerSection>, ConfigError> {
     let file: Option<Arc<PathBuf>> = file.map(|p| Arc::new(p.to_owned()));
     let top_at = Location { file: file.clone(), line: 1, column: 1 };
     let Some(root) = yaml::parse(text, &file)? else { return Ok(None) };
     let yaml::Node::Map(entries, _) = root else {
         return Err(ConfigError::new(top_at, None, "the endpoints file must be a mapping of sections"));
     };
-    let Some((key, section)) = entries.into_iter().find(|(k, _)| k.key_text() == Some("event_broker")) else {
+    let Some((key, section)) = entries.into_iter().find(|(k, _)| k.key_text() == Some(name)) else {
         return Ok(None);
     };
     let section_at = key.at().clone();
@@ -93,11 +150,7 @@ pub fn parse_with_env(
             return Ok(None);
         }
         other => {
-            return Err(ConfigError::new(
-                other.at().clone(),
-                Some("event_broker"),
-                "must be a mapping of broker settings",
-            ));
+            return Err(ConfigError::new(other.at().clone(), Some(name), "must be a mapping of settings"));
         }
     };
     let mut warnings = Vec::new();
@@ -125,16 +178,19 @@ pub fn parse_with_env(
             broker_core::ConfigValue::Null => (None, s.at),
             broker_core::ConfigValue::Str(t) => (Some(t.to_ascii_lowercase()), s.at),
             _ => {
+                let examples = if name == EVENT_BROKER { "kafka, pika, sql, file" } else { "sql, redis" };
                 return Err(ConfigError::new(
                     s.at,
                     Some("type"),
-                    "the broker type must be a string (e.g. kafka, pika, sql, file)",
+                    format!("the type must be a string (e.g. {examples})"),
                 ));
             }
         },
     };
-    // Rasa: a section without a type is a RabbitMQ (pika) broker.
-    let type_name = type_name.unwrap_or_else(|| "pika".to_owned());
+    // Rasa: a broker section without a type is a RabbitMQ (pika) broker; a tracker store
+    // without one is the in-memory store (`type: in_memory` is not a name Rasa knows: it loads
+    // it as a module path and falls back to the in-memory store too).
+    let type_name = type_name.unwrap_or_else(|| if name == EVENT_BROKER { "pika" } else { IN_MEMORY }.to_owned());
     Ok(Some(BrokerSection { type_name, type_at, options: Options::with_key_locations(options, section_at), warnings }))
 }
 
@@ -165,12 +221,17 @@ pub fn default_registry() -> Registry {
         "enable the cargo feature `pika` (of broker-config, or of broker-cli for the `broker` command)",
     );
     #[cfg(feature = "sql")]
-    registry.register(broker_sql::SqlFactory);
+    registry.register(broker_sql::SqlFactory).register_tracker_store(broker_sql::SqlTrackerStoreFactory);
     #[cfg(not(feature = "sql"))]
-    registry.note_disabled(
-        "sql",
-        "enable the cargo feature `sql` (of broker-config, or of broker-cli for the `broker` command)",
-    );
+    registry
+        .note_disabled(
+            "sql",
+            "enable the cargo feature `sql` (of broker-config, or of broker-cli for the `broker` command)",
+        )
+        .note_disabled_tracker_store(
+            "sql",
+            "enable the cargo feature `sql` (of broker-config, or of broker-cli for the `broker` command)",
+        );
     registry
 }
 

@@ -205,6 +205,29 @@ impl Options {
         Options::new(entries, Location::default())
     }
 
+    /// Moves the keys of the mapping under `key` to the top level, where `take_*` finds them
+    /// (Rasa's `query:` of a SQL tracker store holds connection parameters such as `sslmode`).
+    /// A key given both there and at the top level is an error; a `key` that is not a mapping too.
+    pub fn hoist(&mut self, key: &str) -> Result<(), ConfigError> {
+        let Some(v) = self.take_raw(key) else { return Ok(()) };
+        let ConfigValue::Map(entries) = v.value else {
+            return Err(self.wrong(key, &v, "a mapping"));
+        };
+        for (k, value) in entries {
+            if self.contains(&k) {
+                return Err(ConfigError::new(
+                    value.at.clone(),
+                    Some(&k),
+                    format!("is given both at the top level and under `{key}`"),
+                ));
+            }
+            self.key_at.push(value.at.clone());
+            self.taken.push(false);
+            self.entries.push((k, value));
+        }
+        Ok(())
+    }
+
     /// Whether a key is present (taken or not).
     pub fn contains(&self, key: &str) -> bool {
         self.entries.iter().any(|(k, _)| k == key)
@@ -356,21 +379,23 @@ impl Options {
 
     /// Ends option parsing: every key no `take_*` call consumed is an error, with the closest
     /// known key as a hint. Generic endpoint keys are accepted with a warning. Returns warnings.
-    pub fn finish(mut self, backend: &str, known: &[&str]) -> Result<Vec<Warning>, ConfigError> {
+    pub fn finish(self, backend: &str, known: &[&str]) -> Result<Vec<Warning>, ConfigError> {
+        self.finish_for(&format!("{backend} event broker"), known)
+    }
+
+    /// [`finish`](Options::finish) for a section that is not an event broker; `what` names it in
+    /// messages (`"sql tracker store"`).
+    pub fn finish_for(mut self, what: &str, known: &[&str]) -> Result<Vec<Warning>, ConfigError> {
         for i in 0..self.entries.len() {
             if self.taken[i] {
                 continue;
             }
             let key = self.entries[i].0.clone();
             if GENERIC_ENDPOINT_KEYS.contains(&key.as_str()) {
-                self.warn(&key, format!("`{key}` has no effect on the {backend} event broker"));
+                self.warn(&key, format!("`{key}` has no effect on the {what}"));
                 continue;
             }
-            let mut err = ConfigError::new(
-                self.key_at[i].clone(),
-                Some(&key),
-                format!("unknown key for the {backend} event broker"),
-            );
+            let mut err = ConfigError::new(self.key_at[i].clone(), Some(&key), format!("unknown key for the {what}"));
             err.hint = Some(match did_you_mean(&key, known) {
                 Some(m) => format!("did you mean `{m}`? known keys: {}", known.join(", ")),
                 None => format!("known keys: {}", known.join(", ")),

@@ -11,6 +11,7 @@
 //!   [`delivery::driver`] over a backend's [`delivery::Sink`], [`backoff`], and the
 //!   [`delivery::Layer`] seam for wrappers.
 //! - [`memory`]: an in-memory reference backend.
+//! - [`tracker`]: Rasa's tracker stores, read side ([`TrackerStore`]), for `broker export`.
 //!
 //! No backend-specific code lives here.
 //!
@@ -42,6 +43,7 @@ pub mod error;
 pub mod memory;
 pub mod metrics;
 pub mod registry;
+pub mod tracker;
 
 pub use codec::{event, json};
 pub use delivery::{backoff, pipeline};
@@ -55,6 +57,7 @@ pub use config::{ConfigError, ConfigValue, DeliveryOptions, Location, Options, S
 pub use error::{Error, Position};
 pub use event::{Event, EventError, EventId, EventWriter, TypedEvent};
 pub use registry::{Backend, BackendFactory, Configured, Registry};
+pub use tracker::{ConfiguredStore, ExportQuery, StoredEvent, StoredEvents, TrackerStore, TrackerStoreFactory};
 
 /// Re-exported so backends and their users name the same `async_trait`.
 pub use async_trait::async_trait;

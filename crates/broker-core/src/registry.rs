@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use crate::broker::{EventBroker, EventSource, SourceOptions};
 use crate::config::{ConfigError, Location, Options, Warning};
 use crate::error::Error;
+use crate::tracker::{ConfiguredStore, TrackerStoreFactory};
 
 /// A configured backend: options validated, nothing connected yet.
 #[async_trait]
@@ -68,18 +69,96 @@ impl Configured {
     }
 }
 
-/// Type names mapped to factories.
+/// Type names mapped to factories: event brokers (`event_broker:`) and tracker stores
+/// (`tracker_store:`, read by `broker export`).
 #[derive(Clone, Default)]
 pub struct Registry {
-    factories: Vec<Arc<dyn BackendFactory>>,
+    brokers: Named<dyn BackendFactory>,
+    stores: Named<dyn TrackerStoreFactory>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry").field("names", &self.names()).field("tracker_stores", &self.stores.names()).finish()
+    }
+}
+
+/// Factories of one kind by name.
+struct Named<F: ?Sized> {
+    factories: Vec<Arc<F>>,
     /// Names we know but that this build cannot build, with what to do about it (typically "enable
     /// the cargo feature `kafka`").
     disabled: Vec<(&'static str, &'static str)>,
 }
 
-impl fmt::Debug for Registry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registry").field("names", &self.names()).finish()
+impl<F: ?Sized> Default for Named<F> {
+    fn default() -> Self {
+        Named { factories: Vec::new(), disabled: Vec::new() }
+    }
+}
+
+impl<F: ?Sized> Clone for Named<F> {
+    fn clone(&self) -> Self {
+        Named { factories: self.factories.clone(), disabled: self.disabled.clone() }
+    }
+}
+
+/// What a [`Named`] needs of a factory.
+trait HasName {
+    fn type_name(&self) -> &'static str;
+}
+
+impl HasName for dyn BackendFactory {
+    fn type_name(&self) -> &'static str {
+        self.name()
+    }
+}
+
+impl HasName for dyn TrackerStoreFactory {
+    fn type_name(&self) -> &'static str {
+        self.name()
+    }
+}
+
+impl<F: ?Sized + HasName> Named<F> {
+    fn register(&mut self, factory: Arc<F>) {
+        let name = factory.type_name();
+        self.factories.retain(|f| !f.type_name().eq_ignore_ascii_case(name));
+        self.disabled.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        self.factories.push(factory);
+    }
+
+    fn note_disabled(&mut self, name: &'static str, remedy: &'static str) {
+        if self.get(name).is_none() {
+            self.disabled.push((name, remedy));
+        }
+    }
+
+    fn names(&self) -> Vec<&'static str> {
+        self.factories.iter().map(|f| f.type_name()).collect()
+    }
+
+    fn get(&self, name: &str) -> Option<&F> {
+        self.factories.iter().find(|f| f.type_name().eq_ignore_ascii_case(name)).map(|f| f.as_ref())
+    }
+
+    /// The factory for `name`, or the error for a disabled or unknown one (`what`: "event
+    /// broker", "tracker store").
+    fn find(&self, name: &str, at: Location, what: &str) -> Result<&F, ConfigError> {
+        if let Some(f) = self.get(name) {
+            return Ok(f);
+        }
+        if let Some((n, remedy)) = self.disabled.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            return Err(
+                ConfigError::new(at, Some("type"), format!("the {n} {what} is not built in")).with_hint(*remedy)
+            );
+        }
+        let names = self.names();
+        let hint = match crate::config::did_you_mean(name, &names) {
+            Some(m) => format!("did you mean {m:?}? registered types: {}", names.join(", ")),
+            None => format!("registered types: {}", names.join(", ")),
+        };
+        Err(ConfigError::new(at, Some("type"), format!("unknown {what} type {name:?}")).with_hint(hint))
     }
 }
 
@@ -91,48 +170,58 @@ impl Registry {
 
     /// Adds (or replaces) a backend under its name.
     pub fn register(&mut self, factory: impl BackendFactory + 'static) -> &mut Registry {
-        let name = factory.name();
-        self.factories.retain(|f| !f.name().eq_ignore_ascii_case(name));
-        self.disabled.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-        self.factories.push(Arc::new(factory));
+        self.brokers.register(Arc::new(factory));
         self
     }
 
     /// Records that `name` is a known type this build leaves out, and what to do about it
     /// (`"enable the cargo feature `kafka` of broker-config"`), for the error message.
     pub fn note_disabled(&mut self, name: &'static str, remedy: &'static str) -> &mut Registry {
-        if self.get(name).is_none() {
-            self.disabled.push((name, remedy));
-        }
+        self.brokers.note_disabled(name, remedy);
         self
     }
 
     /// The registered names.
     pub fn names(&self) -> Vec<&'static str> {
-        self.factories.iter().map(|f| f.name()).collect()
+        self.brokers.names()
     }
 
     /// The factory for `name`, case-insensitively.
     pub fn get(&self, name: &str) -> Option<&dyn BackendFactory> {
-        self.factories.iter().find(|f| f.name().eq_ignore_ascii_case(name)).map(|f| f.as_ref())
+        self.brokers.get(name)
     }
 
     /// Configures the backend `name` with `options`. An unknown name is an error that lists the
     /// registered names, or names the cargo feature for a known but disabled one.
     pub fn configure(&self, name: &str, at: Location, options: Options) -> Result<Configured, ConfigError> {
-        if let Some(f) = self.get(name) {
-            return f.configure(options);
-        }
-        if let Some((n, remedy)) = self.disabled.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
-            return Err(
-                ConfigError::new(at, Some("type"), format!("the {n} event broker is not built in")).with_hint(*remedy)
-            );
-        }
-        let names = self.names();
-        let hint = match crate::config::did_you_mean(name, &names) {
-            Some(m) => format!("did you mean {m:?}? registered types: {}", names.join(", ")),
-            None => format!("registered types: {}", names.join(", ")),
-        };
-        Err(ConfigError::new(at, Some("type"), format!("unknown event broker type {name:?}")).with_hint(hint))
+        self.brokers.find(name, at, "event broker")?.configure(options)
+    }
+
+    /// Adds (or replaces) a tracker store under its name.
+    pub fn register_tracker_store(&mut self, factory: impl TrackerStoreFactory + 'static) -> &mut Registry {
+        self.stores.register(Arc::new(factory));
+        self
+    }
+
+    /// [`note_disabled`](Registry::note_disabled) for a tracker store type.
+    pub fn note_disabled_tracker_store(&mut self, name: &'static str, remedy: &'static str) -> &mut Registry {
+        self.stores.note_disabled(name, remedy);
+        self
+    }
+
+    /// The registered tracker store names.
+    pub fn tracker_store_names(&self) -> Vec<&'static str> {
+        self.stores.names()
+    }
+
+    /// Configures the tracker store `name` with `options`, with the same errors as
+    /// [`configure`](Registry::configure).
+    pub fn configure_tracker_store(
+        &self,
+        name: &str,
+        at: Location,
+        options: Options,
+    ) -> Result<ConfiguredStore, ConfigError> {
+        self.stores.find(name, at, "tracker store")?.configure(options)
     }
 }

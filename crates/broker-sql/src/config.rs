@@ -285,78 +285,7 @@ impl SqlConfig {
 
     /// Reads the options of an `event_broker:` section.
     pub fn from_options(mut options: Options) -> Result<(SqlConfig, Vec<Warning>), ConfigError> {
-        let dialect = options.take_choice("dialect", &["sqlite", "postgresql", "postgres"])?.unwrap_or("sqlite");
-        let db = options.take_str("db")?.unwrap_or_else(|| "events.db".to_owned());
-        let url = options.take_str("url")?;
-        let port = options.take_u64("port")?;
-        let username = options.take_str("username")?;
-        let password = options.take_secret("password")?;
-        let database = match dialect {
-            "sqlite" => {
-                for key in ["url", "port", "username", "password"] {
-                    if options.contains(key) {
-                        options.warn(key, format!("`{key}` has no effect with dialect sqlite"));
-                    }
-                }
-                Database::Sqlite { path: PathBuf::from(db) }
-            }
-            _ => {
-                let url_at = options.location("url");
-                let mut target = PgTarget {
-                    url: None,
-                    host: "localhost".into(),
-                    port: 5432,
-                    db,
-                    username,
-                    password,
-                    tls: TlsSettings::default(),
-                };
-                if let Some(p) = port {
-                    target.port = u16::try_from(p).map_err(|_| {
-                        ConfigError::new(options.location("port"), Some("port"), format!("{p} is not a port number"))
-                    })?;
-                }
-                match url {
-                    Some(u) if u.contains("://") => {
-                        // Checked now, not at connect; the message never quotes the URL (it may
-                        // hold a password).
-                        if let Err(e) = u.parse::<tokio_postgres::Config>() {
-                            return Err(ConfigError::new(
-                                url_at,
-                                Some("url"),
-                                format!("not a valid PostgreSQL URL: {e}"),
-                            )
-                            .with_hint("postgresql://user:password@host:port/db (percent-encode special characters)"));
-                        }
-                        target.url = Some(Secret::new(u));
-                    }
-                    Some(u) if u.contains('@') => {
-                        // `user:secret@db`: credentials in a bare host. Said without the value.
-                        return Err(ConfigError::new(
-                            url_at,
-                            Some("url"),
-                            "a host with user info (`user@host`) is not a host",
-                        )
-                        .with_hint("set `username` and `password`, or give a full postgresql:// URL"));
-                    }
-                    Some(u) => {
-                        // `host` or `host:port`; a port here wins over `port`.
-                        match u.rsplit_once(':') {
-                            Some((h, p)) if !h.is_empty() && !h.contains(':') => {
-                                target.host = h.to_owned();
-                                target.port = p.parse().map_err(|_| {
-                                    ConfigError::new(url_at.clone(), Some("url"), format!("{p:?} is not a port"))
-                                        .with_hint("host or host:port, with a port from 1 to 65535")
-                                })?;
-                            }
-                            _ => target.host = u,
-                        }
-                    }
-                    None => {}
-                }
-                Database::Postgres(target)
-            }
-        };
+        let database = take_database(&mut options, "events.db")?;
         let mut config = SqlConfig::with(database);
         if let Some(t) = options.take_str("table")? {
             config.table = TableName::new(&t).map_err(|e| {
@@ -397,43 +326,117 @@ impl SqlConfig {
         if let Some(d) = options.take_seconds("connect_timeout")? {
             config.connect_timeout = d;
         }
-        let mode = options.take_choice("sslmode", &["disable", "prefer", "require", "verify-ca", "verify-full"])?;
-        let tls = TlsSettings {
-            mode: mode.and_then(SslMode::parse).unwrap_or_default(),
-            root_cert: options.take_str("sslrootcert")?.map(PathBuf::from),
-            client_cert: options.take_str("sslcert")?.map(PathBuf::from),
-            client_key: options.take_str("sslkey")?.map(PathBuf::from),
-        };
-        match &mut config.database {
-            Database::Postgres(pg) => {
-                if matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull) && tls.root_cert.is_none() {
-                    return Err(ConfigError::new(
-                        options.location("sslmode"),
-                        Some("sslrootcert"),
-                        "is required with this sslmode",
-                    )
-                    .with_hint("the CA certificate (PEM) the server's certificate must chain to"));
-                }
-                if tls.client_cert.is_some() != tls.client_key.is_some() {
-                    return Err(ConfigError::new(
-                        options.location("sslcert"),
-                        Some("sslcert"),
-                        "`sslcert` and `sslkey` go together",
-                    ));
-                }
-                pg.tls = tls;
-            }
-            Database::Sqlite { .. } => {
-                if tls != TlsSettings::default() {
-                    options.warn("sslmode", "TLS settings have no effect with dialect sqlite");
-                }
-            }
-        }
         config.delivery = DeliveryOptions::take(&mut options)?;
         config.attempt_timeout = broker_core::delivery::DriverOptions::default().take(&mut options)?.attempt_timeout;
         let warnings = options.finish(NAME, SqlConfig::KEYS)?;
         Ok((config, warnings))
     }
+}
+
+/// The database keys (docs/rasa-compat.md §5), shared by the event broker and the tracker store:
+/// `dialect`, `url`, `port`, `db` (default `default_db`), `username`, `password` and the TLS keys.
+pub(crate) fn take_database(options: &mut Options, default_db: &str) -> Result<Database, ConfigError> {
+    let dialect = options.take_choice("dialect", &["sqlite", "postgresql", "postgres"])?.unwrap_or("sqlite");
+    let db = options.take_str("db")?.unwrap_or_else(|| default_db.to_owned());
+    let url = options.take_str("url")?;
+    let port = options.take_u64("port")?;
+    let username = options.take_str("username")?;
+    let password = options.take_secret("password")?;
+    let mut database = match dialect {
+        "sqlite" => {
+            for key in ["url", "port", "username", "password"] {
+                if options.contains(key) {
+                    options.warn(key, format!("`{key}` has no effect with dialect sqlite"));
+                }
+            }
+            Database::Sqlite { path: PathBuf::from(db) }
+        }
+        _ => {
+            let url_at = options.location("url");
+            let mut target = PgTarget {
+                url: None,
+                host: "localhost".into(),
+                port: 5432,
+                db,
+                username,
+                password,
+                tls: TlsSettings::default(),
+            };
+            if let Some(p) = port {
+                target.port = u16::try_from(p).map_err(|_| {
+                    ConfigError::new(options.location("port"), Some("port"), format!("{p} is not a port number"))
+                })?;
+            }
+            match url {
+                Some(u) if u.contains("://") => {
+                    // Checked now, not at connect; the message never quotes the URL (it may
+                    // hold a password).
+                    if let Err(e) = u.parse::<tokio_postgres::Config>() {
+                        return Err(ConfigError::new(url_at, Some("url"), format!("not a valid PostgreSQL URL: {e}"))
+                            .with_hint("postgresql://user:password@host:port/db (percent-encode special characters)"));
+                    }
+                    target.url = Some(Secret::new(u));
+                }
+                Some(u) if u.contains('@') => {
+                    // `user:secret@db`: credentials in a bare host. Said without the value.
+                    return Err(ConfigError::new(
+                        url_at,
+                        Some("url"),
+                        "a host with user info (`user@host`) is not a host",
+                    )
+                    .with_hint("set `username` and `password`, or give a full postgresql:// URL"));
+                }
+                Some(u) => {
+                    // `host` or `host:port`; a port here wins over `port`.
+                    match u.rsplit_once(':') {
+                        Some((h, p)) if !h.is_empty() && !h.contains(':') => {
+                            target.host = h.to_owned();
+                            target.port = p.parse().map_err(|_| {
+                                ConfigError::new(url_at.clone(), Some("url"), format!("{p:?} is not a port"))
+                                    .with_hint("host or host:port, with a port from 1 to 65535")
+                            })?;
+                        }
+                        _ => target.host = u,
+                    }
+                }
+                None => {}
+            }
+            Database::Postgres(target)
+        }
+    };
+    let mode = options.take_choice("sslmode", &["disable", "prefer", "require", "verify-ca", "verify-full"])?;
+    let tls = TlsSettings {
+        mode: mode.and_then(SslMode::parse).unwrap_or_default(),
+        root_cert: options.take_str("sslrootcert")?.map(PathBuf::from),
+        client_cert: options.take_str("sslcert")?.map(PathBuf::from),
+        client_key: options.take_str("sslkey")?.map(PathBuf::from),
+    };
+    match &mut database {
+        Database::Postgres(pg) => {
+            if matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull) && tls.root_cert.is_none() {
+                return Err(ConfigError::new(
+                    options.location("sslmode"),
+                    Some("sslrootcert"),
+                    "is required with this sslmode",
+                )
+                .with_hint("the CA certificate (PEM) the server's certificate must chain to"));
+            }
+            if tls.client_cert.is_some() != tls.client_key.is_some() {
+                return Err(ConfigError::new(
+                    options.location("sslcert"),
+                    Some("sslcert"),
+                    "`sslcert` and `sslkey` go together",
+                ));
+            }
+            pg.tls = tls;
+        }
+        Database::Sqlite { .. } => {
+            if tls != TlsSettings::default() {
+                options.warn("sslmode", "TLS settings have no effect with dialect sqlite");
+            }
+        }
+    }
+    Ok(database)
 }
 
 #[cfg(test)]

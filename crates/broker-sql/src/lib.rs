@@ -43,6 +43,7 @@ mod config;
 mod postgres;
 mod sqlite;
 pub mod tls;
+mod tracker;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,6 +57,7 @@ use diesel::sql_types::{BigInt, Nullable, Text};
 
 use config::NAME;
 pub use config::{Database, PgTarget, SqlConfig, TableName};
+pub use tracker::{SqlTrackerStore, SqlTrackerStoreFactory};
 
 /// How often a following consumer looks for new rows.
 pub(crate) const POLL: Duration = Duration::from_millis(50);
