@@ -232,6 +232,13 @@ pub fn default_registry() -> Registry {
             "sql",
             "enable the cargo feature `sql` (of broker-config, or of broker-cli for the `broker` command)",
         );
+    #[cfg(feature = "redis")]
+    registry.register_tracker_store(broker_redis::RedisTrackerStoreFactory);
+    #[cfg(not(feature = "redis"))]
+    registry.note_disabled_tracker_store(
+        "redis",
+        "enable the cargo feature `redis` (of broker-config, or of broker-cli for the `broker` command)",
+    );
     registry
 }
 
