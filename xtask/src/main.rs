@@ -23,7 +23,8 @@ const USAGE: &str = "usage: cargo xtask <ci | msrv | features | package | python
     features  broker-cli builds with one backend at a time, no librdkafka without kafka\n\
     package   cargo package of every publishable crate, then verified from its tarball\n\
     python the Python package's pytest suite inside Rasa 3.6.21 (venv from .ci/python-env.sh)\n\
-    bench  benchmark backends (default: all that this release has: file, sql, kafka, pika)";
+    bench  benchmark backends (default: all that this release has: file, sql, kafka, pika;\n\
+           `export`: broker export against Rasa 3.6.21's rasa export on a 100,000-event store)";
 
 /// The workspace members that are never published (`publish = false`), left out of `package`.
 const UNPUBLISHED: &[&str] = &[
@@ -170,14 +171,25 @@ fn bench(root: &Path, backends: &[String]) -> Result<()> {
     let chosen: Vec<&str> =
         if backends.is_empty() { BACKENDS.to_vec() } else { backends.iter().map(String::as_str).collect() };
     for b in &chosen {
-        if !BACKENDS.contains(b) {
-            bail!("unknown backend {b:?}; this release benchmarks: {}", BACKENDS.join(", "));
+        if !BACKENDS.contains(b) && *b != "export" {
+            bail!("unknown backend {b:?}; this release benchmarks: {}, export", BACKENDS.join(", "));
         }
     }
     run(root, "release build", cargo().args(["build", "--release", "-p", "broker-bench", "-p", "broker-cli"]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     let exe = target.join("release").join("broker-bench");
     for b in chosen {
+        if b == "export" {
+            // Against Rasa's own exporter: its code runs in the venv the Python tests use.
+            let venv =
+                std::env::var_os("BROKER_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|| root.join(".venv-rasa"));
+            run(root, "python env (Rasa 3.6.21)", Command::new("bash").arg(".ci/python-env.sh").arg(&venv))?;
+            let mut script = Command::new(venv.join("bin").join("python"));
+            script.args(["-W", "ignore", "crates/broker-python/bench/bench_export.py", "--cli"]);
+            script.arg(target.join("release").join("broker"));
+            run(root, "bench export (broker export vs rasa export)", &mut script)?;
+            continue;
+        }
         run(root, &format!("bench {b}"), Command::new(&exe).arg(b))?;
     }
     Ok(())
