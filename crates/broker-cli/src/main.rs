@@ -1,6 +1,7 @@
 //! `broker`: publish, tail and check tracker events through the broker configured in Rasa's
 //! `endpoints.yml` (docs/contract.md §D). Exit codes: see [`code`].
 
+mod bridge;
 mod export;
 mod publish;
 mod serve;
@@ -165,6 +166,50 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
+    /// Consume from the event_broker of FROM and publish to the event_broker of TO, any pair of
+    /// backends: at least once, in order, acknowledged at the source only once TO confirmed.
+    Bridge {
+        /// The endpoints file of the source.
+        #[arg(long, value_name = "FROM.yml")]
+        from: PathBuf,
+        /// The endpoints file of the destination.
+        #[arg(long, value_name = "TO.yml")]
+        to: PathBuf,
+        /// Where a file or SQL source's position is kept (required for them; written atomically
+        /// after confirmed events). A restart resumes there.
+        #[arg(long, value_name = "PATH")]
+        checkpoint: Option<PathBuf>,
+        /// Kafka consumer group of the source.
+        #[arg(long, default_value = "broker-bridge")]
+        group: String,
+        /// Start at the oldest stored event (a file or SQL source without a checkpoint starts
+        /// there anyway).
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop once caught up with what the source stores (file, SQL, Kafka).
+        #[arg(long)]
+        until_end: bool,
+        /// Stop after this many events consumed.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// Only these event types (comma-separated, e.g. user,bot,action); the others are
+        /// acknowledged and skipped.
+        #[arg(long, value_name = "TYPES")]
+        events: Option<String>,
+        /// Only events with a timestamp >= this.
+        #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
+        minimum_timestamp: Option<f64>,
+        /// Only events with a timestamp < this.
+        #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
+        maximum_timestamp: Option<f64>,
+        /// The dead-letter file: events TO rejected as their own fault, in Rasa's bytes. Default: a
+        /// new undelivered-YYYYMMDDTHHMMSSZ.jsonl in the working directory, named on stderr.
+        #[arg(long, value_name = "PATH")]
+        undelivered: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics and /ready while bridging.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
     /// Validate the configuration, connect, and report readiness and the server's version.
     Check,
     /// Print a shell completion script (e.g. `broker completions bash > /etc/bash_completion.d/broker`).
@@ -252,6 +297,37 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         };
         return export::export(cli.endpoints.as_deref(), args).await;
     }
+    if let Command::Bridge {
+        from,
+        to,
+        checkpoint,
+        group,
+        from_beginning,
+        until_end,
+        limit,
+        events,
+        minimum_timestamp,
+        maximum_timestamp,
+        undelivered,
+        metrics_addr,
+    } = cli.command
+    {
+        let args = bridge::Args {
+            from,
+            to,
+            checkpoint,
+            group,
+            from_beginning,
+            until_end,
+            limit,
+            events,
+            minimum_timestamp,
+            maximum_timestamp,
+            undelivered,
+            metrics_addr,
+        };
+        return bridge::bridge(args).await;
+    }
     let backend = resolve_backend(cli.endpoints.as_deref()).map_err(Failure::config)?;
     match cli.command {
         Command::Publish { files, skip_invalid, undelivered, metrics_addr } => {
@@ -272,12 +348,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             tail::tail(backend.as_ref(), args).await
         }
         Command::Check => check(backend.as_ref()).await,
-        Command::Completions { .. } | Command::Export { .. } => Ok(code::OK),
+        Command::Completions { .. } | Command::Export { .. } | Command::Bridge { .. } => Ok(code::OK),
     }
 }
 
 /// `--endpoints`, else `./endpoints.yml`, else the embedded default (said once on stderr).
-fn resolve_backend(endpoints: Option<&Path>) -> anyhow::Result<Box<dyn Backend>> {
+pub(crate) fn resolve_backend(endpoints: Option<&Path>) -> anyhow::Result<Box<dyn Backend>> {
     let registry = broker_config::default_registry();
     let path = match endpoints {
         Some(p) => {

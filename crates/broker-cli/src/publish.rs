@@ -501,7 +501,7 @@ impl Run<'_> {
 }
 
 /// `undelivered-<UTC timestamp>.jsonl` in the working directory.
-fn default_undelivered_path() -> PathBuf {
+pub(crate) fn default_undelivered_path() -> PathBuf {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (days, rest) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
@@ -528,7 +528,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// Appends `events` to `path`, one Rasa encoding per line, and syncs it.
-fn write_undelivered(path: &Path, events: &[Vec<u8>]) -> io::Result<()> {
+pub(crate) fn write_undelivered(path: &Path, events: &[Vec<u8>]) -> io::Result<()> {
     let file = OpenOptions::new().create(true).append(true).open(path)?;
     let mut out = io::BufWriter::new(file);
     for e in events {
