@@ -110,6 +110,7 @@ fn run_variant(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
         "raw-never" => raw(variant, &path, n, false),
         "raw-batch" => raw(variant, &path, n, true),
         "cli" => cli(variant, dir, n),
+        "bridge" => bridge(variant, dir, n),
         "lines-raw" => lines_raw(variant, dir, n),
         "encode-only" => encode_only(variant, &path, n),
         "parse-only" => parse_only(variant, n),
@@ -290,6 +291,23 @@ fn cli(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
     Ok(r)
 }
 
+/// `broker bridge` from a file of the `n` events to the file backend, whole process: compared
+/// with `broker publish` of the same file (`cli`).
+fn bridge(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
+    let endpoints = "event_broker:\n  type: file\n  path: rasa_event.log\n";
+    let (r, input, work) = cli_run(variant, dir, n, endpoints, |input, work| {
+        let from = format!("event_broker:\n  type: file\n  path: {}\n", input.display());
+        std::fs::write(work.join("from.yml"), from)?;
+        Ok(["bridge", "--from", "from.yml", "--to", "endpoints.yml", "--checkpoint", "cp.json", "--until-end"]
+            .map(String::from)
+            .to_vec())
+    })?;
+    if std::fs::read(work.join("rasa_event.log"))? != std::fs::read(&input)? {
+        bail!("the bridge's output differs from its input");
+    }
+    Ok(r)
+}
+
 /// `broker publish` of `n` events, whole process, with `endpoints` as its endpoints.yml; exit
 /// code 0 (everything delivered) or an error. Returns the result, the input and the working
 /// directory.
@@ -299,19 +317,31 @@ pub(crate) fn cli_publish(
     n: u64,
     endpoints: &str,
 ) -> Result<(serde_json::Value, PathBuf, PathBuf)> {
+    cli_run(variant, dir, n, endpoints, |input, _| Ok(vec!["publish".to_owned(), input.display().to_string()]))
+}
+
+/// `broker ARGS` on `n` events, whole process, in a fresh working directory with `endpoints` as
+/// its endpoints.yml; `args` gets the input file and that directory.
+fn cli_run(
+    variant: &str,
+    dir: &Path,
+    n: u64,
+    endpoints: &str,
+    args: impl FnOnce(&Path, &Path) -> Result<Vec<String>>,
+) -> Result<(serde_json::Value, PathBuf, PathBuf)> {
     let input = cli_input(dir, n)?;
     let work = dir.join("cli-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     std::fs::write(work.join("endpoints.yml"), endpoints)?;
+    let args = args(&input, &work)?;
     let exe = std::env::current_exe()?.with_file_name("broker");
     if !exe.exists() {
         bail!("{} not found: build it with `cargo build --release -p broker-cli`", exe.display());
     }
     let started = Instant::now();
     let mut child = Command::new(&exe)
-        .arg("publish")
-        .arg(&input)
+        .args(&args)
         .current_dir(&work)
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -327,7 +357,7 @@ pub(crate) fn cli_publish(
     };
     let elapsed = started.elapsed();
     if !status.success() {
-        bail!("broker publish failed: {status}");
+        bail!("broker {} failed: {status}", args.first().map_or("", String::as_str));
     }
     Ok((result(variant, n, elapsed, Vec::new(), peak), input, work))
 }
@@ -376,7 +406,7 @@ fn bench_file(events: u64, runs: usize) -> Result<()> {
         Plan {
             backend: "file",
             describe: format!("{events} events (mix of user/bot/action/slot, {avg} bytes on average)"),
-            variants: ["raw-never", "ours-never", "raw-batch", "ours-batch", "lines-raw", "cli"]
+            variants: ["raw-never", "ours-never", "raw-batch", "ours-batch", "lines-raw", "cli", "bridge"]
                 .iter()
                 .map(|v| (*v, events))
                 .chain([("cli@50000", 50_000), ("cli@500000", 500_000), ("cli@1000000", 1_000_000)])
@@ -387,10 +417,12 @@ fn bench_file(events: u64, runs: usize) -> Result<()> {
                 ("ours-batch", "raw-batch", 0.8),
                 ("cli", "raw-never", 0.5),
                 ("cli", "lines-raw", 0.25),
+                ("bridge", "cli", 0.25),
             ],
             note: "raw-*: serde_json into a BufWriter flushed every 4096 events (batch: + fdatasync), ours-*: \
                    the file backend with fsync never/batch; lines-raw: JSON lines read and written unparsed, in-process; \
-                   cli: `broker publish` of a JSON-lines file, whole process, parsing included (cli@N: of N events; its peak MiB is the whole process's)",
+                   cli: `broker publish` of a JSON-lines file, whole process, parsing included (cli@N: of N events; its peak MiB is the whole process's); \
+                   bridge: `broker bridge` from that file (a file source) to the file backend, whole process, acknowledged in order with a checkpoint",
         },
         runs,
     )

@@ -51,12 +51,15 @@ pub struct FileSource {
     file: Option<File>,
     /// The open file's identity.
     id: Option<Identity>,
-    /// Offset of `buf[0]` in the file.
+    /// Offset of `buf[front]` in the file.
     offset: u64,
+    /// What was read; `buf[..front]` is consumed already (dropped at the next fill, so a line
+    /// handed over costs no move of the rest).
     buf: Vec<u8>,
-    /// How much of `buf` is known to hold no newline.
+    front: usize,
+    /// How much of `buf[front..]` is known to hold no newline.
     scanned: usize,
-    /// The line number of `buf[0]`, when reading from the start.
+    /// The line number of `buf[front]`, when reading from the start.
     line: Option<u64>,
     follow: bool,
     start: StartFrom,
@@ -97,6 +100,7 @@ impl FileSource {
             id: None,
             offset: 0,
             buf: Vec::with_capacity(1 << 16),
+            front: 0,
             scanned: 0,
             line: None,
             follow: options.follow,
@@ -139,8 +143,7 @@ impl FileSource {
         self.line = line;
         self.id = Some(identity(&meta));
         self.file = Some(file);
-        self.buf.clear();
-        self.scanned = 0;
+        self.clear();
         self.skipping = false;
         self.head = first_line(&self.path);
         Ok(true)
@@ -149,6 +152,10 @@ impl FileSource {
     /// Reads more bytes; Ok(0) at the current end.
     fn fill(&mut self) -> Result<usize, Error> {
         let Some(file) = self.file.as_mut() else { return Ok(0) };
+        if self.front > 0 {
+            self.buf.drain(..self.front);
+            self.front = 0;
+        }
         let old = self.buf.len();
         self.buf.resize(old + FILL, 0);
         let n = file.read(&mut self.buf[old..]);
@@ -174,7 +181,7 @@ impl FileSource {
             Err(e) => return Err(Error::io(NAME, format!("checking {}", self.path.display()), e)),
         };
         let replaced = self.id.is_some_and(|id| id != identity(&meta));
-        let shorter = meta.len() < self.offset + self.buf.len() as u64;
+        let shorter = meta.len() < self.offset + self.pending().len() as u64;
         // Truncated and written again past our position: the first line changed.
         let rewritten = !replaced && !shorter && self.offset > 0 && {
             if self.head.is_empty() {
@@ -193,11 +200,11 @@ impl FileSource {
         if replaced || truncated {
             let what = if replaced { "was replaced (rotated or re-created)" } else { "was truncated" };
             tracing::warn!("{} {what}; reading it from the start", self.path.display());
-            if !self.buf.is_empty() && !self.skipping {
+            if !self.pending().is_empty() && !self.skipping {
                 tracing::warn!(
                     "{}: the old file ended with {} bytes and no newline: not an event, dropped",
                     self.path.display(),
-                    self.buf.len()
+                    self.pending().len()
                 );
             }
             self.start = StartFrom::Beginning;
@@ -214,9 +221,21 @@ impl FileSource {
         }
     }
 
-    /// Drops `n` bytes (a line and its newline) from the front of `buf`.
+    /// What is read and not consumed.
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.front..]
+    }
+
+    /// Drops everything read.
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.front = 0;
+        self.scanned = 0;
+    }
+
+    /// Drops `n` bytes (a line and its newline) from the front of what is pending.
     fn consume(&mut self, n: usize) {
-        self.buf.drain(..n);
+        self.front += n;
         self.scanned = 0;
         self.offset += n as u64;
         self.line = self.line.map(|l| l + 1);
@@ -231,7 +250,7 @@ impl EventSource for FileSource {
 
     async fn next(&mut self) -> Result<Option<Received>, Error> {
         loop {
-            if let Some(nl) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            if let Some(nl) = self.pending()[self.scanned..].iter().position(|&b| b == b'\n') {
                 let end = self.scanned + nl;
                 if self.skipping {
                     // The end of a line too long to be an event (reported when it passed the cap).
@@ -244,7 +263,7 @@ impl EventSource for FileSource {
                     self.consume(end + 1);
                     return Err(Error::Malformed { position, reason: too_long() });
                 }
-                let raw: Vec<u8> = self.buf[..end].to_vec();
+                let raw: Vec<u8> = self.pending()[..end].to_vec();
                 self.consume(end + 1);
                 if raw.iter().all(|b| b.is_ascii_whitespace()) {
                     continue;
@@ -254,21 +273,19 @@ impl EventSource for FileSource {
                     Err(e) => Err(Error::Malformed { position, reason: e.to_string() }),
                 };
             }
-            self.scanned = self.buf.len();
-            if self.buf.len() > MAX_LINE_BYTES && !self.skipping {
+            self.scanned = self.pending().len();
+            if self.pending().len() > MAX_LINE_BYTES && !self.skipping {
                 // Reported once, at its start; the rest of it is dropped as it comes.
                 let position = self.position();
                 self.skipping = true;
-                let n = self.buf.len();
-                self.buf.clear();
-                self.scanned = 0;
+                let n = self.pending().len();
+                self.clear();
                 self.offset += n as u64;
                 return Err(Error::Malformed { position, reason: too_long() });
             }
-            if self.skipping && !self.buf.is_empty() {
-                let n = self.buf.len();
-                self.buf.clear();
-                self.scanned = 0;
+            if self.skipping && !self.pending().is_empty() {
+                let n = self.pending().len();
+                self.clear();
                 self.offset += n as u64;
             }
             if self.file.is_none() && !self.try_open()? {
