@@ -1,0 +1,528 @@
+//! The spool's on-disk log: append-only segments of checksummed records, and the position up to
+//! which the service confirmed them.
+//!
+//! A spool directory holds:
+//! - `lock`: held (advisory, exclusive) by the one process using the directory; the kernel
+//!   releases it when that process dies, so a crash leaves nothing stale.
+//! - `<first sequence, 20 digits>.seg`: segments. Each starts with the 8 bytes `RSPOOL01`, then
+//!   records: `length: u32 LE` (of the payload), `crc: u32 LE` (CRC-32 of the sequence bytes and
+//!   the payload), `sequence: u64 LE`, payload (`event id: u128 LE`, then the event's bytes).
+//!   Sequences are consecutive across segments. A new segment starts once the current one reaches
+//!   `max_segment_bytes`.
+//! - `acked`: the first sequence not yet confirmed, as text, replaced atomically (temporary file,
+//!   fsync, rename, directory fsync). Segments whose records are all below it are deleted.
+//!
+//! On open every segment is read through: a record whose bytes end early or whose checksum does
+//! not match ends the log there (a crash mid-write leaves a torn last record). The file is cut at
+//! that point, and what was cut is reported ([`Recovery`]); it is never handed out half.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"RSPOOL01";
+const HEADER: usize = 4 + 4 + 8;
+const ID: usize = 16;
+/// A record larger than this is not one of ours (a corrupt length).
+const MAX_RECORD: usize = 256 << 20;
+
+/// A spool log error: which file, what, and whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    /// Another process owns the directory.
+    #[error("the spool directory {} is in use by another process (its lock is held); one process per spool", .0.display())]
+    Locked(PathBuf),
+    /// A file operation failed.
+    #[error("spool {}: {operation}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        operation: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file in the directory is not what the spool wrote.
+    #[error("spool {}: {reason}", path.display())]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl LogError {
+    /// Whether trying again may help (a full disk, a lock another process may release).
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            LogError::Locked(_) => true,
+            LogError::Io { source, .. } => !matches!(source.kind(), io::ErrorKind::PermissionDenied),
+            LogError::Foreign { .. } => false,
+        }
+    }
+}
+
+fn io_err<'a>(path: &'a Path, operation: &'static str) -> impl FnOnce(io::Error) -> LogError + 'a {
+    move |source| LogError::Io { path: path.to_owned(), operation, source }
+}
+
+/// What opening found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Records found, not yet confirmed: they are replayed first.
+    pub pending: u64,
+    /// Records cut because their bytes were torn or corrupt (a crash mid-write).
+    pub torn_records: u64,
+    /// Bytes cut with them.
+    pub torn_bytes: u64,
+}
+
+/// One record read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The event id.
+    pub id: u128,
+    /// The event's bytes.
+    pub json: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Segment {
+    /// One past the last sequence in it.
+    end: u64,
+    path: PathBuf,
+    bytes: u64,
+}
+
+/// The log of one spool directory.
+#[derive(Debug)]
+pub struct SpoolLog {
+    dir: PathBuf,
+    _lock: File,
+    segments: VecDeque<Segment>,
+    writer: Option<BufWriter<File>>,
+    next_seq: u64,
+    acked: u64,
+    max_segment_bytes: u64,
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.seg")
+}
+
+/// Reads records from `r` (after the magic) until the end or a bad record; returns them and the
+/// offset where the good part ends.
+fn scan(path: &Path, mut r: impl Read, mut on_record: impl FnMut(Record)) -> Result<(u64, bool), LogError> {
+    let mut offset = MAGIC.len() as u64;
+    let mut header = [0u8; HEADER];
+    loop {
+        match read_full(&mut r, &mut header).map_err(io_err(path, "reading"))? {
+            0 => return Ok((offset, false)),
+            n if n < HEADER => return Ok((offset, true)),
+            _ => {}
+        }
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let seq_bytes: [u8; 8] = header[8..16].try_into().unwrap_or_default();
+        if !(ID..=MAX_RECORD).contains(&len) {
+            return Ok((offset, true));
+        }
+        let mut payload = vec![0u8; len];
+        if read_full(&mut r, &mut payload).map_err(io_err(path, "reading"))? < len {
+            return Ok((offset, true));
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&seq_bytes);
+        hasher.update(&payload);
+        if hasher.finalize() != crc {
+            return Ok((offset, true));
+        }
+        let id = u128::from_le_bytes(payload[..ID].try_into().unwrap_or_default());
+        payload.drain(..ID);
+        on_record(Record { seq: u64::from_le_bytes(seq_bytes), id, json: payload });
+        offset += (HEADER + len) as u64;
+    }
+}
+
+/// Reads until `buf` is full or the end; returns how many bytes were read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "syncing the directory"))
+}
+
+impl SpoolLog {
+    /// Opens (or creates) the spool in `dir`, takes its lock, reads what a previous process left
+    /// and cuts a torn end.
+    pub fn open(dir: &Path, max_segment_bytes: u64) -> Result<(SpoolLog, Recovery), LogError> {
+        fs::create_dir_all(dir).map_err(io_err(dir, "creating the directory"))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path, "opening the lock"))?;
+        // Fully qualified: std's own `File::try_lock` (1.89+) would shadow the trait method.
+        match fs4::FileExt::try_lock(&lock) {
+            Ok(()) => {}
+            Err(fs4::TryLockError::WouldBlock) => return Err(LogError::Locked(dir.to_owned())),
+            Err(fs4::TryLockError::Error(e)) => return Err(io_err(&lock_path, "locking")(e)),
+        }
+        let acked_path = dir.join("acked");
+        let acked = match fs::read_to_string(&acked_path) {
+            Ok(t) => t.trim().parse::<u64>().map_err(|_| LogError::Foreign {
+                path: acked_path.clone(),
+                reason: format!("not a sequence number: {:?}", t.trim()),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(&acked_path, "reading")(e)),
+        };
+        let mut firsts: Vec<u64> = fs::read_dir(dir)
+            .map_err(io_err(dir, "listing"))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse().ok()))
+            .collect();
+        firsts.sort_unstable();
+        let mut log = SpoolLog {
+            dir: dir.to_owned(),
+            _lock: lock,
+            segments: VecDeque::new(),
+            writer: None,
+            next_seq: acked,
+            acked,
+            max_segment_bytes: max_segment_bytes.max(4096),
+        };
+        let mut recovery = Recovery::default();
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let file = File::open(&path).map_err(io_err(&path, "opening"))?;
+            let len = file.metadata().map_err(io_err(&path, "reading the size of"))?.len();
+            let mut r = BufReader::with_capacity(1 << 16, file);
+            let mut magic = [0u8; 8];
+            if read_full(&mut r, &mut magic).map_err(io_err(&path, "reading"))? < 8 || &magic != MAGIC {
+                if len < MAGIC.len() as u64 && i + 1 == count {
+                    // Created, then the crash: nothing in it.
+                    fs::remove_file(&path).map_err(io_err(&path, "removing"))?;
+                    continue;
+                }
+                return Err(LogError::Foreign { path, reason: "not a spool segment (no RSPOOL01 header)".into() });
+            }
+            let mut end = first;
+            let mut out_of_order = false;
+            let (good, torn) = scan(&path, r, |rec| {
+                if rec.seq != end {
+                    out_of_order = true;
+                }
+                end = rec.seq + 1;
+                if rec.seq >= acked {
+                    recovery.pending += 1;
+                }
+            })?;
+            if out_of_order {
+                return Err(LogError::Foreign { path, reason: "sequence numbers out of order".into() });
+            }
+            if torn {
+                // Cut at the last good record; what follows cannot be trusted.
+                let cut = len - good;
+                recovery.torn_records += 1;
+                recovery.torn_bytes += cut;
+                let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path, "opening"))?;
+                f.set_len(good).map_err(io_err(&path, "cutting the torn end of"))?;
+                f.sync_all().map_err(io_err(&path, "syncing"))?;
+                tracing::warn!("spool {}: cut {cut} bytes of a torn or corrupt record", path.display());
+            }
+            log.next_seq = log.next_seq.max(end);
+            log.segments.push_back(Segment { end, path, bytes: good });
+        }
+        log.drop_confirmed()?;
+        Ok((log, recovery))
+    }
+
+    /// Appends one event; returns its sequence number. Buffered: [`sync`](SpoolLog::sync) makes
+    /// it durable.
+    pub fn append(&mut self, id: u128, json: &[u8]) -> Result<u64, LogError> {
+        let need_new = match self.segments.back() {
+            None => true,
+            Some(s) => self.writer.is_none() || s.bytes >= self.max_segment_bytes,
+        };
+        if need_new {
+            self.start_segment()?;
+        }
+        let seq = self.next_seq;
+        let seq_bytes = seq.to_le_bytes();
+        let id_bytes = id.to_le_bytes();
+        let len = ID + json.len();
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&seq_bytes);
+        hasher.update(&id_bytes);
+        hasher.update(json);
+        let crc = hasher.finalize();
+        let Some(segment) = self.segments.back_mut() else { return unreachable_segment() };
+        let path = segment.path.clone();
+        let writer = match self.writer.as_mut() {
+            Some(w) => w,
+            None => return Err(LogError::Foreign { path, reason: "no open segment".into() }),
+        };
+        let len32 = u32::try_from(len).ok().filter(|l| (*l as usize) <= MAX_RECORD).ok_or_else(|| LogError::Io {
+            path: path.clone(),
+            operation: "appending",
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("an event of {len} bytes is too large to spool"),
+            ),
+        })?;
+        let wrote = writer
+            .write_all(&len32.to_le_bytes())
+            .and_then(|()| writer.write_all(&crc.to_le_bytes()))
+            .and_then(|()| writer.write_all(&seq_bytes))
+            .and_then(|()| writer.write_all(&id_bytes))
+            .and_then(|()| writer.write_all(json));
+        if let Err(e) = wrote {
+            // The segment may now end in part of this record: start a new one for the next, and
+            // let the reader of this one cut it.
+            self.writer = None;
+            return Err(io_err(&path, "appending")(e));
+        }
+        segment.bytes += (HEADER + len) as u64;
+        segment.end = seq + 1;
+        self.next_seq = seq + 1;
+        Ok(seq)
+    }
+
+    fn start_segment(&mut self) -> Result<(), LogError> {
+        if let Some(w) = self.writer.as_mut() {
+            let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
+            w.flush().map_err(io_err(&path, "writing"))?;
+            w.get_ref().sync_data().map_err(io_err(&path, "syncing"))?;
+        }
+        let first = self.next_seq;
+        let path = self.dir.join(segment_name(first));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path, "creating"))?;
+        let mut w = BufWriter::with_capacity(1 << 16, file);
+        w.write_all(MAGIC).map_err(io_err(&path, "writing"))?;
+        self.writer = Some(w);
+        self.segments.push_back(Segment { end: first, path, bytes: MAGIC.len() as u64 });
+        sync_dir(&self.dir)
+    }
+
+    /// Writes what was appended and makes it durable (fdatasync).
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        let Some(w) = self.writer.as_mut() else { return Ok(()) };
+        let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
+        w.flush().map_err(io_err(&path, "writing"))?;
+        w.get_ref().sync_data().map_err(io_err(&path, "syncing"))
+    }
+
+    /// Writes what was appended, without waiting for the disk.
+    pub fn flush(&mut self) -> Result<(), LogError> {
+        let Some(w) = self.writer.as_mut() else { return Ok(()) };
+        let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
+        w.flush().map_err(io_err(&path, "writing"))
+    }
+
+    /// Records that every sequence below `upto` is confirmed, and deletes the segments that hold
+    /// only confirmed records.
+    pub fn ack(&mut self, upto: u64) -> Result<(), LogError> {
+        let upto = upto.min(self.next_seq);
+        if upto <= self.acked {
+            return Ok(());
+        }
+        let path = self.dir.join("acked");
+        let tmp = self.dir.join(".acked.tmp");
+        {
+            let mut f = File::create(&tmp).map_err(io_err(&tmp, "creating"))?;
+            writeln!(f, "{upto}").map_err(io_err(&tmp, "writing"))?;
+            f.sync_all().map_err(io_err(&tmp, "syncing"))?;
+        }
+        fs::rename(&tmp, &path).map_err(io_err(&path, "replacing"))?;
+        sync_dir(&self.dir)?;
+        self.acked = upto;
+        self.drop_confirmed()
+    }
+
+    fn drop_confirmed(&mut self) -> Result<(), LogError> {
+        while let Some(front) = self.segments.front() {
+            // The segment being written stays, even when all of it is confirmed.
+            let writing = self.writer.is_some() && self.segments.len() == 1;
+            if writing || front.end > self.acked {
+                break;
+            }
+            fs::remove_file(&front.path).map_err(io_err(&front.path, "removing"))?;
+            self.segments.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The records not yet confirmed, in order (what a new process replays).
+    pub fn pending(&mut self) -> Result<Vec<Record>, LogError> {
+        self.flush()?;
+        let mut out = Vec::new();
+        for s in &self.segments {
+            if s.end <= self.acked {
+                continue;
+            }
+            let mut file = File::open(&s.path).map_err(io_err(&s.path, "opening"))?;
+            file.seek(SeekFrom::Start(MAGIC.len() as u64)).map_err(io_err(&s.path, "seeking"))?;
+            let r = BufReader::with_capacity(1 << 16, file.take(s.bytes - MAGIC.len() as u64));
+            let acked = self.acked;
+            scan(&s.path, r, |rec| {
+                if rec.seq >= acked {
+                    out.push(rec);
+                }
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Events appended and not confirmed.
+    pub fn pending_events(&self) -> u64 {
+        self.next_seq - self.acked
+    }
+
+    /// Bytes on disk in segments.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// The next sequence number.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The first sequence not yet confirmed.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+}
+
+fn unreachable_segment<T>() -> Result<T, LogError> {
+    Err(LogError::Foreign { path: PathBuf::new(), reason: "no segment to append to".into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(i: u64) -> Vec<u8> {
+        format!(r#"{{"sender_id": "s", "event": "action", "timestamp": {i}.5, "name": "a{i}"}}"#).into_bytes()
+    }
+
+    #[test]
+    fn appended_records_come_back_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut log, recovery) = SpoolLog::open(dir.path(), 4096).unwrap();
+            assert_eq!(recovery, Recovery::default());
+            for i in 0..500 {
+                assert_eq!(log.append(u128::from(i) << 64 | 7, &json(i)).unwrap(), i);
+            }
+            log.sync().unwrap();
+            assert!(log.segments.len() > 3, "small segments roll over: {}", log.segments.len());
+        }
+        let (mut log, recovery) = SpoolLog::open(dir.path(), 4096).unwrap();
+        assert_eq!(recovery.pending, 500);
+        let records = log.pending().unwrap();
+        assert_eq!(records.len(), 500);
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!((r.seq, r.id, &r.json), (i as u64, (i as u128) << 64 | 7, &json(i as u64)));
+        }
+        assert_eq!(log.append(1, b"{}").unwrap(), 500, "sequences go on");
+    }
+
+    #[test]
+    fn confirmed_segments_are_deleted_and_stay_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = SpoolLog::open(dir.path(), 4096).unwrap();
+        for i in 0..300 {
+            log.append(0, &json(i)).unwrap();
+        }
+        log.sync().unwrap();
+        let before = log.segments.len();
+        log.ack(250).unwrap();
+        assert!(log.segments.len() < before);
+        assert_eq!(log.pending_events(), 50);
+        drop(log);
+        let (mut log, recovery) = SpoolLog::open(dir.path(), 4096).unwrap();
+        assert_eq!(recovery.pending, 50);
+        let seqs: Vec<u64> = log.pending().unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (250..300).collect::<Vec<_>>());
+        log.ack(300).unwrap();
+        assert_eq!(log.pending().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_torn_last_record_is_cut_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..10 {
+            log.append(0, &json(i)).unwrap();
+        }
+        log.sync().unwrap();
+        let path = log.segments.back().unwrap().path.clone();
+        drop(log);
+        let len = fs::metadata(&path).unwrap().len();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 5).unwrap();
+        let (mut log, recovery) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((recovery.pending, recovery.torn_records), (9, 1));
+        assert!(recovery.torn_bytes > 0);
+        assert_eq!(log.pending().unwrap().len(), 9);
+        assert_eq!(log.append(0, &json(9)).unwrap(), 9, "the cut record's sequence is reused");
+        log.sync().unwrap();
+        drop(log);
+        let (_, recovery) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((recovery.pending, recovery.torn_records), (10, 0));
+    }
+
+    #[test]
+    fn a_corrupt_byte_ends_the_log_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..10 {
+            log.append(0, &json(i)).unwrap();
+        }
+        log.sync().unwrap();
+        let path = log.segments.back().unwrap().path.clone();
+        drop(log);
+        let mut bytes = fs::read(&path).unwrap();
+        let third = MAGIC.len() + 2 * (HEADER + ID + json(0).len()) + HEADER + ID + 3;
+        bytes[third] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let (mut log, recovery) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((recovery.pending, recovery.torn_records), (2, 1));
+        assert_eq!(log.pending().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn one_process_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, _) = SpoolLog::open(dir.path(), 4096).unwrap();
+        let second = SpoolLog::open(dir.path(), 4096).unwrap_err();
+        assert!(matches!(second, LogError::Locked(_)), "{second}");
+        assert!(second.to_string().contains("in use by another process"));
+    }
+}
