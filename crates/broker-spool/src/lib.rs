@@ -14,7 +14,7 @@
 //! let dir = tempfile::tempdir().expect("a temporary directory");
 //! let (mut log, recovery) = SpoolLog::open(dir.path(), 64 << 20)?;
 //! assert_eq!(recovery.pending, 0);
-//! let seq = log.append(7, br#"{"sender_id": "a", "event": "restart", "timestamp": 1.5}"#)?;
+//! let seq = log.append(br#"{"sender_id": "a", "event": "restart", "timestamp": 1.5}"#)?;
 //! log.sync()?; // durable from here on
 //! log.ack(seq + 1)?; // the service confirmed it
 //! assert_eq!(log.pending_events(), 0);

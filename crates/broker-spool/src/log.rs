@@ -6,7 +6,8 @@
 //!   releases it when that process dies, so a crash leaves nothing stale.
 //! - `<first sequence, 20 digits>.seg`: segments. Each starts with the 8 bytes `RSPOOL01`, then
 //!   records: `length: u32 LE` (of the payload), `crc: u32 LE` (CRC-32 of the sequence bytes and
-//!   the payload), `sequence: u64 LE`, payload (`event id: u128 LE`, then the event's bytes).
+//!   the payload), `sequence: u64 LE`, payload (opaque here: the layer above encodes the event,
+//!   its id and its headers in it).
 //!   Sequences are consecutive across segments. A new segment starts once the current one reaches
 //!   `max_segment_bytes`.
 //! - `acked`: the first sequence not yet confirmed, as text, replaced atomically (temporary file,
@@ -23,7 +24,6 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RSPOOL01";
 const HEADER: usize = 4 + 4 + 8;
-const ID: usize = 16;
 /// A record larger than this is not one of ours (a corrupt length).
 const MAX_RECORD: usize = 256 << 20;
 
@@ -87,10 +87,8 @@ pub struct Recovery {
 pub struct Record {
     /// Its sequence number.
     pub seq: u64,
-    /// The event id.
-    pub id: u128,
-    /// The event's bytes.
-    pub json: Vec<u8>,
+    /// What was appended.
+    pub payload: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -131,7 +129,7 @@ fn scan(path: &Path, mut r: impl Read, mut on_record: impl FnMut(Record)) -> Res
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let seq_bytes: [u8; 8] = header[8..16].try_into().unwrap_or_default();
-        if !(ID..=MAX_RECORD).contains(&len) {
+        if len > MAX_RECORD {
             return Ok((offset, true));
         }
         let mut payload = vec![0u8; len];
@@ -144,9 +142,7 @@ fn scan(path: &Path, mut r: impl Read, mut on_record: impl FnMut(Record)) -> Res
         if hasher.finalize() != crc {
             return Ok((offset, true));
         }
-        let id = u128::from_le_bytes(payload[..ID].try_into().unwrap_or_default());
-        payload.drain(..ID);
-        on_record(Record { seq: u64::from_le_bytes(seq_bytes), id, json: payload });
+        on_record(Record { seq: u64::from_le_bytes(seq_bytes), payload });
         offset += (HEADER + len) as u64;
     }
 }
@@ -258,9 +254,9 @@ impl SpoolLog {
         Ok((log, recovery))
     }
 
-    /// Appends one event; returns its sequence number. Buffered: [`sync`](SpoolLog::sync) makes
+    /// Appends one record; returns its sequence number. Buffered: [`sync`](SpoolLog::sync) makes
     /// it durable.
-    pub fn append(&mut self, id: u128, json: &[u8]) -> Result<u64, LogError> {
+    pub fn append(&mut self, payload: &[u8]) -> Result<u64, LogError> {
         let need_new = match self.segments.back() {
             None => true,
             Some(s) => self.writer.is_none() || s.bytes >= self.max_segment_bytes,
@@ -270,12 +266,10 @@ impl SpoolLog {
         }
         let seq = self.next_seq;
         let seq_bytes = seq.to_le_bytes();
-        let id_bytes = id.to_le_bytes();
-        let len = ID + json.len();
+        let len = payload.len();
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&seq_bytes);
-        hasher.update(&id_bytes);
-        hasher.update(json);
+        hasher.update(payload);
         let crc = hasher.finalize();
         let Some(segment) = self.segments.back_mut() else { return unreachable_segment() };
         let path = segment.path.clone();
@@ -295,8 +289,7 @@ impl SpoolLog {
             .write_all(&len32.to_le_bytes())
             .and_then(|()| writer.write_all(&crc.to_le_bytes()))
             .and_then(|()| writer.write_all(&seq_bytes))
-            .and_then(|()| writer.write_all(&id_bytes))
-            .and_then(|()| writer.write_all(json));
+            .and_then(|()| writer.write_all(payload));
         if let Err(e) = wrote {
             // The segment may now end in part of this record: start a new one for the next, and
             // let the reader of this one cut it.
@@ -439,7 +432,7 @@ mod tests {
             let (mut log, recovery) = SpoolLog::open(dir.path(), 4096).unwrap();
             assert_eq!(recovery, Recovery::default());
             for i in 0..500 {
-                assert_eq!(log.append(u128::from(i) << 64 | 7, &json(i)).unwrap(), i);
+                assert_eq!(log.append(&json(i)).unwrap(), i);
             }
             log.sync().unwrap();
             assert!(log.segments.len() > 3, "small segments roll over: {}", log.segments.len());
@@ -449,9 +442,9 @@ mod tests {
         let records = log.pending().unwrap();
         assert_eq!(records.len(), 500);
         for (i, r) in records.iter().enumerate() {
-            assert_eq!((r.seq, r.id, &r.json), (i as u64, (i as u128) << 64 | 7, &json(i as u64)));
+            assert_eq!((r.seq, &r.payload), (i as u64, &json(i as u64)));
         }
-        assert_eq!(log.append(1, b"{}").unwrap(), 500, "sequences go on");
+        assert_eq!(log.append(b"{}").unwrap(), 500, "sequences go on");
     }
 
     #[test]
@@ -459,7 +452,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = SpoolLog::open(dir.path(), 4096).unwrap();
         for i in 0..300 {
-            log.append(0, &json(i)).unwrap();
+            log.append(&json(i)).unwrap();
         }
         log.sync().unwrap();
         let before = log.segments.len();
@@ -480,7 +473,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
         for i in 0..10 {
-            log.append(0, &json(i)).unwrap();
+            log.append(&json(i)).unwrap();
         }
         log.sync().unwrap();
         let path = log.segments.back().unwrap().path.clone();
@@ -491,7 +484,7 @@ mod tests {
         assert_eq!((recovery.pending, recovery.torn_records), (9, 1));
         assert!(recovery.torn_bytes > 0);
         assert_eq!(log.pending().unwrap().len(), 9);
-        assert_eq!(log.append(0, &json(9)).unwrap(), 9, "the cut record's sequence is reused");
+        assert_eq!(log.append(&json(9)).unwrap(), 9, "the cut record's sequence is reused");
         log.sync().unwrap();
         drop(log);
         let (_, recovery) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
@@ -503,13 +496,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
         for i in 0..10 {
-            log.append(0, &json(i)).unwrap();
+            log.append(&json(i)).unwrap();
         }
         log.sync().unwrap();
         let path = log.segments.back().unwrap().path.clone();
         drop(log);
         let mut bytes = fs::read(&path).unwrap();
-        let third = MAGIC.len() + 2 * (HEADER + ID + json(0).len()) + HEADER + ID + 3;
+        let third = MAGIC.len() + 2 * (HEADER + json(0).len()) + HEADER + 3;
         bytes[third] ^= 0xff;
         fs::write(&path, bytes).unwrap();
         let (mut log, recovery) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
