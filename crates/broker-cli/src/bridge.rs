@@ -5,19 +5,22 @@
 //! a file or SQL source) only once TO confirmed it, and acknowledgements go in consumption order:
 //! the acknowledged part of the stream is always a prefix of what was delivered. Events filtered
 //! out (`--events`, the time range) are acknowledged in their turn. An event TO rejects as its
-//! own fault (too large, refused by the service) is written to the dead-letter file
-//! (`--undelivered`) and then acknowledged, so one bad event does not stop the stream; any other
-//! failure (TO unavailable past `close_timeout`) stops the bridge with that event and everything
-//! after it unacknowledged: they come again at the next start. A restart therefore repeats at most
-//! the events in flight (`WINDOW`) plus those confirmed since the last checkpoint write
-//! (`CHECKPOINT_EVERY`); the event ids stay the same where the source carries them (Kafka's
-//! `rasa-event-id`).
+//! own fault (too large, refused by the service) is appended and synced to the dead-letter file
+//! (`--undelivered`) and only then acknowledged, so one bad event does not stop the stream and
+//! none is lost; any other failure (TO unavailable past `close_timeout`) stops the bridge with
+//! that event and everything after it unacknowledged: they come again at the next start. A
+//! restart therefore repeats at most the events in flight (`WINDOW`) plus those confirmed since
+//! the last checkpoint write (`CHECKPOINT_EVERY`, `CHECKPOINT_AFTER`). Repeats keep their event
+//! id: Kafka sources carry it (`rasa-event-id`); for file and SQL sources it is derived from the
+//! source and the event's position.
 //!
 //! Sources without a server-side position (file, SQL) keep theirs in `--checkpoint PATH`: the
-//! position after the last acknowledged event, written atomically (temporary file, fsync,
-//! rename). The bytes never change on the way: the event read is the event published.
+//! source it belongs to and the position after the last acknowledged event, written atomically
+//! (temporary file, fsync, rename). The bytes never change on the way: the event read is the
+//! event published.
 
 use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -25,8 +28,13 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
+use broker_core::json::{Number, Value};
 use broker_core::tracker::ExportQuery;
-use broker_core::{Error, EventBroker, Outcome, PublishOptions, Receipt, Received, SourceOptions, StartFrom};
+use broker_core::{
+    Backend, Error, EventBroker, EventId, EventSource, Outcome, PublishOptions, Receipt, Received, SourceOptions,
+    StartFrom,
+};
+use indicatif::ProgressBar;
 
 use crate::publish::Signals;
 use crate::{Failure, code, connect_failure, progress};
@@ -34,13 +42,41 @@ use crate::{Failure, code, connect_failure, progress};
 /// Events published and not yet confirmed, at most.
 const WINDOW: usize = 4_096;
 
-/// The checkpoint is written once this many more events are acknowledged (or `CHECKPOINT_AFTER`
-/// passed), and when the bridge stops.
+/// The checkpoint is written once this many more events are acknowledged, or this long after an
+/// acknowledgement it does not cover yet, and when the bridge stops.
 const CHECKPOINT_EVERY: u64 = 1_024;
 const CHECKPOINT_AFTER: Duration = Duration::from_millis(200);
 
 /// RabbitMQ prefetch for the bridge: room for the whole window.
 const PREFETCH: u16 = 8_192;
+
+/// Rasa 3.6's event types, for a warning about a `--events` name none of them has.
+const RASA_TYPES: &[&str] = &[
+    "user",
+    "bot",
+    "action",
+    "slot",
+    "reset_slots",
+    "restart",
+    "rewind",
+    "reminder",
+    "cancel_reminder",
+    "undo",
+    "export",
+    "followup",
+    "pause",
+    "resume",
+    "agent",
+    "active_loop",
+    "loop_interrupted",
+    "action_execution_rejected",
+    "session_started",
+    "user_featurization",
+    "entities",
+    "stack",
+    "wrong_utterance",
+    "wrong_action",
+];
 
 /// `broker bridge`'s arguments.
 pub(crate) struct Args {
@@ -86,21 +122,23 @@ impl Held {
     }
 }
 
-/// Waits until the oldest held event has its outcome; at once when nothing is held.
+/// Waits until the oldest held event has its outcome; never when nothing is held.
 async fn front_done(held: &mut VecDeque<Held>) {
-    if let Some(front) = held.front_mut() {
-        std::future::poll_fn(|cx| front.poll_done(cx)).await;
+    match held.front_mut() {
+        Some(front) => std::future::poll_fn(|cx| front.poll_done(cx)).await,
+        None => std::future::pending().await,
     }
 }
 
 /// Where a file or SQL source stands, kept across runs.
 struct Checkpoint {
     path: PathBuf,
-    backend: &'static str,
+    /// The source it belongs to (`describe()`, no secrets).
+    source: String,
 }
 
 impl Checkpoint {
-    /// The saved position, if any. A checkpoint of another backend type is an error.
+    /// The saved position, if any. A checkpoint of another source is an error.
     fn load(&self) -> Result<Option<u64>, Failure> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -117,15 +155,20 @@ impl Checkpoint {
         };
         let value = broker_core::json::parse(text.as_bytes()).map_err(|_| bad("not JSON"))?;
         let object = value.as_object().ok_or_else(|| bad("not a JSON object"))?;
-        let backend = object.get("backend").and_then(|v| v.as_str()).ok_or_else(|| bad("no backend"))?;
-        if backend != self.backend {
+        let source = object.get("source").and_then(Value::as_str).ok_or_else(|| bad("no source"))?;
+        if source != self.source {
             return Err(Failure::new(
                 code::CONFIG,
-                anyhow!("the checkpoint {} belongs to a {backend} source, not {}", self.path.display(), self.backend),
+                anyhow!(
+                    "the checkpoint {} belongs to the source {source:?}, not {:?}: give another --checkpoint, or \
+                     --from-beginning to start over",
+                    self.path.display(),
+                    self.source
+                ),
             ));
         }
         match object.get("next") {
-            Some(broker_core::json::Value::Number(broker_core::json::Number::Int(n))) if *n >= 0 => Ok(Some(*n as u64)),
+            Some(Value::Number(Number::Int(n))) if *n >= 0 => Ok(Some(*n as u64)),
             _ => Err(bad("no position")),
         }
     }
@@ -136,13 +179,37 @@ impl Checkpoint {
         let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = dir.join(format!(".{name}.tmp"));
         {
-            let mut f = std::fs::File::create(&tmp)?;
-            writeln!(f, "{{\"backend\": \"{}\", \"next\": {next}}}", self.backend)?;
+            let mut f = File::create(&tmp)?;
+            let mut line = b"{\"source\": ".to_vec();
+            Value::String(self.source.clone()).write_rasa(&mut line);
+            line.extend_from_slice(format!(", \"next\": {next}}}\n").as_bytes());
+            f.write_all(&line)?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &self.path)?;
         // The rename itself survives a crash once the directory is synced.
-        std::fs::File::open(dir).and_then(|d| d.sync_all())
+        File::open(dir).and_then(|d| d.sync_all())
+    }
+}
+
+/// The dead-letter file, opened at the first rejected event; each line synced before the event
+/// is acknowledged.
+struct DeadLetters {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl DeadLetters {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(OpenOptions::new().create(true).append(true).open(&self.path)?);
+        }
+        let Some(file) = self.file.as_mut() else { return Ok(()) };
+        let mut line = Vec::with_capacity(bytes.len() + 1);
+        line.extend_from_slice(bytes);
+        line.push(b'\n');
+        file.write_all(&line)?;
+        file.sync_data()
     }
 }
 
@@ -156,27 +223,156 @@ struct Tally {
     malformed: u64,
     acked: u64,
     first_failure: Option<String>,
-    /// The dead-letter lines (rejected events), in order.
-    dead: Vec<Vec<u8>>,
 }
 
-/// What is still open when the bridge stops.
+/// Why the bridge stopped early.
 enum Stop {
     Signal,
     Failed,
     Source(String),
 }
 
+/// A stable id for an event of a source that carries none: the source and the position.
+fn derived_id(source: &str, received: &Received) -> EventId {
+    // FNV-1a, 128 bits: stable across runs and builds (std's hashers promise neither).
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    let position = received.position.to_string();
+    for b in source.bytes().chain([0]).chain(position.bytes()) {
+        h ^= u128::from(b);
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    EventId::from_u128(h)
+}
+
+/// The bridge's state while it runs.
+struct Bridge<'a> {
+    source: Box<dyn EventSource>,
+    broker: &'a dyn EventBroker,
+    held: VecDeque<Held>,
+    tally: Tally,
+    checkpoint: Option<Checkpoint>,
+    dead: DeadLetters,
+    /// The position after the last acknowledged event (file, SQL).
+    next_position: Option<u64>,
+    /// `(acknowledged events, when)` at the last checkpoint write.
+    saved_at: (u64, Instant),
+    /// How long one acknowledgement may take.
+    ack_timeout: Duration,
+}
+
+impl Bridge<'_> {
+    /// Acknowledges the settled front of `held`, in order. `Err(())`: an event failed for a
+    /// reason that is not its own, or could not be acknowledged or dead-lettered; it and what
+    /// follows stay unacknowledged.
+    async fn settle_front(&mut self) -> Result<(), ()> {
+        while let Some(front) = self.held.front_mut() {
+            if std::future::poll_fn(|cx| Poll::Ready(front.poll_done(cx))).await.is_pending() {
+                break;
+            }
+            match &front.state {
+                State::Filtered => {}
+                State::Done(Ok(_)) => {}
+                State::Done(Err(e @ Error::Rejected { .. })) => {
+                    let e = e.to_string();
+                    if let Err(w) = self.dead.append(&front.received.event.to_json()) {
+                        let why = format!("writing the dead-letter file {}: {w}", self.dead.path.display());
+                        self.tally.first_failure.get_or_insert(why);
+                        return Err(());
+                    }
+                    self.tally.first_failure.get_or_insert(e);
+                }
+                State::Done(Err(e)) => {
+                    self.tally.first_failure.get_or_insert_with(|| e.to_string());
+                    return Err(());
+                }
+                State::Waiting(_) => break,
+            }
+            let ack = tokio::time::timeout(self.ack_timeout, self.source.ack(&front.received)).await;
+            match ack {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.tally.first_failure.get_or_insert_with(|| format!("acknowledging at the source: {e}"));
+                    return Err(());
+                }
+                Err(_) => {
+                    let why = format!("acknowledging at the source: no answer within {:?}", self.ack_timeout);
+                    self.tally.first_failure.get_or_insert(why);
+                    return Err(());
+                }
+            }
+            let Some(done) = self.held.pop_front() else { break };
+            match done.state {
+                State::Filtered => self.tally.filtered += 1,
+                State::Done(Ok(_)) => self.tally.delivered += 1,
+                _ => self.tally.rejected += 1,
+            }
+            self.tally.acked += 1;
+            if done.received.next_offset.is_some() {
+                self.next_position = done.received.next_offset;
+            }
+        }
+        self.save_checkpoint(false)
+    }
+
+    /// Writes the checkpoint when due (`force`: whenever it moved).
+    fn save_checkpoint(&mut self, force: bool) -> Result<(), ()> {
+        let (Some(c), Some(next)) = (&self.checkpoint, self.next_position) else { return Ok(()) };
+        let moved = self.tally.acked > self.saved_at.0;
+        let due = self.tally.acked - self.saved_at.0 >= CHECKPOINT_EVERY
+            || (moved && self.saved_at.1.elapsed() >= CHECKPOINT_AFTER);
+        if !(moved && (force || due)) {
+            return Ok(());
+        }
+        self.saved_at = (self.tally.acked, Instant::now());
+        c.save(next).map_err(|e| {
+            self.tally.first_failure.get_or_insert_with(|| format!("writing the checkpoint {}: {e}", c.path.display()));
+        })
+    }
+
+    /// Whether a checkpoint write is owed (acknowledgements it does not cover yet).
+    fn checkpoint_owed(&self) -> bool {
+        self.checkpoint.is_some() && self.tally.acked > self.saved_at.0
+    }
+}
+
 pub(crate) async fn bridge(args: Args) -> Result<u8, Failure> {
     let from = crate::resolve_backend(Some(&args.from)).map_err(Failure::config)?;
     let to = crate::resolve_backend(Some(&args.to)).map_err(Failure::config)?;
-    let types: Option<Vec<String>> =
-        args.events.as_deref().map(|s| s.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect());
+    if from.describe() == to.describe() {
+        return Err(Failure::config(anyhow!(
+            "--from and --to are the same ({}): the bridge would feed itself",
+            from.describe()
+        )));
+    }
+    let types = match args.events.as_deref() {
+        None => None,
+        Some(s) => {
+            let types: Vec<String> = s.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
+            if types.is_empty() {
+                return Err(Failure::config(anyhow!(
+                    "--events {s:?} names no event type (e.g. --events user,bot,action)"
+                )));
+            }
+            for t in types.iter().filter(|t| !RASA_TYPES.contains(&t.as_str())) {
+                eprintln!(
+                    "warning: --events: {t:?} is not one of Rasa's event types; events of it pass only if a source has them"
+                );
+            }
+            Some(types)
+        }
+    };
+    if let (Some(min), Some(max)) = (args.minimum_timestamp, args.maximum_timestamp)
+        && max < min
+    {
+        return Err(Failure::config(anyhow!(
+            "the maximum timestamp {max} is smaller than the minimum timestamp {min}: nothing would pass"
+        )));
+    }
     let range = ExportQuery::all().minimum_timestamp(args.minimum_timestamp).maximum_timestamp(args.maximum_timestamp);
     let ranged = args.minimum_timestamp.is_some() || args.maximum_timestamp.is_some();
     let keeps_position = matches!(from.name(), "file" | "sql");
     let checkpoint = match (&args.checkpoint, keeps_position) {
-        (Some(path), true) => Some(Checkpoint { path: path.clone(), backend: from.name() }),
+        (Some(path), true) => Some(Checkpoint { path: path.clone(), source: from.describe() }),
         (None, true) => {
             return Err(Failure::config(anyhow!(
                 "a {} source keeps no position of its own: give --checkpoint PATH (it is where a restart resumes)",
@@ -213,7 +409,7 @@ pub(crate) async fn bridge(args: Args) -> Result<u8, Failure> {
         Ok(b) => b.into(),
         Err(e) => return Err(connect_failure(to.as_ref(), e)),
     };
-    let mut source = match from.source(&options).await {
+    let source = match from.source(&options).await {
         Ok(s) => s,
         Err(e) => {
             let _ = broker.close().await;
@@ -227,99 +423,81 @@ pub(crate) async fn bridge(args: Args) -> Result<u8, Failure> {
     eprintln!("broker: bridging {} -> {}", from.describe(), to.describe());
     let bar = progress(None);
     let started = Instant::now();
-    let mut tally = Tally::default();
-    let mut held: VecDeque<Held> = VecDeque::new();
-    let mut next_position: Option<u64> = None;
-    let mut saved_at = (tally.acked, Instant::now());
-    let mut stop: Option<Stop> = None;
+    let dead = DeadLetters {
+        path: args.undelivered.clone().unwrap_or_else(crate::publish::default_undelivered_path),
+        file: None,
+    };
     let close_timeout = to.close_timeout();
+    let mut b = Bridge {
+        source,
+        broker: broker.as_ref(),
+        held: VecDeque::new(),
+        tally: Tally::default(),
+        checkpoint,
+        dead,
+        next_position: None,
+        saved_at: (0, Instant::now()),
+        ack_timeout: close_timeout.max(Duration::from_secs(1)),
+    };
+    let derive_ids = keeps_position.then(|| from.describe());
+    let stop = run(&mut b, &mut signals, &bar, &args, types.as_deref(), ranged.then_some(&range), derive_ids).await;
+    finish(b, stop, &mut signals, bar, started, from.as_ref(), to.as_ref()).await
+}
 
-    // Acknowledges the settled front of `held`, in order. `Err(())`: an event failed for a reason
-    // that is not its own; it and what follows stay unacknowledged.
-    macro_rules! settle_front {
-        () => {{
-            let mut result = Ok(());
-            while let Some(front) = held.front_mut() {
-                let ready = std::future::poll_fn(|cx| Poll::Ready(front.poll_done(cx))).await;
-                if ready.is_pending() {
-                    break;
-                }
-                match &front.state {
-                    State::Filtered => tally.filtered += 1,
-                    State::Done(Ok(_)) => tally.delivered += 1,
-                    State::Done(Err(e @ Error::Rejected { .. })) => {
-                        tally.rejected += 1;
-                        tally.first_failure.get_or_insert_with(|| e.to_string());
-                        tally.dead.push(front.received.event.to_json());
-                    }
-                    State::Done(Err(e)) => {
-                        tally.first_failure.get_or_insert_with(|| e.to_string());
-                        result = Err(());
-                        break;
-                    }
-                    State::Waiting(_) => break,
-                }
-                let Some(Held { received, .. }) = held.pop_front() else { break };
-                if let Err(e) = source.ack(&received).await {
-                    tally.first_failure.get_or_insert_with(|| format!("acknowledging at the source: {e}"));
-                    result = Err(());
-                    break;
-                }
-                tally.acked += 1;
-                if received.next_offset.is_some() {
-                    next_position = received.next_offset;
-                }
-            }
-            if let (Some(c), Some(next)) = (&checkpoint, next_position) {
-                if tally.acked - saved_at.0 >= CHECKPOINT_EVERY
-                    || (tally.acked > saved_at.0 && saved_at.1.elapsed() >= CHECKPOINT_AFTER)
-                {
-                    if let Err(e) = c.save(next) {
-                        tally
-                            .first_failure
-                            .get_or_insert_with(|| format!("writing the checkpoint {}: {e}", c.path.display()));
-                        result = Err(());
-                    }
-                    saved_at = (tally.acked, Instant::now());
-                }
-            }
-            result
-        }};
-    }
-
+/// Consumes, publishes and acknowledges until the end, the limit, a signal or a failure.
+async fn run(
+    b: &mut Bridge<'_>,
+    signals: &mut Signals,
+    bar: &ProgressBar,
+    args: &Args,
+    types: Option<&[String]>,
+    range: Option<&ExportQuery>,
+    derive_ids: Option<String>,
+) -> Option<Stop> {
+    let close_timeout = b.ack_timeout;
     let mut backoff = broker_core::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    while stop.is_none() {
-        if settle_front!().is_err() {
-            stop = Some(Stop::Failed);
-            break;
+    loop {
+        if b.settle_front().await.is_err() {
+            return Some(Stop::Failed);
         }
-        if args.limit.is_some_and(|l| tally.consumed >= l) {
-            break;
+        if args.limit.is_some_and(|l| b.tally.consumed >= l) {
+            return None;
         }
         // A full window waits for the oldest outcome (or a signal) before reading more.
-        if held.len() >= WINDOW {
+        if b.held.len() >= WINDOW {
             tokio::select! {
                 biased;
-                _ = signals.recv() => stop = Some(Stop::Signal),
-                r = tokio::time::timeout(close_timeout, front_done(&mut held)) => {
+                _ = signals.recv() => return Some(Stop::Signal),
+                r = tokio::time::timeout(close_timeout, front_done(&mut b.held)) => {
                     if r.is_err() {
-                        tally.first_failure.get_or_insert_with(|| format!("{} confirmed nothing for {close_timeout:?}", to.describe()));
-                        stop = Some(Stop::Failed);
+                        let why = format!("the destination confirmed nothing for {close_timeout:?}");
+                        b.tally.first_failure.get_or_insert(why);
+                        return Some(Stop::Failed);
                     }
                 }
             }
             continue;
         }
+        // Reading waits; meanwhile outcomes are acknowledged as they come and the checkpoint is
+        // written when owed (sources' `next` may be cancelled without losing an event).
+        let owed = b.checkpoint_owed();
         let next = tokio::select! {
             biased;
-            _ = signals.recv() => { stop = Some(Stop::Signal); break; }
-            n = source.next() => n,
+            _ = signals.recv() => return Some(Stop::Signal),
+            _ = front_done(&mut b.held) => continue,
+            _ = tokio::time::sleep(CHECKPOINT_AFTER), if owed => {
+                if b.save_checkpoint(true).is_err() {
+                    return Some(Stop::Failed);
+                }
+                continue;
+            }
+            n = b.source.next() => n,
         };
-        let received = match next {
+        let mut received = match next {
             Ok(Some(r)) => r,
-            Ok(None) => break,
+            Ok(None) => return None,
             Err(e @ Error::Malformed { .. }) => {
-                tally.malformed += 1;
+                b.tally.malformed += 1;
                 bar.suspend(|| eprintln!("broker: skipping {e}"));
                 continue;
             }
@@ -328,113 +506,115 @@ pub(crate) async fn bridge(args: Args) -> Result<u8, Failure> {
                 bar.suspend(|| eprintln!("broker: {e}; trying again in {delay:.1?}"));
                 tokio::select! {
                     biased;
-                    _ = signals.recv() => stop = Some(Stop::Signal),
+                    _ = signals.recv() => return Some(Stop::Signal),
                     _ = tokio::time::sleep(delay) => {}
                 }
                 continue;
             }
-            Err(e) => {
-                stop = Some(Stop::Source(format!("consuming from {}: {e}", from.describe())));
-                break;
-            }
+            Err(e) => return Some(Stop::Source(format!("consuming: {e}"))),
         };
         backoff.reset();
-        tally.consumed += 1;
+        b.tally.consumed += 1;
+        if let Some(source) = &derive_ids {
+            received.event = received.event.clone().with_id(derived_id(source, &received));
+        }
         let event = &received.event;
-        let wanted = types.as_ref().is_none_or(|t| t.iter().any(|t| t == event.event_type()))
-            && (!ranged || event.timestamp().is_some_and(|ts| range.admits_timestamp(ts)));
+        let wanted = types.is_none_or(|t| t.iter().any(|t| t == event.event_type()))
+            && range.is_none_or(|r| event.timestamp().is_some_and(|ts| r.admits_timestamp(ts)));
         let state = if wanted {
-            let publish = broker.publish_with(received.event.clone(), PublishOptions::default());
+            let publish = b.broker.publish_with(received.event.clone(), PublishOptions::default());
             let accepted = tokio::select! {
                 biased;
                 _ = signals.recv() => None,
                 r = tokio::time::timeout(close_timeout, publish) => Some(r),
             };
             match accepted {
-                None => {
-                    stop = Some(Stop::Signal);
-                    break;
-                }
+                None => return Some(Stop::Signal),
                 Some(Ok(Ok(receipt))) => State::Waiting(receipt),
                 Some(Ok(Err(e))) => {
-                    tally.first_failure.get_or_insert_with(|| format!("publish refused: {e}"));
-                    stop = Some(Stop::Failed);
-                    break;
+                    b.tally.first_failure.get_or_insert_with(|| format!("publish refused: {e}"));
+                    return Some(Stop::Failed);
                 }
                 Some(Err(_)) => {
-                    tally
-                        .first_failure
-                        .get_or_insert_with(|| format!("publishing has been blocked for {close_timeout:?}"));
-                    stop = Some(Stop::Failed);
-                    break;
+                    let why = format!("publishing has been blocked for {close_timeout:?}");
+                    b.tally.first_failure.get_or_insert(why);
+                    return Some(Stop::Failed);
                 }
             }
         } else {
             State::Filtered
         };
-        held.push_back(Held { received, state });
-        if tally.consumed % 512 == 0 {
-            bar.set_position(tally.consumed);
+        b.held.push_back(Held { received, state });
+        if b.tally.consumed % 512 == 0 {
+            bar.set_position(b.tally.consumed);
         }
     }
-    if matches!(stop, Some(Stop::Signal)) {
+}
+
+/// Delivers what is in flight, acknowledges what was confirmed, saves the checkpoint, closes the
+/// source and prints the summary. A second signal stops the waiting at once.
+async fn finish(
+    mut b: Bridge<'_>,
+    mut stop: Option<Stop>,
+    signals: &mut Signals,
+    bar: ProgressBar,
+    started: Instant,
+    from: &dyn Backend,
+    to: &dyn Backend,
+) -> Result<u8, Failure> {
+    let mut interrupted = matches!(stop, Some(Stop::Signal));
+    if interrupted {
         bar.suspend(|| {
             eprintln!(
                 "broker: interrupted: stopped reading; delivering what is in flight (a second signal exits at once)"
             )
         });
     }
-    // Deliver what is in flight, then acknowledge what was confirmed.
     let closed = tokio::select! {
         biased;
         _ = signals.recv() => None,
-        r = broker.close() => Some(r),
+        r = b.broker.close() => Some(r),
     };
+    let gave_up = closed.is_none();
     match closed {
         Some(Ok(_)) => {}
         Some(Err(e)) => {
-            tally.first_failure.get_or_insert_with(|| format!("close failed: {e}"));
+            b.tally.first_failure.get_or_insert_with(|| format!("close failed: {e}"));
         }
-        None => stop = Some(Stop::Signal),
+        None => interrupted = true,
     }
     let deadline = Instant::now() + Duration::from_secs(2);
-    while !held.is_empty() {
+    while !b.held.is_empty() && !gave_up {
         let left = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left, front_done(&mut held)).await.is_err() {
+        let ready = tokio::select! {
+            biased;
+            _ = signals.recv() => { interrupted = true; break; }
+            r = tokio::time::timeout(left, front_done(&mut b.held)) => r,
+        };
+        if ready.is_err() {
             break;
         }
-        if settle_front!().is_err() {
+        if b.settle_front().await.is_err() {
             if stop.is_none() {
                 stop = Some(Stop::Failed);
             }
             break;
         }
     }
-    let unacked = held.len() as u64;
-    if let (Some(c), Some(next)) = (&checkpoint, next_position)
-        && let Err(e) = c.save(next)
-    {
-        tally.first_failure.get_or_insert_with(|| format!("writing the checkpoint {}: {e}", c.path.display()));
-    }
-    drop(held);
-    let source_closed = source.close().await;
+    let unacked = b.held.len() as u64;
+    let saved = b.save_checkpoint(true);
+    b.held.clear();
+    let source_closed = tokio::time::timeout(b.ack_timeout, b.source.close()).await;
     bar.finish_and_clear();
-    let dead_file = (!tally.dead.is_empty())
-        .then(|| args.undelivered.clone().unwrap_or_else(crate::publish::default_undelivered_path));
-    let dead_written = match &dead_file {
-        Some(path) => {
-            crate::publish::write_undelivered(path, &tally.dead).map_err(|e| format!("writing {}: {e}", path.display()))
-        }
-        None => Ok(()),
-    };
+    let tally = &b.tally;
     let secs = started.elapsed().as_secs_f64();
     let rate = if secs > 0.0 { tally.delivered as f64 / secs } else { 0.0 };
     let mut summary = format!(
         "broker: consumed {} events, delivered {}, filtered out {}, rejected {}",
         tally.consumed, tally.delivered, tally.filtered, tally.rejected
     );
-    if let Some(path) = &dead_file {
-        summary.push_str(&format!(" (written to {})", path.display()));
+    if tally.rejected > 0 {
+        summary.push_str(&format!(" (written to {})", b.dead.path.display()));
     }
     if unacked > 0 {
         summary.push_str(&format!(", {unacked} left unacknowledged at the source (they come again)"));
@@ -447,11 +627,15 @@ pub(crate) async fn bridge(args: Args) -> Result<u8, Failure> {
     if let Some(first) = &tally.first_failure {
         eprintln!("broker: first failure: {first}");
     }
-    if let Err(why) = &dead_written {
-        eprintln!("error: {why}");
-    }
+    let source_closed = match source_closed {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {:?}", b.ack_timeout)),
+    };
     if let Err(e) = &source_closed {
         eprintln!("error: closing the source: {e}");
+    }
+    if interrupted {
+        return Ok(code::INTERRUPTED);
     }
     match stop {
         Some(Stop::Signal) => Ok(code::INTERRUPTED),
@@ -461,9 +645,24 @@ pub(crate) async fn bridge(args: Args) -> Result<u8, Failure> {
             let clean = tally.first_failure.is_none()
                 && tally.rejected == 0
                 && unacked == 0
-                && dead_written.is_ok()
+                && saved.is_ok()
                 && source_closed.is_ok();
             Ok(if clean { code::OK } else { code::UNDELIVERED })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_ids_are_stable_and_differ_by_position() {
+        let event = broker_core::Event::from_json(br#"{"event": "restart"}"#).unwrap();
+        let at = |row| Received::new(event.clone(), Vec::new(), broker_core::Position::Row(row), Some(row as u64));
+        assert_eq!(derived_id("sql t", &at(1)), derived_id("sql t", &at(1)));
+        assert_ne!(derived_id("sql t", &at(1)), derived_id("sql t", &at(2)));
+        assert_ne!(derived_id("sql t", &at(1)), derived_id("sql u", &at(1)));
+        assert_eq!(derived_id("sql t", &at(1)).to_string(), "95f02bf8d65939389000f8c5db72a99b", "fixed across builds");
     }
 }

@@ -817,3 +817,84 @@ fn a_bridge_killed_mid_stream_loses_nothing() {
     let first_copies: Vec<String> = stored.into_iter().filter(|l| seen.insert(l.clone())).collect();
     assert_eq!(by_sender(&first_copies), by_sender(&input));
 }
+
+/// Events TO rejects as their own fault (over `max_event_bytes`) go to the dead-letter file,
+/// synced, before they are acknowledged: the stream goes on, the run exits 1, and the delivered
+/// plus the dead-lettered events are the source's, each in its order.
+#[test]
+fn a_bridge_dead_letters_rejected_events_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input: Vec<String> = SAMPLE.lines().map(str::to_owned).collect();
+    let mut sizes: Vec<usize> = input.iter().map(String::len).collect();
+    sizes.sort_unstable();
+    let limit = sizes[sizes.len() / 2];
+    std::fs::write(dir.path().join("src.jsonl"), SAMPLE).unwrap();
+    std::fs::write(dir.path().join("from.yml"), "event_broker:\n  type: file\n  path: src.jsonl\n").unwrap();
+    std::fs::write(
+        dir.path().join("to.yml"),
+        format!("event_broker:\n  type: file\n  path: dst.jsonl\n  max_event_bytes: {limit}\n"),
+    )
+    .unwrap();
+    let args = ["--checkpoint", "cp.json", "--until-end", "--undelivered", "dead.jsonl"];
+    let out = bridge(dir.path(), "from.yml", "to.yml", &args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let read = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.path().join(name)).unwrap_or_default().lines().map(str::to_owned).collect()
+    };
+    let (delivered, dead) = (read("dst.jsonl"), read("dead.jsonl"));
+    assert!(!dead.is_empty() && dead.iter().all(|l| l.len() > limit), "{err}");
+    assert!(err.contains(&format!("rejected {} (written to dead.jsonl)", dead.len())), "{err}");
+    assert_eq!(delivered.len() + dead.len(), input.len());
+    let big: Vec<String> = input.iter().filter(|l| l.len() > limit).cloned().collect();
+    let small: Vec<String> = input.iter().filter(|l| l.len() <= limit).cloned().collect();
+    assert_eq!((delivered, dead), (small, big), "each in source order");
+    // Acknowledged: a second run has nothing to do.
+    let out = bridge(dir.path(), "from.yml", "to.yml", &args);
+    assert!(stderr(&out).contains("consumed 0 events"), "{}", stderr(&out));
+    // Filters that cannot match anything are refused before anything is acknowledged.
+    let out = bridge(dir.path(), "from.yml", "to.yml", &["--checkpoint", "other.cp", "--events", ","]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let reversed = ["--checkpoint", "other.cp", "--minimum-timestamp", "2", "--maximum-timestamp", "1"];
+    let out = bridge(dir.path(), "from.yml", "to.yml", &reversed);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = bridge(dir.path(), "from.yml", "from.yml", &["--checkpoint", "other.cp"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(!dir.path().join("other.cp").exists());
+}
+
+/// SIGINT while following: the bridge stops reading, delivers what is in flight, acknowledges
+/// it and exits 130; started again it goes on from there, and together the runs delivered every
+/// event once.
+#[test]
+fn sigint_stops_a_following_bridge_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = events("int", 30_000);
+    std::fs::write(dir.path().join("src.jsonl"), input.join("\n") + "\n").unwrap();
+    std::fs::write(dir.path().join("from.yml"), "event_broker:\n  type: file\n  path: src.jsonl\n").unwrap();
+    std::fs::write(dir.path().join("to.yml"), "event_broker:\n  type: file\n  path: dst.jsonl\n").unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["bridge", "--from", "from.yml", "--to", "to.yml", "--checkpoint", "cp.json"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dst = dir.path().join("dst.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::metadata(&dst).map_or(0, |m| m.len()) == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing bridged within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let first = std::fs::read_to_string(&dst).unwrap().lines().count();
+    let out = bridge(dir.path(), "from.yml", "to.yml", &["--checkpoint", "cp.json", "--until-end"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let got: Vec<String> = std::fs::read_to_string(&dst).unwrap().lines().map(str::to_owned).collect();
+    println!("first run delivered {first} of {}", input.len());
+    assert_eq!(got, input, "every event once, in order: what was delivered was acknowledged");
+}
