@@ -36,6 +36,7 @@ pub(crate) struct Args {
     pub(crate) offset_timestamps_by_seconds: Option<i64>,
     pub(crate) undelivered: Option<PathBuf>,
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) skip_invalid: bool,
 }
 
 /// The endpoints file export reads: `--endpoints`, else `./endpoints.yml` (Rasa's default).
@@ -121,7 +122,9 @@ pub(crate) async fn export(endpoints: Option<&Path>, args: Args) -> Result<u8, F
     let job =
         Job { undelivered: args.undelivered.clone(), metrics_addr: args.metrics_addr, options, total_bytes: None };
     let offset = args.offset_timestamps_by_seconds;
-    let Done { code, resume_at } = drive(backend.as_ref(), job, |bar| spawn_store_reader(events, offset, bar)).await?;
+    let skip_invalid = args.skip_invalid;
+    let Done { code, resume_at } =
+        drive(backend.as_ref(), job, |bar| spawn_store_reader(events, offset, skip_invalid, bar)).await?;
     if code != code::OK
         && let Some(t) = resume_at
     {
@@ -136,6 +139,8 @@ pub(crate) async fn export(endpoints: Option<&Path>, args: Args) -> Result<u8, F
 fn store_failure(store: &dyn TrackerStore, e: broker_core::Error) -> Failure {
     let code = match &e {
         broker_core::Error::Config(_) | broker_core::Error::Denied { .. } => code::CONFIG,
+        // The store answered with something that is not what Rasa writes.
+        broker_core::Error::Malformed { .. } => code::UNDELIVERED,
         _ => code::UNAVAILABLE,
     };
     Failure::new(code, anyhow::Error::new(e).context(format!("reading {}", store.describe())))
@@ -179,6 +184,7 @@ fn shell_word(s: &str) -> String {
 fn spawn_store_reader(
     mut events: Box<dyn StoredEvents>,
     offset: Option<i64>,
+    skip_invalid: bool,
     bar: ProgressBar,
 ) -> mpsc::Receiver<Chunk> {
     let (tx, rx) = mpsc::channel::<Chunk>(8);
@@ -186,7 +192,10 @@ fn spawn_store_reader(
         loop {
             let page = match events.next_page().await {
                 Ok(Some(page)) => page,
-                Ok(None) => return,
+                Ok(None) => {
+                    let _ = tx.send(vec![Item::End]).await;
+                    return;
+                }
                 Err(e) => {
                     let _ = tx.send(vec![Item::Stop(format!("reading the tracker store: {e}"))]).await;
                     return;
@@ -198,10 +207,15 @@ fn spawn_store_reader(
                     Ok(event) => chunk.push(Item::Event(event, stored.timestamp)),
                     Err(e) => {
                         let at = stored.position.as_ref().map_or_else(String::new, |p| format!(" at {p}"));
-                        chunk.push(Item::Stop(format!(
+                        let why = format!(
                             "the tracker store's event{at} (conversation {:?}) is not an event: {e}",
                             stored.sender_id
-                        )));
+                        );
+                        if skip_invalid {
+                            chunk.push(Item::Skipped(why));
+                            continue;
+                        }
+                        chunk.push(Item::Stop(format!("{why} (use --skip-invalid to skip such events)")));
                         let _ = tx.send(chunk).await;
                         return;
                     }
@@ -234,6 +248,7 @@ mod tests {
             offset_timestamps_by_seconds: Some(-60),
             undelivered: None,
             metrics_addr: None,
+            skip_invalid: false,
         };
         let ids = ["a".to_owned(), "b c".to_owned()];
         assert_eq!(

@@ -165,6 +165,9 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics and /ready while exporting.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Count and report stored events that are not events instead of stopping at the first.
+        #[arg(long)]
+        skip_invalid: bool,
     },
     /// Consume from the event_broker of FROM and publish to the event_broker of TO, any pair of
     /// backends: at least once, in order, acknowledged at the source only once TO confirmed.
@@ -285,6 +288,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         offset_timestamps_by_seconds,
         undelivered,
         metrics_addr,
+        skip_invalid,
     } = cli.command
     {
         let args = export::Args {
@@ -294,6 +298,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             offset_timestamps_by_seconds,
             undelivered,
             metrics_addr,
+            skip_invalid,
         };
         return export::export(cli.endpoints.as_deref(), args).await;
     }

@@ -45,6 +45,8 @@ pub(crate) enum Item {
     Skipped(String),
     /// An invalid line or unreadable input that ends the run.
     Stop(String),
+    /// The input ended. A reader that stops without it (a panic) is a failure, not an end.
+    End,
 }
 
 /// Why reading stopped before the input ended.
@@ -122,7 +124,13 @@ impl Tally {
                     self.first_failure = Some(e.to_string());
                 }
                 let (bytes, ts) = event();
-                self.undeliver(bytes, ts);
+                if matches!(e, Error::Rejected { .. }) {
+                    // Its own fault: sending it again would fail again, so it does not hold the
+                    // resume point back (it is in the undelivered file).
+                    self.undelivered.push(bytes);
+                } else {
+                    self.undeliver(bytes, ts);
+                }
             }
         }
     }
@@ -298,6 +306,7 @@ fn spawn_reader(
                 return;
             }
         }
+        send(vec![Item::End]);
     });
     rx
 }
@@ -625,10 +634,14 @@ pub(crate) async fn drive(
             }
             c = chunks.recv() => c,
         };
-        let Some(items) = chunk else { break };
+        let Some(items) = chunk else {
+            stop = Some(Stop::Input("the input reader stopped before the end (it failed)".into()));
+            break;
+        };
         let (chunk, mut bytes) = run.kept.next();
         let (mut events, mut spans) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
         let mut input_stop = None;
+        let mut ended = false;
         for item in items {
             match item {
                 Item::Event(e, ts) => {
@@ -636,7 +649,9 @@ pub(crate) async fn drive(
                     e.write_json(&mut bytes);
                     spans.push(Kept { chunk, start, end: bytes.len(), ts });
                     events.push(e);
-                    run.tally.last_read = Some(ts).filter(|t| !t.is_nan());
+                    if !ts.is_nan() {
+                        run.tally.last_read = Some(ts);
+                    }
                 }
                 Item::Skipped(why) => {
                     run.tally.skipped += 1;
@@ -646,6 +661,7 @@ pub(crate) async fn drive(
                     input_stop = Some(Stop::Input(why));
                     break;
                 }
+                Item::End => ended = true,
             }
         }
         run.kept.push(bytes);
@@ -657,6 +673,9 @@ pub(crate) async fn drive(
         }
         if input_stop.is_some() {
             stop = input_stop;
+            break 'chunks;
+        }
+        if ended {
             break 'chunks;
         }
         bar.set_message(format!("{} events", run.tally.read));

@@ -187,7 +187,11 @@ pub fn export_event(stored: &StoredEvent, offset_seconds: Option<i64>) -> Result
     body.insert("sender_id", Value::String(stored.sender_id.clone()));
     if let Some(offset) = offset_seconds {
         let shifted = match body.get("timestamp") {
-            Some(Value::Number(Number::Int(t))) => t.checked_add(offset).map(|t| Value::Number(Number::Int(t))),
+            // Python's ints do not overflow: a sum past i64 is written as the exact integer.
+            Some(Value::Number(Number::Int(t))) => Some(match t.checked_add(offset) {
+                Some(t) => Value::Number(Number::Int(t)),
+                None => Value::Number(Number::Big((i128::from(*t) + i128::from(offset)).to_string().into())),
+            }),
             Some(v) => v.as_f64().map(|t| Value::Number(Number::Float(t + offset as f64))),
             None => None,
         };
@@ -238,6 +242,10 @@ mod tests {
             r#"{"event": "restart", "timestamp": 15, "sender_id": "a"}"#
         );
         assert_eq!(exported(r#"{"event": "restart"}"#, "a", Some(5)), r#"{"event": "restart", "sender_id": "a"}"#);
+        assert_eq!(
+            exported(r#"{"event": "restart", "timestamp": 9223372036854775807}"#, "a", Some(1)),
+            r#"{"event": "restart", "timestamp": 9223372036854775808, "sender_id": "a"}"#
+        );
     }
 
     #[test]
