@@ -164,17 +164,25 @@ impl Drop for Settle {
 pub struct CloseReport {
     /// Events not delivered before the deadline or that failed during close, in publish order.
     pub undelivered: Vec<Event>,
+    /// Events not delivered yet but kept in a disk spool (not lost: they go out later).
+    pub spooled: u64,
 }
 
 impl CloseReport {
     /// A report listing `undelivered`.
     pub fn new(undelivered: Vec<Event>) -> CloseReport {
-        CloseReport { undelivered }
+        CloseReport { undelivered, spooled: 0 }
+    }
+
+    /// The same, saying that `events` are kept in a disk spool.
+    pub fn with_spooled(mut self, events: u64) -> CloseReport {
+        self.spooled = events;
+        self
     }
 
     /// Whether everything was delivered.
     pub fn is_clean(&self) -> bool {
-        self.undelivered.is_empty()
+        self.undelivered.is_empty() && self.spooled == 0
     }
 }
 

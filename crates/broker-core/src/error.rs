@@ -116,6 +116,14 @@ pub enum Error {
         /// The configured capacity.
         capacity: usize,
     },
+    /// Not delivered yet: the event is kept in the disk spool and goes out when the service is
+    /// back, sent by this process or by the next one that opens the spool. Temporary; nothing is
+    /// lost, and the event must not be published again by hand (it would arrive twice).
+    #[error("{backend}: not delivered yet: kept in the disk spool, sent when the service is back")]
+    Spooled {
+        /// The layer's name (`spool`).
+        backend: &'static str,
+    },
     /// A deadline passed. Temporary.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
@@ -132,7 +140,14 @@ pub enum Error {
 impl Error {
     /// Whether trying again later may succeed.
     pub fn is_temporary(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::Io { .. } | Error::BufferFull { .. } | Error::Timeout(_))
+        matches!(
+            self,
+            Error::Unavailable { .. }
+                | Error::Io { .. }
+                | Error::BufferFull { .. }
+                | Error::Timeout(_)
+                | Error::Spooled { .. }
+        )
     }
 
     /// An I/O failure of `backend` while doing `operation`.

@@ -22,3 +22,6 @@
 //! ```
 
 pub mod log;
+mod spooled;
+
+pub use spooled::{Fsync, SpoolConfig, SpooledBackend};
