@@ -111,6 +111,8 @@ fn run_variant(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
         "raw-batch" => raw(variant, &path, n, true),
         "cli" => cli(variant, dir, n),
         "bridge" => bridge(variant, dir, n),
+        "cli-spool-batch" => cli_spool(variant, dir, n, "batch"),
+        "cli-spool-never" => cli_spool(variant, dir, n, "never"),
         "lines-raw" => lines_raw(variant, dir, n),
         "encode-only" => encode_only(variant, &path, n),
         "parse-only" => parse_only(variant, n),
@@ -291,6 +293,23 @@ fn cli(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
     Ok(r)
 }
 
+/// `broker publish` to the file backend behind a disk spool (`fsync` of the spool: batch or
+/// never), whole process: compared with `cli`, the same without the spool.
+fn cli_spool(variant: &str, dir: &Path, n: u64, fsync: &str) -> Result<serde_json::Value> {
+    let spool = dir.join("cli-spool");
+    let _ = std::fs::remove_dir_all(&spool);
+    let endpoints = format!(
+        "event_broker:\n  type: file\n  path: rasa_event.log\n  spool:\n    path: {}\n    fsync: {fsync}\n",
+        spool.display()
+    );
+    let (r, input, work) = cli_publish(variant, dir, n, &endpoints)?;
+    if std::fs::read(work.join("rasa_event.log"))? != std::fs::read(&input)? {
+        bail!("the spooled CLI's output differs from its input");
+    }
+    let _ = std::fs::remove_dir_all(&spool);
+    Ok(r)
+}
+
 /// `broker bridge` from a file of the `n` events to the file backend, whole process: compared
 /// with `broker publish` of the same file (`cli`).
 fn bridge(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value> {
@@ -406,11 +425,21 @@ fn bench_file(events: u64, runs: usize) -> Result<()> {
         Plan {
             backend: "file",
             describe: format!("{events} events (mix of user/bot/action/slot, {avg} bytes on average)"),
-            variants: ["raw-never", "ours-never", "raw-batch", "ours-batch", "lines-raw", "cli", "bridge"]
-                .iter()
-                .map(|v| (*v, events))
-                .chain([("cli@50000", 50_000), ("cli@500000", 500_000), ("cli@1000000", 1_000_000)])
-                .collect(),
+            variants: [
+                "raw-never",
+                "ours-never",
+                "raw-batch",
+                "ours-batch",
+                "lines-raw",
+                "cli",
+                "bridge",
+                "cli-spool-batch",
+                "cli-spool-never",
+            ]
+            .iter()
+            .map(|v| (*v, events))
+            .chain([("cli@50000", 50_000), ("cli@500000", 500_000), ("cli@1000000", 1_000_000)])
+            .collect(),
             rates: vec![("cli@500000", 1_000_000.0)],
             comparisons: vec![
                 ("ours-never", "raw-never", 0.8),
@@ -418,10 +447,13 @@ fn bench_file(events: u64, runs: usize) -> Result<()> {
                 ("cli", "raw-never", 0.5),
                 ("cli", "lines-raw", 0.25),
                 ("bridge", "cli", 0.25),
+                ("cli-spool-batch", "cli", 0.5),
+                ("cli-spool-never", "cli", 0.8),
             ],
             note: "raw-*: serde_json into a BufWriter flushed every 4096 events (batch: + fdatasync), ours-*: \
                    the file backend with fsync never/batch; lines-raw: JSON lines read and written unparsed, in-process; \
                    cli: `broker publish` of a JSON-lines file, whole process, parsing included (cli@N: of N events; its peak MiB is the whole process's); \
+                   cli-spool-*: `broker publish` with a disk spool (fsync batch/never) in front of the file backend; \
                    bridge: `broker bridge` from that file (a file source) to the file backend, whole process, acknowledged in order with a checkpoint",
         },
         runs,

@@ -102,6 +102,8 @@ struct Tally {
     skipped: u64,
     /// Events of unknown outcome (a second signal, or a receipt still open after close).
     unknown: u64,
+    /// Events not delivered yet but kept in the disk spool (sent at the next run).
+    spooled: u64,
     first_failure: Option<String>,
     /// Rasa bytes of the events not delivered, in publish order.
     undelivered: Vec<Vec<u8>>,
@@ -118,6 +120,8 @@ impl Tally {
     fn settle(&mut self, event: impl FnOnce() -> (Vec<u8>, f64), outcome: Result<broker_core::Delivered, Error>) {
         match outcome {
             Ok(_) => self.delivered += 1,
+            // Kept in the disk spool: not lost, and not to be published again by hand.
+            Err(Error::Spooled { .. }) => self.spooled += 1,
             Err(e) => {
                 self.failed += 1;
                 if self.first_failure.is_none() {
@@ -333,6 +337,8 @@ struct Run<'a> {
     signals: Signals,
     /// Headers for every event (`broker export` to RabbitMQ).
     options: PublishOptions,
+    /// Events the disk spool still holds after close (of this run and earlier ones).
+    spool_left: u64,
 }
 
 impl Run<'_> {
@@ -475,8 +481,12 @@ impl Run<'_> {
                 r = &mut close => break r,
             }
         };
-        if let Err(e) = closed {
-            self.tally.first_failure.get_or_insert(format!("close failed: {e}"));
+        match closed {
+            Err(e) => {
+                self.tally.first_failure.get_or_insert(format!("close failed: {e}"));
+            }
+            // The spool also holds events of earlier runs that are not delivered yet.
+            Ok(report) => self.spool_left = report.spooled,
         }
         let until = Instant::now() + SETTLE_AFTER_CLOSE;
         while let Some((mut receipt, spans)) = self.pending.pop_front() {
@@ -621,6 +631,7 @@ pub(crate) async fn drive(
         tally: Tally::default(),
         signals,
         options,
+        spool_left: 0,
     };
     let mut stop: Option<Stop> = None;
     let mut chunks = start(bar.clone());
@@ -699,7 +710,8 @@ pub(crate) async fn drive(
     let refused = std::mem::take(&mut run.tally.refused);
     run.tally.undelivered.extend(refused);
     bar.finish_and_clear();
-    let Run { tally, .. } = run;
+    let Run { mut tally, spool_left, .. } = run;
+    tally.spooled = tally.spooled.max(spool_left);
     let file = (!tally.undelivered.is_empty()).then(|| undelivered.clone().unwrap_or_else(default_undelivered_path));
     let written = match &file {
         Some(path) => match write_undelivered(path, &tally.undelivered) {
@@ -727,6 +739,12 @@ pub(crate) async fn drive(
     if tally.skipped > 0 {
         summary.push_str(&format!(", skipped {} invalid lines", tally.skipped));
     }
+    if tally.spooled > 0 {
+        summary.push_str(&format!(
+            ", {} wait in the disk spool (sent when the service is back: at the next run)",
+            tally.spooled
+        ));
+    }
     summary.push_str(&format!(" in {secs:.2} s ({rate:.0} events/s) to {}", backend.describe()));
     eprintln!("{summary}");
     if let Some(first) = &tally.first_failure {
@@ -743,7 +761,7 @@ pub(crate) async fn drive(
     if signalled || late_signals > 0 {
         return Ok(Done { code: code::INTERRUPTED, resume_at });
     }
-    let clean = tally.undelivered.is_empty() && written.is_ok() && !stopped;
+    let clean = tally.undelivered.is_empty() && tally.spooled == 0 && written.is_ok() && !stopped;
     Ok(Done { code: if clean { code::OK } else { code::UNDELIVERED }, resume_at })
 }
 

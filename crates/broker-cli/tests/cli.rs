@@ -898,3 +898,60 @@ fn sigint_stops_a_following_bridge_cleanly() {
     println!("first run delivered {first} of {}", input.len());
     assert_eq!(got, input, "every event once, in order: what was delivered was acknowledged");
 }
+
+/// PostgreSQL refused (a loopback proxy) while `broker publish` with a spool takes 5,000 events;
+/// the process is killed with SIGKILL during the outage; the service comes back; `broker
+/// publish` of an empty input delivers every spooled event, in order.
+#[test]
+fn a_spool_survives_an_outage_and_a_sigkill() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let Some(service) = runtime.block_on(broker_testkit::services::postgres("a_spool_survives_a_sigkill")) else {
+        return;
+    };
+    let (host, with_host) = split_pg(&service.url);
+    let proxy = runtime.block_on(broker_testkit::proxy::Proxy::start(&host)).expect("proxy");
+    runtime.block_on(proxy.refuse());
+    let table = format!("cli_spool_{}", broker_testkit::services::unique_suffix());
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = endpoints_pg(&with_host(&proxy.addr().to_string()), &table) + "  spool:\n    path: spool\n";
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
+    let input = events("spool", 5_000);
+    let mut child = spawn_publish(dir.path(), &["publish"]);
+    let mut stdin = child.stdin.take().unwrap();
+    for line in &input {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
+    // Every event is in the spool once its segment holds them all (fsync: batch).
+    let spooled = |dir: &Path| -> usize {
+        std::fs::read_dir(dir.join("spool"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                    .map(|e| {
+                        std::fs::read(e.path())
+                            .unwrap_or_default()
+                            .windows(20)
+                            .filter(|w| w == b"\"sender_id\": \"spool\"")
+                            .count()
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while spooled(dir.path()) < input.len() {
+        assert!(std::time::Instant::now() < deadline, "not all spooled within 60 s: {}", spooled(dir.path()));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL, with the service still down
+    let _ = child.wait();
+    drop(stdin);
+    proxy.restore();
+    let out = broker(dir.path(), &["publish"], Some(""));
+    println!("{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stored = runtime.block_on(rows(&with_host(&host), &table));
+    assert_eq!(stored.len(), input.len(), "every spooled event delivered once");
+    assert_eq!(stored, input, "in publish order");
+}

@@ -242,13 +242,56 @@ pub fn default_registry() -> Registry {
     registry
 }
 
-/// Builds the backend of a section through `registry`; the section's warnings come first.
+/// Builds the backend of a section through `registry`; the section's warnings come first. A
+/// `spool:` mapping (any backend, third-party ones included) puts the backend behind a disk
+/// spool (`broker_spool::SpooledBackend`).
 pub fn configure(section: BrokerSection, registry: &Registry) -> Result<Configured, ConfigError> {
-    let mut configured = registry.configure(&section.type_name, section.type_at, section.options)?;
+    let mut options = section.options;
+    let spool = take_spool(&mut options)?;
+    let mut configured = registry.configure(&section.type_name, section.type_at, options)?;
+    if let Some(spool) = spool {
+        configured.backend = spool.wrap(configured.backend);
+    }
     let mut warnings = section.warnings;
     warnings.append(&mut configured.warnings);
     configured.warnings = warnings;
     Ok(configured)
+}
+
+/// A `spool:` section's settings, ready to wrap a backend.
+struct Spool(#[cfg(feature = "spool")] broker_spool::SpoolConfig);
+
+impl Spool {
+    fn wrap(self, backend: Box<dyn broker_core::Backend>) -> Box<dyn broker_core::Backend> {
+        #[cfg(feature = "spool")]
+        return Box::new(broker_spool::SpooledBackend::new(backend, self.0));
+        #[cfg(not(feature = "spool"))]
+        backend
+    }
+}
+
+/// Takes the `spool:` mapping out of a backend's options.
+fn take_spool(options: &mut Options) -> Result<Option<Spool>, ConfigError> {
+    if !options.contains("spool") {
+        return Ok(None);
+    }
+    let at = options.location("spool");
+    let Some(value) = options.take_value("spool") else { return Ok(None) };
+    let broker_core::ConfigValue::Map(entries) = value.value else {
+        return Err(ConfigError::new(at, Some("spool"), "must be a mapping (path, max_bytes, when_full, fsync)"));
+    };
+    #[cfg(feature = "spool")]
+    {
+        let config = broker_spool::SpoolConfig::from_options(Options::new(entries, at))?;
+        Ok(Some(Spool(config)))
+    }
+    #[cfg(not(feature = "spool"))]
+    {
+        let _ = entries;
+        Err(ConfigError::new(at, Some("spool"), "the disk spool is not built in").with_hint(
+            "enable the cargo feature `spool` (of broker-config, or of broker-cli for the `broker` command)",
+        ))
+    }
 }
 
 /// Reads `path` and builds its backend. `Ok(None)`: no broker configured.

@@ -1,12 +1,13 @@
-//! A disk spool in front of any event broker (issue: "accepted events survive a long outage and
-//! a process crash").
+//! A disk spool in front of any event broker: accepted events survive a long outage and a
+//! process crash.
 //!
-//! Work in progress. What is here is the on-disk part, [`log::SpoolLog`]: append-only segments
-//! of checksummed records in one directory owned by one process (an advisory lock the kernel
-//! drops when the process dies), the position up to which the service confirmed them, and
-//! recovery that cuts a torn last record instead of handing it out half. The layer that puts it
-//! in front of a backend (`spool:` in `event_broker:`, replay on start, forwarding in order,
-//! `broker spool status`) builds on it.
+//! [`SpooledBackend`] wraps any [`broker_core::Backend`]: `publish` returns once the event is in
+//! an append-only log on disk ([`log::SpoolLog`]: segments of checksummed records in one
+//! directory owned by one process, the position up to which the service confirmed them, and
+//! recovery that cuts a torn last record instead of handing it out half); a forwarder sends the
+//! events on in order and settles each receipt with the service's outcome. What is not
+//! delivered at close stays in the spool and goes out first at the next start. In
+//! `endpoints.yml`: a `spool:` mapping in `event_broker:` ([`SpoolConfig::from_options`]).
 //!
 //! ```
 //! use broker_spool::log::SpoolLog;

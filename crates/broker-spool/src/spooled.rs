@@ -73,6 +73,43 @@ impl SpoolConfig {
     }
 }
 
+impl SpoolConfig {
+    /// The keys of a `spool:` mapping.
+    pub const KEYS: &'static [&'static str] = &["path", "max_bytes", "when_full", "fsync", "segment_bytes"];
+
+    /// Reads a `spool:` mapping (`path` required; `max_bytes`, `when_full`: block | error,
+    /// `fsync`: batch | never, `segment_bytes`), strictly: an unknown key is an error naming it.
+    pub fn from_options(mut options: broker_core::Options) -> Result<SpoolConfig, broker_core::ConfigError> {
+        let Some(path) = options.take_str("path")? else {
+            return Err(broker_core::ConfigError::new(options.section.clone(), Some("spool.path"), "is required")
+                .with_hint("a directory for this process's spool, e.g. /var/lib/rasa/spool"));
+        };
+        let mut config = SpoolConfig::new(path);
+        if let Some(n) = options.take_u64("max_bytes")? {
+            if n < 1 << 16 {
+                return Err(broker_core::ConfigError::new(
+                    options.location("max_bytes"),
+                    Some("spool.max_bytes"),
+                    format!("{n} is too small"),
+                )
+                .with_hint("at least 65536 bytes"));
+            }
+            config.max_bytes = n;
+        }
+        if let Some(w) = options.take_choice("when_full", &["block", "error"])? {
+            config.when_full = if w == "error" { WhenFull::Error } else { WhenFull::Block };
+        }
+        if let Some(f) = options.take_choice("fsync", &["batch", "never"])? {
+            config.fsync = if f == "never" { Fsync::Never } else { Fsync::Batch };
+        }
+        if let Some(n) = options.take_u64("segment_bytes")? {
+            config.segment_bytes = n.max(4096);
+        }
+        options.finish_for("spool", Self::KEYS)?;
+        Ok(config)
+    }
+}
+
 /// The backend name this layer reports errors under.
 const NAME: &str = "spool";
 
@@ -95,8 +132,7 @@ fn spool_error(e: LogError) -> Error {
 /// An event's record: `id: u128 LE`, `headers: u16 LE` count, each `name` (u16 length + bytes)
 /// and `value` (u32 length + bytes), then the event's bytes.
 pub(crate) fn encode(event: &Event, options: &PublishOptions) -> Vec<u8> {
-    let json = event.to_json();
-    let mut out = Vec::with_capacity(json.len() + 32);
+    let mut out = Vec::with_capacity(512);
     out.extend_from_slice(&event.id().as_u128().to_le_bytes());
     let headers = &options.headers[..options.headers.len().min(u16::MAX as usize)];
     out.extend_from_slice(&(headers.len() as u16).to_le_bytes());
@@ -108,7 +144,7 @@ pub(crate) fn encode(event: &Event, options: &PublishOptions) -> Vec<u8> {
         out.extend_from_slice(&(value.len() as u32).to_le_bytes());
         out.extend_from_slice(value);
     }
-    out.extend_from_slice(&json);
+    event.write_json(&mut out);
     out
 }
 
@@ -151,13 +187,13 @@ struct Item {
     settle: Settle,
 }
 
-/// The writer's answer to an append: all spooled, or how many were (the first ones) and why
-/// the others were not.
-type Appended = Result<(), (usize, Error)>;
+/// The writer's answer to an append: all spooled, or why not, with the events that were not
+/// (the last ones) handed back.
+type Appended = Result<(), (Error, Vec<Event>)>;
 
 /// One append request as the writer handled it: the events appended (with their sequences),
 /// why the rest were not, and where the answer goes.
-type Request = (Vec<(u64, Item)>, Option<Error>, oneshot::Sender<Appended>);
+type Request = (Vec<(u64, Item)>, Option<(Error, Vec<Event>)>, oneshot::Sender<Appended>);
 
 /// What the writer thread is asked.
 enum Cmd {
@@ -303,20 +339,25 @@ fn writer(
             match cmd {
                 Cmd::Append { items, reply } => {
                     let mut done = Vec::with_capacity(items.len());
-                    let mut error = None;
-                    for item in items {
+                    let mut error: Option<(Error, Vec<Event>)> = None;
+                    let mut items = items.into_iter();
+                    for item in items.by_ref() {
                         if let Some(why) = &failed {
-                            error = Some(Error::Unavailable { backend: NAME, reason: why.clone(), cause: None });
+                            let e = Error::Unavailable { backend: NAME, reason: why.clone(), cause: None };
+                            error = Some((e, vec![item.event]));
                             break;
                         }
                         match log.append(&item.payload) {
                             Ok(seq) => done.push((seq, item)),
                             Err(e) => {
                                 failed = Some(e.to_string());
-                                error = Some(spool_error(e));
+                                error = Some((spool_error(e), vec![item.event]));
                                 break;
                             }
                         }
+                    }
+                    if let Some((_, back)) = error.as_mut() {
+                        back.extend(items.map(|i| i.event));
                     }
                     requests.push((done, error, reply));
                 }
@@ -335,7 +376,6 @@ fn writer(
         for (done, error, reply) in requests {
             match &synced {
                 Ok(()) => {
-                    let n = done.len();
                     for (seq, item) in done {
                         // The forwarder first, so it sees events in sequence order.
                         let Item { event, options, settle, .. } = item;
@@ -343,15 +383,19 @@ fn writer(
                     }
                     let _ = reply.send(match error {
                         None => Ok(()),
-                        Some(e) => Err((n, e)),
+                        Some(e) => Err(e),
                     });
                 }
                 Err(e) => {
                     // Written but maybe not durable: the events stay in the log (replayed by the
                     // next process if they made it to disk), the callers are told they were not
-                    // spooled.
+                    // spooled and get them back.
                     let why = format!("syncing the spool: {e}");
-                    let _ = reply.send(Err((0, Error::Unavailable { backend: NAME, reason: why, cause: None })));
+                    let mut back: Vec<Event> = done.into_iter().map(|(_, i)| i.event).collect();
+                    if let Some((_, rest)) = error {
+                        back.extend(rest);
+                    }
+                    let _ = reply.send(Err((Error::Unavailable { backend: NAME, reason: why, cause: None }, back)));
                 }
             }
         }
@@ -392,6 +436,14 @@ impl Forwarder {
         let mut last_ack = Instant::now();
         let mut input_open = true;
         loop {
+            // Everything the writer handed over is in the queue before anything is decided.
+            while input_open {
+                match rx.try_recv() {
+                    Ok(f) => self.queue.push_back(f),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => input_open = false,
+                }
+            }
             // Connected, or trying to be.
             if broker.is_none() {
                 match self.inner.connect().await {
@@ -621,7 +673,7 @@ impl EventBroker for SpooledBroker {
         self.cmd.send(Cmd::Append { items, reply }).await.map_err(|_| Error::Closed)?;
         match spooled.await {
             Ok(Ok(())) => Ok(receipt),
-            Ok(Err((_, e))) => Err(e),
+            Ok(Err((e, _))) => Err(e),
             Err(_) => Err(Error::Closed),
         }
     }
@@ -637,30 +689,37 @@ impl EventBroker for SpooledBroker {
             };
         }
         let mut receipts = Vec::with_capacity(events.len());
-        let mut kept = Vec::with_capacity(events.len());
         let mut items = Vec::with_capacity(events.len());
         for (event, payload) in events.into_iter().zip(payloads) {
             let (receipt, settle) = Receipt::channel(event.id());
             receipts.push(receipt);
-            kept.push(event.clone());
             items.push(Item { payload, event, options: options.clone(), settle });
         }
         let (reply, spooled) = oneshot::channel();
         let answer = match self.cmd.send(Cmd::Append { items, reply }).await {
-            Ok(()) => spooled.await.unwrap_or(Err((0, Error::Closed))),
-            Err(_) => Err((0, Error::Closed)),
+            Ok(()) => spooled.await.unwrap_or_else(|_| Err((Error::Closed, Vec::new()))),
+            Err(mpsc::error::SendError(Cmd::Append { items, .. })) => {
+                Err((Error::Closed, items.into_iter().map(|i| i.event).collect()))
+            }
+            Err(_) => Err((Error::Closed, Vec::new())),
         };
         match answer {
             Ok(()) => BatchPublished { receipt: BatchReceipt::from_receipts(receipts), refused: None },
-            Err((n, error)) => {
-                receipts.truncate(n);
-                let events = kept.split_off(n.min(kept.len()));
+            Err((error, events)) => {
+                receipts.truncate(receipts.len().saturating_sub(events.len()));
                 BatchPublished {
                     receipt: BatchReceipt::from_receipts(receipts),
                     refused: Some(Refused { error, events }),
                 }
             }
         }
+    }
+
+    /// A batch goes to the log in one request, all or nothing, up to this size. Cancelled while
+    /// the log syncs, a batch is spooled (and delivered) all the same: a caller that then lists
+    /// it as not accepted has duplicates, never a loss.
+    fn atomic_batch(&self) -> usize {
+        4_096
     }
 
     async fn flush(&self) -> Result<(), Error> {
