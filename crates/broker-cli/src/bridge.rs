@@ -221,6 +221,8 @@ struct Tally {
     filtered: u64,
     rejected: u64,
     malformed: u64,
+    /// Left in TO's disk spool (acknowledged: the spool sends them).
+    spooled: u64,
     acked: u64,
     first_failure: Option<String>,
 }
@@ -271,7 +273,8 @@ impl Bridge<'_> {
             }
             match &front.state {
                 State::Filtered => {}
-                State::Done(Ok(_)) => {}
+                // Delivered, or kept in TO's disk spool (durable; it goes out from there).
+                State::Done(Ok(_) | Err(Error::Spooled { .. })) => {}
                 State::Done(Err(e @ Error::Rejected { .. })) => {
                     let e = e.to_string();
                     if let Err(w) = self.dead.append(&front.received.event.to_json()) {
@@ -304,6 +307,7 @@ impl Bridge<'_> {
             match done.state {
                 State::Filtered => self.tally.filtered += 1,
                 State::Done(Ok(_)) => self.tally.delivered += 1,
+                State::Done(Err(Error::Spooled { .. })) => self.tally.spooled += 1,
                 _ => self.tally.rejected += 1,
             }
             self.tally.acked += 1;
@@ -621,6 +625,9 @@ async fn finish(
     }
     if tally.malformed > 0 {
         summary.push_str(&format!(", skipped {} malformed", tally.malformed));
+    }
+    if tally.spooled > 0 {
+        summary.push_str(&format!(", {} wait in the destination's disk spool", tally.spooled));
     }
     summary.push_str(&format!(" in {secs:.2} s ({rate:.0} events/s) from {} to {}", from.describe(), to.describe()));
     eprintln!("{summary}");

@@ -106,6 +106,9 @@ pub struct SpoolLog {
     _lock: File,
     segments: VecDeque<Segment>,
     writer: Option<BufWriter<File>>,
+    /// The current segment's `(bytes, end)` at its last good flush or sync: a failed write is
+    /// rolled back to it, so the log never holds half a batch that callers were told failed.
+    written: (u64, u64),
     next_seq: u64,
     acked: u64,
     max_segment_bytes: u64,
@@ -203,6 +206,7 @@ impl SpoolLog {
             _lock: lock,
             segments: VecDeque::new(),
             writer: None,
+            written: (0, 0),
             next_seq: acked,
             acked,
             max_segment_bytes: max_segment_bytes.max(4096),
@@ -246,6 +250,12 @@ impl SpoolLog {
                 f.set_len(good).map_err(io_err(&path, "cutting the torn end of"))?;
                 f.sync_all().map_err(io_err(&path, "syncing"))?;
                 tracing::warn!("spool {}: cut {cut} bytes of a torn or corrupt record", path.display());
+            }
+            if end == first {
+                // No record in it (created, then the crash, or all of it torn): nothing to keep,
+                // and its name would be taken again by the next segment.
+                fs::remove_file(&path).map_err(io_err(&path, "removing"))?;
+                continue;
             }
             log.next_seq = log.next_seq.max(end);
             log.segments.push_back(Segment { end, path, bytes: good });
@@ -291,15 +301,39 @@ impl SpoolLog {
             .and_then(|()| writer.write_all(&seq_bytes))
             .and_then(|()| writer.write_all(payload));
         if let Err(e) = wrote {
-            // The segment may now end in part of this record: start a new one for the next, and
-            // let the reader of this one cut it.
-            self.writer = None;
+            self.roll_back();
             return Err(io_err(&path, "appending")(e));
         }
         segment.bytes += (HEADER + len) as u64;
         segment.end = seq + 1;
         self.next_seq = seq + 1;
         Ok(seq)
+    }
+
+    /// Drops what was appended since the last good flush: the buffer is discarded unwritten and
+    /// the file cut back, so the next append continues right after the last good record.
+    fn roll_back(&mut self) {
+        let (bytes, end) = self.written;
+        if let Some(w) = self.writer.take() {
+            let (file, _unwritten) = w.into_parts();
+            if file.set_len(bytes).is_ok() && file.sync_data().is_ok() {
+                // The segment goes on where it was good.
+                let mut file = file;
+                if file.seek(SeekFrom::End(0)).is_ok() {
+                    self.writer = Some(BufWriter::with_capacity(1 << 16, file));
+                }
+            }
+        }
+        if let Some(segment) = self.segments.back_mut() {
+            segment.bytes = bytes;
+            segment.end = end;
+        }
+        self.next_seq = end;
+        if self.writer.is_none() {
+            // The file could not be cut: a new segment starts after the good records; the reader
+            // of this one cuts a torn end at the next open.
+            tracing::warn!("spool: could not cut a failed write back; the next events go to a new segment");
+        }
     }
 
     fn start_segment(&mut self) -> Result<(), LogError> {
@@ -310,6 +344,10 @@ impl SpoolLog {
         }
         let first = self.next_seq;
         let path = self.dir.join(segment_name(first));
+        // A segment of that name with no record in it (a failed first write) is replaced.
+        if self.segments.back().is_some_and(|s| s.path == path) {
+            self.segments.pop_back();
+        }
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -320,22 +358,38 @@ impl SpoolLog {
         w.write_all(MAGIC).map_err(io_err(&path, "writing"))?;
         self.writer = Some(w);
         self.segments.push_back(Segment { end: first, path, bytes: MAGIC.len() as u64 });
+        self.written = (MAGIC.len() as u64, first);
         sync_dir(&self.dir)
     }
 
     /// Writes what was appended and makes it durable (fdatasync).
     pub fn sync(&mut self) -> Result<(), LogError> {
-        let Some(w) = self.writer.as_mut() else { return Ok(()) };
-        let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
-        w.flush().map_err(io_err(&path, "writing"))?;
-        w.get_ref().sync_data().map_err(io_err(&path, "syncing"))
+        self.write_out(true)
     }
 
     /// Writes what was appended, without waiting for the disk.
     pub fn flush(&mut self) -> Result<(), LogError> {
+        self.write_out(false)
+    }
+
+    fn write_out(&mut self, sync: bool) -> Result<(), LogError> {
+        // Nothing open: nothing appended since the last good write (a failed one was rolled back).
         let Some(w) = self.writer.as_mut() else { return Ok(()) };
         let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
-        w.flush().map_err(io_err(&path, "writing"))
+        let done = w.flush().and_then(|()| if sync { w.get_ref().sync_data() } else { Ok(()) });
+        match done {
+            Ok(()) => {
+                if let Some(s) = self.segments.back() {
+                    self.written = (s.bytes, s.end);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let operation = if sync { "syncing" } else { "writing" };
+                self.roll_back();
+                Err(io_err(&path, operation)(e))
+            }
+        }
     }
 
     /// Records that every sequence below `upto` is confirmed, and deletes the segments that hold
@@ -355,6 +409,16 @@ impl SpoolLog {
         fs::rename(&tmp, &path).map_err(io_err(&path, "replacing"))?;
         sync_dir(&self.dir)?;
         self.acked = upto;
+        // The segment being written, all of it confirmed: closed, so it can go (the next event
+        // starts a new one); otherwise a spool smaller than a segment would fill up for good.
+        if let Some(back) = self.segments.back()
+            && back.end <= self.acked
+            && back.bytes > MAGIC.len() as u64
+            && self.writer.is_some()
+        {
+            self.write_out(false)?;
+            self.writer = None;
+        }
         self.drop_confirmed()
     }
 

@@ -105,6 +105,8 @@ impl SpoolConfig {
         if let Some(n) = options.take_u64("segment_bytes")? {
             config.segment_bytes = n.max(4096);
         }
+        // Several segments fit in the spool, so confirmed ones can always be deleted.
+        config.segment_bytes = config.segment_bytes.min(config.max_bytes / 4).max(4096);
         options.finish_for("spool", Self::KEYS)?;
         Ok(config)
     }
@@ -115,6 +117,10 @@ const NAME: &str = "spool";
 
 /// Events the forwarder has at the backend, unconfirmed, at most.
 const WINDOW: usize = 4_096;
+
+/// The longest one publish to the backend may wait for room before the forwarder looks at its
+/// other work (outcomes, the close deadline) again.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Acknowledged sequences are written to the log at most this often.
 const ACK_EVERY: Duration = Duration::from_millis(100);
@@ -302,6 +308,7 @@ impl Backend for SpooledBackend {
             cmd: cmd_tx,
             close: Mutex::new(Some((close_tx, done))),
             close_timeout: self.inner.close_timeout(),
+            left: Mutex::new(0),
         }))
     }
 
@@ -465,16 +472,46 @@ impl Forwarder {
             }
             let Some(b) = broker.as_ref() else { continue };
             // Send while there is room in the window.
+            let mut reconnect = false;
             while self.inflight.len() < WINDOW {
                 let Some(f) = self.queue.pop_front() else { break };
-                match b.publish_with(f.event.clone(), f.options.clone()).await {
-                    Ok(receipt) => self.inflight.push_back((f, receipt)),
-                    Err(e) => {
-                        tracing::warn!("spool: the backend refused a publish ({e}); trying again");
+                // Bounded: a backend whose buffer is full and whose service is down would hold
+                // the forwarder (and close) here for ever.
+                let publish = b.publish_with(f.event.clone(), f.options.clone());
+                match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
+                    Ok(Ok(receipt)) => self.inflight.push_back((f, receipt)),
+                    Ok(Err(e @ Error::Rejected { .. })) => {
+                        // Its own fault, said at once.
+                        self.confirmed(f.seq);
+                        if let Some(s) = f.settle {
+                            s.settle(Err(e));
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("spool: the backend refused a publish ({e}); connecting again");
+                        self.queue.push_front(f);
+                        reconnect = true;
+                        break;
+                    }
+                    Err(_) => {
                         self.queue.push_front(f);
                         break;
                     }
                 }
+            }
+            if reconnect {
+                // Everything in flight is sent again on the new connection, in order.
+                let mut again: VecDeque<Forward> = self.inflight.drain(..).map(|(f, _)| f).collect();
+                again.append(&mut self.queue);
+                self.queue = again;
+                if let Some(old) = broker.take() {
+                    let _ = tokio::time::timeout(PUBLISH_TIMEOUT, old.close()).await;
+                }
+                let delay = backoff.next_delay();
+                if self.wait(delay, &mut rx, &mut close, &mut deadline, &mut input_open).await {
+                    break;
+                }
+                continue;
             }
             if self.acked.is_some() && last_ack.elapsed() >= ACK_EVERY {
                 self.flush_ack().await;
@@ -521,7 +558,7 @@ impl Forwarder {
                             again.append(&mut self.queue);
                             self.queue = again;
                             if let Some(old) = broker.take() {
-                                let _ = old.close().await;
+                                let _ = tokio::time::timeout(PUBLISH_TIMEOUT, old.close()).await;
                             }
                             let delay = backoff.next_delay();
                             if self.wait(delay, &mut rx, &mut close, &mut deadline, &mut input_open).await {
@@ -613,6 +650,8 @@ struct SpooledBroker {
     cmd: mpsc::Sender<Cmd>,
     close: Mutex<Option<(oneshot::Sender<Duration>, tokio::task::JoinHandle<CloseReport>)>>,
     close_timeout: Duration,
+    /// What the first close left in the spool.
+    left: Mutex<u64>,
 }
 
 /// Bytes a record takes beyond its payload (length, checksum, sequence).
@@ -634,6 +673,10 @@ impl SpooledBroker {
         }
         loop {
             let room = self.shared.room.notified();
+            // After `room` exists, so a close in between is seen here or wakes it.
+            if self.shared.closed.load(Ordering::Relaxed) {
+                return Err(Error::Closed);
+            }
             if self.shared.bytes.load(Ordering::Relaxed) + need <= self.config.max_bytes {
                 return Ok(());
             }
@@ -724,7 +767,10 @@ impl EventBroker for SpooledBroker {
 
     async fn flush(&self) -> Result<(), Error> {
         let deadline = Instant::now() + self.close_timeout;
-        while self.shared.pending.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        while self.shared.pending.load(Ordering::Relaxed) > 0 {
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(self.close_timeout));
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
@@ -738,13 +784,19 @@ impl EventBroker for SpooledBroker {
         self.shared.closed.store(true, Ordering::Relaxed);
         self.shared.room.notify_waiters();
         let taken = self.close.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let Some((tx, done)) = taken else { return Ok(CloseReport::default()) };
+        let Some((tx, done)) = taken else {
+            // A second close says what the first one found.
+            let spooled = *self.left.lock().unwrap_or_else(PoisonError::into_inner);
+            return Ok(CloseReport::default().with_spooled(spooled));
+        };
         let _ = tx.send(self.close_timeout);
-        done.await.map_err(|e| Error::Unavailable {
+        let report = done.await.map_err(|e| Error::Unavailable {
             backend: NAME,
             reason: format!("the spool forwarder failed: {e}"),
             cause: None,
-        })
+        })?;
+        *self.left.lock().unwrap_or_else(PoisonError::into_inner) = report.spooled;
+        Ok(report)
     }
 }
 
@@ -891,5 +943,26 @@ mod tests {
         assert!(broker.close().await.unwrap().is_clean());
         let (log, _) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(log.pending_events(), 0, "the rejected event is not kept for a replay");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spool_smaller_than_the_traffic_keeps_flowing() {
+        // Ten times max_bytes go through: confirmed segments, the live one too, are deleted.
+        let dir = tempfile::tempdir().unwrap();
+        let memory = MemoryBackend::new();
+        let mut config = SpoolConfig::new(dir.path());
+        config.max_bytes = 64 << 10;
+        config.when_full = WhenFull::Block;
+        config.fsync = Fsync::Never; // one publish at a time: a sync each would only be slow
+        let backend = SpooledBackend::new(Box::new(memory.clone()), config);
+        let broker = backend.connect().await.unwrap();
+        let n = 10 * (64 << 10) / event(0).to_json().len() as u64;
+        for i in 0..n {
+            let publish = broker.publish(event(i));
+            drop(tokio::time::timeout(Duration::from_secs(10), publish).await.expect("never stuck").unwrap());
+        }
+        assert!(broker.close().await.unwrap().is_clean());
+        assert_eq!(memory.lines().len() as u64, n);
+        assert_eq!(broker.close().await.unwrap().spooled, 0, "a second close agrees");
     }
 }
