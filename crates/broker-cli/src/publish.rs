@@ -339,6 +339,8 @@ struct Run<'a> {
     options: PublishOptions,
     /// Events the disk spool still holds after close (of this run and earlier ones).
     spool_left: u64,
+    /// Whether accepted events are safe on disk ([`EventBroker::durable`]).
+    durable: bool,
 }
 
 impl Run<'_> {
@@ -410,9 +412,31 @@ impl Run<'_> {
             return Err(stop);
         }
         while self.outstanding > WINDOW {
-            self.settle_oldest().await?;
+            if self.durable {
+                // Accepted is safe (a disk spool): outcomes are counted as they come, without
+                // waiting for them, so an outage does not stop the reading.
+                if !self.settle_oldest_if_ready() {
+                    break;
+                }
+            } else {
+                self.settle_oldest().await?;
+            }
         }
         Ok(())
+    }
+
+    /// Tallies the oldest receipt's outcomes if they are all in; false when they are not.
+    fn settle_oldest_if_ready(&mut self) -> bool {
+        let Some((receipt, _)) = self.pending.front_mut() else { return false };
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let Poll::Ready(outcomes) = Pin::new(receipt).poll(&mut cx) else { return false };
+        let Some((_, spans)) = self.pending.pop_front() else { return false };
+        self.tally_outcomes(outcomes.into_iter().map(Some), &spans);
+        if let Some(last) = spans.last() {
+            self.kept.release_before(last.chunk);
+        }
+        true
     }
 
     /// Awaits the oldest receipt and tallies its outcomes.
@@ -632,6 +656,7 @@ pub(crate) async fn drive(
         signals,
         options,
         spool_left: 0,
+        durable: broker.durable(),
     };
     let mut stop: Option<Stop> = None;
     let mut chunks = start(bar.clone());

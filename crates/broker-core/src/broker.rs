@@ -277,6 +277,13 @@ pub trait EventBroker: Send + Sync {
         1
     }
 
+    /// Whether an accepted event survives a crash of this process (it is in a disk spool before
+    /// `publish` returns), so a caller need not keep it until its outcome to hand it back. False
+    /// by default.
+    fn durable(&self) -> bool {
+        false
+    }
+
     /// Waits until every event accepted before this call has its outcome.
     async fn flush(&self) -> Result<(), Error>;
 

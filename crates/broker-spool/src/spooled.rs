@@ -765,6 +765,10 @@ impl EventBroker for SpooledBroker {
         4_096
     }
 
+    fn durable(&self) -> bool {
+        true
+    }
+
     async fn flush(&self) -> Result<(), Error> {
         let deadline = Instant::now() + self.close_timeout;
         while self.shared.pending.load(Ordering::Relaxed) > 0 {
