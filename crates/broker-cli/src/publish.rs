@@ -28,6 +28,11 @@ use crate::{Failure, code, progress};
 /// events to a file took 0.80 s instead of 0.31 s. Cheap with one receipt per chunk.
 const WINDOW: usize = 16_384;
 
+/// Outstanding outcomes, at most, when accepted events are safe on disk (a spool): far more, so
+/// that an outage of a few minutes is spooled whole rather than stopping the reading, and still a
+/// bound on memory (the events' bytes are kept for the undelivered file until their outcome).
+const DURABLE_WINDOW: usize = 262_144;
+
 /// Lines the reader thread hands over at once.
 const CHUNK: usize = 512;
 
@@ -412,9 +417,10 @@ impl Run<'_> {
             return Err(stop);
         }
         while self.outstanding > WINDOW {
-            if self.durable {
+            if self.durable && self.outstanding <= DURABLE_WINDOW {
                 // Accepted is safe (a disk spool): outcomes are counted as they come, without
-                // waiting for them, so an outage does not stop the reading.
+                // waiting for them, so an outage does not stop the reading this side of
+                // `DURABLE_WINDOW`.
                 if !self.settle_oldest_if_ready() {
                     break;
                 }
