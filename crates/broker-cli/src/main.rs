@@ -5,6 +5,7 @@ mod bridge;
 mod export;
 mod publish;
 mod serve;
+mod spool;
 mod tail;
 
 use std::io::{self, IsTerminal, Write};
@@ -213,6 +214,11 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
+    /// The disk spool of the endpoints file's event_broker (`spool:`).
+    Spool {
+        #[command(subcommand)]
+        action: SpoolAction,
+    },
     /// Validate the configuration, connect, and report readiness and the server's version.
     Check,
     /// Print a shell completion script (e.g. `broker completions bash > /etc/bash_completion.d/broker`).
@@ -220,6 +226,13 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum SpoolAction {
+    /// Events waiting in the spool, its bytes and the oldest event's age (exit 0; 3 while a
+    /// running broker holds the spool).
+    Status,
 }
 
 /// Logs to stderr: `RUST_LOG` (or its older name `BROKER_LOG`) when set, else the level of
@@ -333,6 +346,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         };
         return bridge::bridge(args).await;
     }
+    if let Command::Spool { action: SpoolAction::Status } = cli.command {
+        return spool::status(cli.endpoints.as_deref());
+    }
     let backend = resolve_backend(cli.endpoints.as_deref()).map_err(Failure::config)?;
     match cli.command {
         Command::Publish { files, skip_invalid, undelivered, metrics_addr } => {
@@ -353,7 +369,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             tail::tail(backend.as_ref(), args).await
         }
         Command::Check => check(backend.as_ref()).await,
-        Command::Completions { .. } | Command::Export { .. } | Command::Bridge { .. } => Ok(code::OK),
+        Command::Completions { .. } | Command::Export { .. } | Command::Bridge { .. } | Command::Spool { .. } => {
+            Ok(code::OK)
+        }
     }
 }
 

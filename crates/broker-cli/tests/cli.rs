@@ -948,6 +948,10 @@ fn a_spool_survives_an_outage_and_a_sigkill() {
     child.kill().unwrap(); // SIGKILL, with the service still down
     let _ = child.wait();
     drop(stdin);
+    let status = broker(dir.path(), &["spool", "status"], None);
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(text.starts_with(&format!("spool spool: {} events waiting, ", input.len())), "{text}");
     proxy.restore();
     // The next run, with time enough to send the spool (close_timeout bounds how long it tries).
     let endpoints = std::fs::read_to_string(dir.path().join("endpoints.yml")).unwrap();
@@ -958,4 +962,10 @@ fn a_spool_survives_an_outage_and_a_sigkill() {
     let stored = runtime.block_on(rows(&with_host(&host), &table));
     assert_eq!(stored.len(), input.len(), "every spooled event delivered once");
     assert_eq!(stored, input, "in publish order");
+    let status = broker(dir.path(), &["spool", "status"], None);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).starts_with("spool spool: 0 events waiting"),
+        "{}",
+        stderr(&status)
+    );
 }

@@ -294,6 +294,14 @@ fn take_spool(options: &mut Options) -> Result<Option<Spool>, ConfigError> {
     }
 }
 
+/// The `spool:` settings of the `event_broker:` section in `path`, without building the
+/// backend (for `broker spool status`). `Ok(None)`: no broker or no spool configured.
+#[cfg(feature = "spool")]
+pub fn load_spool(path: &Path) -> Result<Option<broker_spool::SpoolConfig>, ConfigError> {
+    let Some(mut section) = read_file(path)? else { return Ok(None) };
+    Ok(take_spool(&mut section.options)?.map(|s| s.0))
+}
+
 /// Reads `path` and builds its backend. `Ok(None)`: no broker configured.
 pub fn load(path: &Path, registry: &Registry) -> Result<Option<Configured>, ConfigError> {
     read_file(path)?.map(|s| configure(s, registry)).transpose()

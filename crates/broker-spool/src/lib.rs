@@ -25,4 +25,4 @@
 pub mod log;
 mod spooled;
 
-pub use spooled::{Fsync, SpoolConfig, SpooledBackend};
+pub use spooled::{Fsync, SpoolConfig, SpoolStatus, SpooledBackend, status};

@@ -456,6 +456,30 @@ impl SpoolLog {
         Ok(out)
     }
 
+    /// The oldest record not yet confirmed.
+    pub fn first_pending(&mut self) -> Result<Option<Record>, LogError> {
+        self.flush()?;
+        for s in &self.segments {
+            if s.end <= self.acked {
+                continue;
+            }
+            let mut file = File::open(&s.path).map_err(io_err(&s.path, "opening"))?;
+            file.seek(SeekFrom::Start(MAGIC.len() as u64)).map_err(io_err(&s.path, "seeking"))?;
+            let r = BufReader::with_capacity(1 << 16, file.take(s.bytes - MAGIC.len() as u64));
+            let mut first = None;
+            let acked = self.acked;
+            scan(&s.path, r, |rec| {
+                if first.is_none() && rec.seq >= acked {
+                    first = Some(rec);
+                }
+            })?;
+            if first.is_some() {
+                return Ok(first);
+            }
+        }
+        Ok(None)
+    }
+
     /// Events appended and not confirmed.
     pub fn pending_events(&self) -> u64 {
         self.next_seq - self.acked

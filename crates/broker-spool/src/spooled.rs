@@ -970,3 +970,33 @@ mod tests {
         assert_eq!(broker.close().await.unwrap().spooled, 0, "a second close agrees");
     }
 }
+
+/// What a spool directory holds, for `broker spool status`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct SpoolStatus {
+    /// Events not confirmed yet.
+    pub events: u64,
+    /// Bytes in segments.
+    pub bytes: u64,
+    /// The `timestamp` of the oldest event waiting, when it has one.
+    pub oldest_timestamp: Option<f64>,
+    /// Records cut at open because they were torn (a crash mid-write).
+    pub torn_records: u64,
+}
+
+/// Reads the spool in `config.path` (taking its lock for the moment: a process using it makes
+/// this fail with [`LogError::Locked`]). A directory that does not exist is an empty spool.
+pub fn status(config: &SpoolConfig) -> Result<SpoolStatus, LogError> {
+    if !config.path.exists() {
+        return Ok(SpoolStatus { events: 0, bytes: 0, oldest_timestamp: None, torn_records: 0 });
+    }
+    let (mut log, recovery) = SpoolLog::open(&config.path, config.segment_bytes)?;
+    let oldest = log.first_pending()?.and_then(|r| decode(&r.payload)).and_then(|(e, _)| e.timestamp());
+    Ok(SpoolStatus {
+        events: log.pending_events(),
+        bytes: log.bytes(),
+        oldest_timestamp: oldest,
+        torn_records: recovery.torn_records,
+    })
+}
