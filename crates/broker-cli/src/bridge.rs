@@ -79,18 +79,47 @@ const RASA_TYPES: &[&str] = &[
 ];
 
 /// `broker bridge`'s arguments.
+#[derive(Debug, clap::Args)]
 pub(crate) struct Args {
+    /// The endpoints file of the source.
+    #[arg(long, value_name = "FROM.yml")]
     pub(crate) from: PathBuf,
+    /// The endpoints file of the destination.
+    #[arg(long, value_name = "TO.yml")]
     pub(crate) to: PathBuf,
+    /// Where a file or SQL source's position is kept (required for them; written atomically
+    /// after confirmed events). A restart resumes there.
+    #[arg(long, value_name = "PATH")]
     pub(crate) checkpoint: Option<PathBuf>,
+    /// Kafka consumer group of the source.
+    #[arg(long, default_value = "broker-bridge")]
     pub(crate) group: String,
+    /// Start at the oldest stored event (a file or SQL source without a checkpoint starts
+    /// there anyway).
+    #[arg(long)]
     pub(crate) from_beginning: bool,
+    /// Stop once caught up with what the source stores (file, SQL, Kafka).
+    #[arg(long)]
     pub(crate) until_end: bool,
+    /// Stop after this many events consumed.
+    #[arg(long, value_name = "N")]
     pub(crate) limit: Option<u64>,
+    /// Only these event types (comma-separated, e.g. user,bot,action); the others are
+    /// acknowledged and skipped.
+    #[arg(long, value_name = "TYPES")]
     pub(crate) events: Option<String>,
+    /// Only events with a timestamp >= this.
+    #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
     pub(crate) minimum_timestamp: Option<f64>,
+    /// Only events with a timestamp < this.
+    #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
     pub(crate) maximum_timestamp: Option<f64>,
+    /// The dead-letter file: events TO rejected as their own fault, in Rasa's bytes. Default: a
+    /// new undelivered-YYYYMMDDTHHMMSSZ.jsonl in the working directory, named on stderr.
+    #[arg(long, value_name = "PATH")]
     pub(crate) undelivered: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics and /ready while bridging.
+    #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 }
 

@@ -29,13 +29,29 @@ const PROCESS_ID_HEADER: &str = "rasa-export-process-id";
 const CHUNK: usize = 512;
 
 /// `broker export`'s arguments.
+#[derive(Debug, clap::Args)]
 pub(crate) struct Args {
+    /// Only events with a timestamp >= this (seconds since the epoch).
+    #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
     pub(crate) minimum_timestamp: Option<f64>,
+    /// Only events with a timestamp < this.
+    #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
     pub(crate) maximum_timestamp: Option<f64>,
+    /// Only these conversations (comma-separated); one that is not in the store is an error.
+    #[arg(long, value_name = "IDS")]
     pub(crate) conversation_ids: Option<String>,
+    /// Add this many seconds to every exported event's timestamp.
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub(crate) offset_timestamps_by_seconds: Option<i64>,
+    /// Append every event read and not delivered to PATH (as for publish). Default: a new
+    /// undelivered-YYYYMMDDTHHMMSSZ.jsonl in the working directory, named on stderr.
+    #[arg(long, value_name = "PATH")]
     pub(crate) undelivered: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics and /ready while exporting.
+    #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Count and report stored events that are not events instead of stopping at the first.
+    #[arg(long)]
     pub(crate) skip_invalid: bool,
 }
 

@@ -144,76 +144,12 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
-    /// Rasa's `rasa export`: publish the events of the endpoints file's tracker_store (sql) to
+    /// Rasa's `rasa export`: publish the events of the endpoints file's tracker_store (sql, redis) to
     /// its event_broker, per conversation in timestamp order, with `sender_id` added last.
-    Export {
-        /// Only events with a timestamp >= this (seconds since the epoch).
-        #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
-        minimum_timestamp: Option<f64>,
-        /// Only events with a timestamp < this.
-        #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
-        maximum_timestamp: Option<f64>,
-        /// Only these conversations (comma-separated); one that is not in the store is an error.
-        #[arg(long, value_name = "IDS")]
-        conversation_ids: Option<String>,
-        /// Add this many seconds to every exported event's timestamp.
-        #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
-        offset_timestamps_by_seconds: Option<i64>,
-        /// Append every event read and not delivered to PATH (as for publish). Default: a new
-        /// undelivered-YYYYMMDDTHHMMSSZ.jsonl in the working directory, named on stderr.
-        #[arg(long, value_name = "PATH")]
-        undelivered: Option<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDR/metrics and /ready while exporting.
-        #[arg(long, value_name = "ADDR")]
-        metrics_addr: Option<std::net::SocketAddr>,
-        /// Count and report stored events that are not events instead of stopping at the first.
-        #[arg(long)]
-        skip_invalid: bool,
-    },
+    Export(export::Args),
     /// Consume from the event_broker of FROM and publish to the event_broker of TO, any pair of
     /// backends: at least once, in order, acknowledged at the source only once TO confirmed.
-    Bridge {
-        /// The endpoints file of the source.
-        #[arg(long, value_name = "FROM.yml")]
-        from: PathBuf,
-        /// The endpoints file of the destination.
-        #[arg(long, value_name = "TO.yml")]
-        to: PathBuf,
-        /// Where a file or SQL source's position is kept (required for them; written atomically
-        /// after confirmed events). A restart resumes there.
-        #[arg(long, value_name = "PATH")]
-        checkpoint: Option<PathBuf>,
-        /// Kafka consumer group of the source.
-        #[arg(long, default_value = "broker-bridge")]
-        group: String,
-        /// Start at the oldest stored event (a file or SQL source without a checkpoint starts
-        /// there anyway).
-        #[arg(long)]
-        from_beginning: bool,
-        /// Stop once caught up with what the source stores (file, SQL, Kafka).
-        #[arg(long)]
-        until_end: bool,
-        /// Stop after this many events consumed.
-        #[arg(long, value_name = "N")]
-        limit: Option<u64>,
-        /// Only these event types (comma-separated, e.g. user,bot,action); the others are
-        /// acknowledged and skipped.
-        #[arg(long, value_name = "TYPES")]
-        events: Option<String>,
-        /// Only events with a timestamp >= this.
-        #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
-        minimum_timestamp: Option<f64>,
-        /// Only events with a timestamp < this.
-        #[arg(long, value_name = "TIMESTAMP", allow_negative_numbers = true)]
-        maximum_timestamp: Option<f64>,
-        /// The dead-letter file: events TO rejected as their own fault, in Rasa's bytes. Default: a
-        /// new undelivered-YYYYMMDDTHHMMSSZ.jsonl in the working directory, named on stderr.
-        #[arg(long, value_name = "PATH")]
-        undelivered: Option<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDR/metrics and /ready while bridging.
-        #[arg(long, value_name = "ADDR")]
-        metrics_addr: Option<std::net::SocketAddr>,
-    },
+    Bridge(bridge::Args),
     /// The disk spool of the endpoints file's event_broker (`spool:`).
     Spool {
         #[command(subcommand)]
@@ -294,56 +230,10 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         })?;
         return Ok(code::OK);
     }
-    if let Command::Export {
-        minimum_timestamp,
-        maximum_timestamp,
-        conversation_ids,
-        offset_timestamps_by_seconds,
-        undelivered,
-        metrics_addr,
-        skip_invalid,
-    } = cli.command
-    {
-        let args = export::Args {
-            minimum_timestamp,
-            maximum_timestamp,
-            conversation_ids,
-            offset_timestamps_by_seconds,
-            undelivered,
-            metrics_addr,
-            skip_invalid,
-        };
+    if let Command::Export(args) = cli.command {
         return export::export(cli.endpoints.as_deref(), args).await;
     }
-    if let Command::Bridge {
-        from,
-        to,
-        checkpoint,
-        group,
-        from_beginning,
-        until_end,
-        limit,
-        events,
-        minimum_timestamp,
-        maximum_timestamp,
-        undelivered,
-        metrics_addr,
-    } = cli.command
-    {
-        let args = bridge::Args {
-            from,
-            to,
-            checkpoint,
-            group,
-            from_beginning,
-            until_end,
-            limit,
-            events,
-            minimum_timestamp,
-            maximum_timestamp,
-            undelivered,
-            metrics_addr,
-        };
+    if let Command::Bridge(args) = cli.command {
         return bridge::bridge(args).await;
     }
     if let Command::Spool { action: SpoolAction::Status } = cli.command {
@@ -369,9 +259,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             tail::tail(backend.as_ref(), args).await
         }
         Command::Check => check(backend.as_ref()).await,
-        Command::Completions { .. } | Command::Export { .. } | Command::Bridge { .. } | Command::Spool { .. } => {
-            Ok(code::OK)
-        }
+        Command::Completions { .. } | Command::Export(_) | Command::Bridge(_) | Command::Spool { .. } => Ok(code::OK),
     }
 }
 
