@@ -666,6 +666,7 @@ pub(crate) async fn drive(
     };
     let mut stop: Option<Stop> = None;
     let mut chunks = start(bar.clone());
+    let atomic = run.broker.atomic_batch().max(1);
 
     'chunks: loop {
         let chunk = tokio::select! {
@@ -676,37 +677,48 @@ pub(crate) async fn drive(
             }
             c = chunks.recv() => c,
         };
-        let Some(items) = chunk else {
+        let Some(mut items) = chunk else {
             stop = Some(Stop::Input("the input reader stopped before the end (it failed)".into()));
             break;
         };
-        let (chunk, mut bytes) = run.kept.next();
         let (mut events, mut spans) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
         let mut input_stop = None;
         let mut ended = false;
-        for item in items {
-            match item {
-                Item::Event(e, ts) => {
-                    let start = bytes.len();
-                    e.write_json(&mut bytes);
-                    spans.push(Kept { chunk, start, end: bytes.len(), ts });
-                    events.push(e);
-                    if !ts.is_nan() {
-                        run.tally.last_read = Some(ts);
+        loop {
+            let (chunk, mut bytes) = run.kept.next();
+            for item in items {
+                match item {
+                    Item::Event(e, ts) => {
+                        let start = bytes.len();
+                        e.write_json(&mut bytes);
+                        spans.push(Kept { chunk, start, end: bytes.len(), ts });
+                        events.push(e);
+                        if !ts.is_nan() {
+                            run.tally.last_read = Some(ts);
+                        }
                     }
+                    Item::Skipped(why) => {
+                        run.tally.skipped += 1;
+                        bar.suspend(|| eprintln!("skipped {why}"));
+                    }
+                    Item::Stop(why) => {
+                        input_stop = Some(Stop::Input(why));
+                        break;
+                    }
+                    Item::End => ended = true,
                 }
-                Item::Skipped(why) => {
-                    run.tally.skipped += 1;
-                    bar.suspend(|| eprintln!("skipped {why}"));
-                }
-                Item::Stop(why) => {
-                    input_stop = Some(Stop::Input(why));
-                    break;
-                }
-                Item::End => ended = true,
+            }
+            run.kept.push(bytes);
+            if input_stop.is_some() || ended || events.len() + CHUNK > atomic {
+                break;
+            }
+            // Chunks the reader has parsed meanwhile go in the same publish, up to what the
+            // broker takes at once (a disk spool then syncs once for all of them).
+            match chunks.try_recv() {
+                Ok(next) => items = next,
+                Err(_) => break,
             }
         }
-        run.kept.push(bytes);
         let first = run.tally.read + 1;
         run.tally.read += events.len() as u64;
         if let Err(why) = run.publish(events, spans, first).await {

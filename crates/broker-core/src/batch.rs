@@ -12,7 +12,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use crate::broker::{Outcome, Receipt};
+use crate::broker::{Outcome, Receipt, Settle};
+use crate::event::EventId;
 use crate::error::Error;
 use crate::event::Event;
 
@@ -61,6 +62,27 @@ impl BatchReceipt {
     pub fn from_receipts(receipts: Vec<Receipt>) -> BatchReceipt {
         let outcomes = Vec::with_capacity(receipts.len());
         BatchReceipt { inner: Inner::Each { receipts, outcomes } }
+    }
+
+    /// A receipt for events `ids` (in order) and the [`Settle`] of each, for a layer that
+    /// settles a batch's events itself (a disk spool in front of a backend): one allocation and
+    /// one wake-up for the batch, not a channel per event.
+    pub fn settles(ids: impl ExactSizeIterator<Item = EventId>) -> (BatchReceipt, Vec<Settle>) {
+        let (receipt, slots) = BatchReceipt::shared(ids.len());
+        let settles = ids.enumerate().map(|(i, id)| Settle::slot(id, &slots, i, None)).collect();
+        (receipt, settles)
+    }
+
+    /// Only the first `n` events were accepted (the others were handed back): the receipt is for
+    /// those, and does not wait for the others.
+    pub fn truncate(&mut self, n: usize) {
+        match &mut self.inner {
+            Inner::Shared(slots) => slots.truncate(n),
+            Inner::Each { receipts, outcomes } => {
+                receipts.truncate(n);
+                outcomes.truncate(n);
+            }
+        }
     }
 
     /// How many events it is for.
@@ -205,8 +227,7 @@ pub(crate) fn gone() -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{Delivered, Settle};
-    use crate::event::EventId;
+    use crate::broker::Delivered;
 
     #[tokio::test]
     async fn outcomes_come_in_order_once_all_are_settled_and_a_dropped_settle_is_a_failure() {
@@ -238,6 +259,21 @@ mod tests {
         let outcomes = receipt.await;
         assert_eq!(outcomes.len(), 1);
         assert!(outcomes[0].is_ok());
+    }
+
+    #[tokio::test]
+    async fn settles_made_outside_resolve_the_receipt_and_a_truncate_forgets_the_rest() {
+        let ids: Vec<EventId> = (0..3).map(|_| EventId::generate()).collect();
+        let (mut receipt, mut settles) = BatchReceipt::settles(ids.iter().copied());
+        assert_eq!((receipt.len(), settles.len()), (3, 3));
+        drop(settles.pop());
+        receipt.truncate(2);
+        for s in settles {
+            s.delivered(None);
+        }
+        let outcomes = receipt.await;
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!(outcomes[1].as_ref().ok(), Some(&Delivered::new(ids[1], None)));
     }
 
     fn futures_poll(r: &mut BatchReceipt) -> Option<Vec<Outcome>> {

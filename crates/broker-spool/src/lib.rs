@@ -22,7 +22,12 @@
 //! # Ok::<(), broker_spool::log::LogError>(())
 //! ```
 
+mod config;
+mod forward;
 pub mod log;
+mod record;
 mod spooled;
+mod writer;
 
-pub use spooled::{Fsync, SpoolConfig, SpoolStatus, SpooledBackend, status};
+pub use config::{Fsync, SpoolConfig};
+pub use spooled::{SpoolStatus, SpooledBackend, status};

@@ -282,28 +282,30 @@ impl SpoolLog {
         hasher.update(payload);
         let crc = hasher.finalize();
         let Some(segment) = self.segments.back_mut() else { return unreachable_segment() };
-        let path = segment.path.clone();
-        let writer = match self.writer.as_mut() {
-            Some(w) => w,
-            None => return Err(LogError::Foreign { path, reason: "no open segment".into() }),
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(LogError::Foreign { path: segment.path.clone(), reason: "no open segment".into() });
         };
-        let len32 = u32::try_from(len).ok().filter(|l| (*l as usize) <= MAX_RECORD).ok_or_else(|| LogError::Io {
-            path: path.clone(),
-            operation: "appending",
-            source: io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("an event of {len} bytes is too large to spool"),
-            ),
-        })?;
+        let Some(len32) = u32::try_from(len).ok().filter(|l| (*l as usize) <= MAX_RECORD) else {
+            return Err(LogError::Io {
+                path: segment.path.clone(),
+                operation: "appending",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("an event of {len} bytes is too large to spool"),
+                ),
+            });
+        };
         let wrote = writer
             .write_all(&len32.to_le_bytes())
             .and_then(|()| writer.write_all(&crc.to_le_bytes()))
             .and_then(|()| writer.write_all(&seq_bytes))
             .and_then(|()| writer.write_all(payload));
         if let Err(e) = wrote {
+            let path = segment.path.clone();
             self.roll_back();
             return Err(io_err(&path, "appending")(e));
         }
+        let Some(segment) = self.segments.back_mut() else { return unreachable_segment() };
         segment.bytes += (HEADER + len) as u64;
         segment.end = seq + 1;
         self.next_seq = seq + 1;

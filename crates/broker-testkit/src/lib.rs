@@ -37,6 +37,7 @@ pub mod faults;
 pub mod proxy;
 pub mod scenario;
 pub mod services;
+pub mod tansu;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};

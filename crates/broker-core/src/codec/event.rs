@@ -282,6 +282,14 @@ impl Event {
         }
     }
 
+    /// The length of [`Event::to_json`], without a copy when the event was read from bytes.
+    pub fn json_len(&self) -> usize {
+        match &self.repr {
+            Repr::Tree(_) => self.to_json().len(),
+            Repr::Encoded { json, .. } => json.len(),
+        }
+    }
+
     /// The Rasa encoding of the body (no newline): the exact bytes every Rasa backend stores.
     pub fn to_json(&self) -> Vec<u8> {
         match &self.repr {

@@ -1,0 +1,367 @@
+//! The spool's forwarder: publishes spooled events to the backend in sequence order, in batches
+//! the backend takes all or nothing, settles each caller's receipt with the backend's outcome,
+//! and tells the writer which sequences are confirmed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use broker_core::backoff::Backoff;
+use broker_core::{Backend, BatchReceipt, CloseReport, Error, EventBroker, Outcome};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::spooled::{Forward, NAME, Shared};
+use crate::writer::Cmd;
+
+/// Events the forwarder has at the backend, unconfirmed, at most.
+const WINDOW: usize = 8_192;
+
+/// Events in one publish to the backend, at most (fewer when its `atomic_batch` is smaller).
+const BATCH: usize = 2_048;
+
+/// The longest one publish to the backend may wait for room before the forwarder looks at its
+/// other work (outcomes, the close deadline) again.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Acknowledged sequences are written to the log at most this often.
+const ACK_EVERY: Duration = Duration::from_millis(100);
+
+/// Publishes spooled events to the backend, in order, and settles their receipts.
+pub(crate) struct Forwarder {
+    inner: Arc<dyn Backend>,
+    shared: Arc<Shared>,
+    cmd: mpsc::Sender<Cmd>,
+    /// Spooled, not sent yet (or to be sent again), in order.
+    queue: VecDeque<Forward>,
+    /// Sent, with the backend's receipt, in order.
+    inflight: VecDeque<(Vec<Forward>, BatchReceipt)>,
+    /// Events in `inflight`.
+    inflight_events: usize,
+    /// The first sequence not confirmed, when it moved since the log was told.
+    acked: Option<u64>,
+}
+
+/// Why the sending stopped.
+enum Sent {
+    /// The window is full or the queue is empty, or the backend has no room now.
+    Waiting,
+    /// The connection is no good: connect again.
+    Reconnect,
+}
+
+impl Forwarder {
+    pub(crate) fn new(inner: Arc<dyn Backend>, shared: Arc<Shared>, cmd: mpsc::Sender<Cmd>) -> Forwarder {
+        Forwarder { inner, shared, cmd, queue: VecDeque::new(), inflight: VecDeque::new(), inflight_events: 0, acked: None }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Vec<Forward>>,
+        mut close: oneshot::Receiver<Duration>,
+    ) -> CloseReport {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut broker: Option<Box<dyn EventBroker>> = None;
+        let mut deadline: Option<Instant> = None;
+        let mut last_ack = Instant::now();
+        let mut input_open = true;
+        loop {
+            // Everything the writer handed over is in the queue before anything is decided.
+            while input_open {
+                match rx.try_recv() {
+                    Ok(f) => self.queue.extend(f),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => input_open = false,
+                }
+            }
+            // Connected, or trying to be.
+            if broker.is_none() {
+                match self.inner.connect().await {
+                    Ok(b) => {
+                        broker = Some(b);
+                        self.shared.connected.store(true, Ordering::Relaxed);
+                        backoff.reset();
+                    }
+                    Err(e) => {
+                        self.shared.connected.store(false, Ordering::Relaxed);
+                        let delay = backoff.next_delay();
+                        tracing::warn!("spool: {e}; connecting again in {delay:.1?} (events wait in the spool)");
+                        if self.wait(delay, &mut rx, &mut close, &mut deadline, &mut input_open).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(b) = broker.as_deref() else { continue };
+            if let Sent::Reconnect = self.send(b).await {
+                self.shared.connected.store(false, Ordering::Relaxed);
+                self.requeue_inflight(None);
+                if let Some(old) = broker.take() {
+                    let _ = tokio::time::timeout(PUBLISH_TIMEOUT, old.close()).await;
+                }
+                let delay = backoff.next_delay();
+                if self.wait(delay, &mut rx, &mut close, &mut deadline, &mut input_open).await {
+                    break;
+                }
+                continue;
+            }
+            if self.acked.is_some() && last_ack.elapsed() >= ACK_EVERY {
+                self.flush_ack().await;
+                last_ack = Instant::now();
+            }
+            if deadline.is_some() && self.queue.is_empty() && self.inflight.is_empty() {
+                break;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let room = self.inflight_events < WINDOW && !self.queue.is_empty();
+            tokio::select! {
+                biased;
+                t = &mut close, if deadline.is_none() => {
+                    deadline = Some(Instant::now() + t.unwrap_or_default());
+                }
+                f = rx.recv(), if input_open => match f {
+                    Some(f) => self.queue.extend(f),
+                    None => input_open = false,
+                },
+                outcomes = async {
+                    match self.inflight.front_mut() {
+                        Some((_, receipt)) => receipt.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let Some((batch, _)) = self.inflight.pop_front() else { continue };
+                    self.inflight_events -= batch.len();
+                    if !self.settle(batch, outcomes) {
+                        // The backend gave up on one: from it on, everything is sent again, in
+                        // order, on a new connection.
+                        self.shared.connected.store(false, Ordering::Relaxed);
+                        if let Some(old) = broker.take() {
+                            let _ = tokio::time::timeout(PUBLISH_TIMEOUT, old.close()).await;
+                        }
+                        let delay = backoff.next_delay();
+                        if self.wait(delay, &mut rx, &mut close, &mut deadline, &mut input_open).await {
+                            break;
+                        }
+                    }
+                }
+                // The backend had no room: look again soon.
+                _ = tokio::time::sleep(Duration::from_millis(5)), if room => {}
+                _ = tokio::time::sleep_until(until.into()) => {}
+                _ = tokio::time::sleep(ACK_EVERY), if self.acked.is_some() => {}
+            }
+        }
+        self.finish(broker, rx).await
+    }
+
+    /// Publishes from the queue while the window has room.
+    async fn send(&mut self, b: &dyn EventBroker) -> Sent {
+        let atomic = b.atomic_batch().clamp(1, BATCH);
+        while self.inflight_events < WINDOW {
+            let Some(front) = self.queue.front() else { break };
+            let options = front.options.clone();
+            // One publish holds events with the same options, as many as the backend takes
+            // all or nothing (so a timeout below accepted none of them).
+            let max = atomic.min(WINDOW - self.inflight_events);
+            let n = self.queue.iter().take(max).take_while(|f| Arc::ptr_eq(&f.options, &options)).count().max(1);
+            let mut batch: Vec<Forward> = self.queue.drain(..n).collect();
+            let events = batch.iter().map(|f| f.event.clone()).collect();
+            // Bounded: a backend whose buffer is full and whose service is down would hold the
+            // forwarder (and close) here for ever.
+            let published = match tokio::time::timeout(PUBLISH_TIMEOUT, b.publish_batch(events, (*options).clone())).await
+            {
+                Ok(p) => p,
+                Err(_) => {
+                    self.requeue_front(batch);
+                    return Sent::Waiting;
+                }
+            };
+            let accepted = published.receipt.len().min(batch.len());
+            let rest = batch.split_off(accepted);
+            if !batch.is_empty() {
+                self.inflight_events += batch.len();
+                self.inflight.push_back((batch, published.receipt));
+            }
+            let Some(refused) = published.refused else { continue };
+            let mut rest = rest.into_iter();
+            match refused.error {
+                e @ Error::Rejected { .. } => {
+                    // The first one not accepted is refused for its own fault: said at once.
+                    if let Some(f) = rest.next() {
+                        let seq = f.seq;
+                        if let Some(s) = f.settle {
+                            s.settle(Err(e));
+                        }
+                        self.requeue_front(rest.collect());
+                        self.confirmed(seq);
+                    }
+                }
+                Error::BufferFull { .. } => {
+                    self.requeue_front(rest.collect());
+                    return Sent::Waiting;
+                }
+                e => {
+                    tracing::warn!("spool: the backend refused a publish ({e}); connecting again");
+                    self.requeue_front(rest.collect());
+                    return Sent::Reconnect;
+                }
+            }
+        }
+        Sent::Waiting
+    }
+
+    /// Settles one batch's outcomes in order; false when the backend gave up on one of them
+    /// (it, the rest and everything in flight are then queued again).
+    fn settle(&mut self, batch: Vec<Forward>, outcomes: Vec<Outcome>) -> bool {
+        let mut outcomes = outcomes.into_iter();
+        let mut batch = batch.into_iter();
+        let mut last = None;
+        while let Some(f) = batch.next() {
+            let outcome = outcomes.next().unwrap_or_else(|| {
+                Err(Error::Unavailable { backend: NAME, reason: "no outcome from the backend".into(), cause: None })
+            });
+            match outcome {
+                Ok(delivered) => {
+                    last = Some(f.seq);
+                    if let Some(s) = f.settle {
+                        s.settle(Ok(delivered));
+                    }
+                }
+                // Its own fault: sending it again would fail again.
+                Err(e @ Error::Rejected { .. }) => {
+                    last = Some(f.seq);
+                    if let Some(s) = f.settle {
+                        s.settle(Err(e));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("spool: not delivered ({e}); sending again from event {}", f.seq);
+                    self.requeue_inflight(Some(std::iter::once(f).chain(batch).collect()));
+                    if let Some(seq) = last {
+                        self.confirmed(seq);
+                    }
+                    return false;
+                }
+            }
+        }
+        if let Some(seq) = last {
+            self.confirmed(seq);
+        }
+        true
+    }
+
+    /// Puts `batch` back at the front of the queue.
+    fn requeue_front(&mut self, batch: Vec<Forward>) {
+        for f in batch.into_iter().rev() {
+            self.queue.push_front(f);
+        }
+    }
+
+    /// Puts `first` (what was left of the batch being settled) and everything in flight back at
+    /// the front of the queue, in order.
+    fn requeue_inflight(&mut self, first: Option<Vec<Forward>>) {
+        let mut again: VecDeque<Forward> = first.unwrap_or_default().into_iter().collect();
+        again.extend(self.inflight.drain(..).flat_map(|(b, _)| b));
+        self.inflight_events = 0;
+        again.append(&mut self.queue);
+        self.queue = again;
+    }
+
+    /// `seq` is settled: the log may forget everything before the lowest sequence still out.
+    fn confirmed(&mut self, seq: u64) {
+        let out = self.inflight.front().and_then(|(b, _)| b.first()).or(self.queue.front()).map(|f| f.seq);
+        let upto = out.unwrap_or(seq + 1);
+        if self.acked.is_none_or(|a| upto > a) {
+            self.acked = Some(upto);
+        }
+    }
+
+    /// Sleeps `delay` while taking in new events and a close request; true once the close
+    /// deadline has passed.
+    async fn wait(
+        &mut self,
+        delay: Duration,
+        rx: &mut mpsc::UnboundedReceiver<Vec<Forward>>,
+        close: &mut oneshot::Receiver<Duration>,
+        deadline: &mut Option<Instant>,
+        input_open: &mut bool,
+    ) -> bool {
+        let until = Instant::now() + delay;
+        loop {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return true;
+            }
+            let wake = deadline.map_or(until, |d| d.min(until));
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::select! {
+                biased;
+                t = &mut *close, if deadline.is_none() => *deadline = Some(Instant::now() + t.unwrap_or_default()),
+                f = rx.recv(), if *input_open => match f {
+                    Some(f) => self.queue.extend(f),
+                    None => *input_open = false,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    async fn flush_ack(&mut self) {
+        if let Some(upto) = self.acked.take() {
+            let _ = self.cmd.send(Cmd::Ack(upto)).await;
+        }
+    }
+
+    /// After the close deadline: the backend is closed (delivering what it can), what it
+    /// confirmed in order is acknowledged, the writer is stopped, and the rest stays in the
+    /// spool, its receipts saying so.
+    async fn finish(mut self, broker: Option<Box<dyn EventBroker>>, mut rx: mpsc::UnboundedReceiver<Vec<Forward>>) -> CloseReport {
+        if let Some(b) = broker {
+            let _ = b.close().await;
+        }
+        // What the close delivered is confirmed, up to the first event without a good outcome.
+        let mut kept: VecDeque<Forward> = VecDeque::new();
+        let mut last = None;
+        for (batch, mut receipt) in std::mem::take(&mut self.inflight) {
+            let mut known = receipt.settled_so_far().into_iter();
+            for f in batch {
+                let outcome = if kept.is_empty() { known.next().flatten() } else { None };
+                match outcome {
+                    Some(o @ (Ok(_) | Err(Error::Rejected { .. }))) => {
+                        last = Some(f.seq);
+                        if let Some(s) = f.settle {
+                            s.settle(o);
+                        }
+                    }
+                    _ => kept.push_back(f),
+                }
+            }
+        }
+        self.inflight_events = 0;
+        kept.append(&mut self.queue);
+        self.queue = kept;
+        if let Some(seq) = last {
+            self.confirmed(seq);
+        }
+        self.flush_ack().await;
+        // The writer syncs and stops; what it handed over meanwhile is in the spool too.
+        let (tx, closed) = oneshot::channel();
+        if self.cmd.send(Cmd::Close(tx)).await.is_ok() {
+            let _ = closed.await;
+        }
+        while let Some(late) = rx.recv().await {
+            self.queue.extend(late);
+        }
+        let left = self.queue.len() as u64;
+        for f in self.queue.drain(..) {
+            if let Some(s) = f.settle {
+                s.settle(Err(Error::Spooled { backend: NAME }));
+            }
+        }
+        CloseReport::default().with_spooled(left)
+    }
+}

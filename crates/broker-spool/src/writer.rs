@@ -1,0 +1,157 @@
+//! The spool's writer thread: appends what publishers hand it, syncs once for all of it (a group
+//! commit), then passes the spooled events to the forwarder in sequence order, and records the
+//! forwarder's acknowledgements.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use broker_core::{Error, Event, PublishOptions, Settle};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Fsync;
+use crate::log::SpoolLog;
+use crate::record::encode_into;
+use crate::spooled::{Forward, NAME, Shared, spool_error};
+
+/// Requests taken from the channel at once, at most (one sync for all of them).
+const GROUP: usize = 4_096;
+
+/// One event to append (its record is encoded here, on the writer thread, into one reused
+/// buffer), and the settle the forwarder resolves once it is delivered.
+pub(crate) struct Item {
+    pub(crate) event: Event,
+    pub(crate) settle: Settle,
+}
+
+/// The writer's answer to an append: all spooled, or why not, with the events that were not
+/// (the last ones) handed back.
+pub(crate) type Appended = Result<(), (Error, Vec<Event>)>;
+
+/// What the writer thread is asked.
+pub(crate) enum Cmd {
+    /// Append these events, published with `options`, in order.
+    Append { items: Vec<Item>, options: Arc<PublishOptions>, reply: oneshot::Sender<Appended> },
+    /// Every sequence below this one is confirmed.
+    Ack(u64),
+    /// Sync, release the directory, say so.
+    Close(oneshot::Sender<()>),
+}
+
+/// One append request as handled: the events appended (as they go to the forwarder), why the
+/// rest were not, and where the answer goes.
+struct Request {
+    done: Vec<Forward>,
+    error: Option<(Error, Vec<Event>)>,
+    reply: oneshot::Sender<Appended>,
+}
+
+/// Runs until [`Cmd::Close`] or until every sender is gone.
+pub(crate) fn run(
+    mut log: SpoolLog,
+    mut rx: mpsc::Receiver<Cmd>,
+    forward: mpsc::UnboundedSender<Vec<Forward>>,
+    shared: Arc<Shared>,
+    fsync: Fsync,
+) {
+    let mut batch = Vec::with_capacity(GROUP);
+    let mut record = Vec::with_capacity(4096);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < GROUP {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let mut requests: Vec<Request> = Vec::new();
+        // Once an append failed, the later ones in this group are not tried (the log rolled
+        // back to its last good record).
+        let mut failed: Option<String> = None;
+        let mut close = None;
+        for cmd in batch.drain(..) {
+            match cmd {
+                Cmd::Append { items, options, reply } => {
+                    let mut done = Vec::with_capacity(items.len());
+                    let mut error: Option<(Error, Vec<Event>)> = None;
+                    let mut items = items.into_iter();
+                    for item in items.by_ref() {
+                        if let Some(why) = &failed {
+                            let e = Error::Unavailable { backend: NAME, reason: why.clone(), cause: None };
+                            error = Some((e, vec![item.event]));
+                            break;
+                        }
+                        encode_into(&item.event, &options, &mut record);
+                        match log.append(&record) {
+                            Ok(seq) => done.push(Forward {
+                                seq,
+                                event: item.event,
+                                options: options.clone(),
+                                settle: Some(item.settle),
+                            }),
+                            Err(e) => {
+                                failed = Some(e.to_string());
+                                error = Some((spool_error(e), vec![item.event]));
+                                break;
+                            }
+                        }
+                    }
+                    if let Some((_, back)) = error.as_mut() {
+                        back.extend(items.map(|i| i.event));
+                    }
+                    requests.push(Request { done, error, reply });
+                }
+                Cmd::Ack(upto) => {
+                    if let Err(e) = log.ack(upto) {
+                        tracing::warn!("spool: recording confirmed events failed (they may be sent again): {e}");
+                    }
+                }
+                Cmd::Close(reply) => close = Some(reply),
+            }
+        }
+        let synced = match fsync {
+            Fsync::Batch => log.sync(),
+            Fsync::Never => log.flush(),
+        };
+        for Request { done, error, reply } in requests {
+            match &synced {
+                Ok(()) => {
+                    // The forwarder first, so it sees events in sequence order.
+                    if !done.is_empty() {
+                        let _ = forward.send(done);
+                    }
+                    let _ = reply.send(match error {
+                        None => Ok(()),
+                        Some(e) => Err(e),
+                    });
+                }
+                Err(e) => {
+                    // Written but maybe not durable: the events stay in the log (replayed by the
+                    // next process if they made it to disk), the callers are told they were not
+                    // spooled and get them back.
+                    let why = format!("syncing the spool: {e}");
+                    let mut back: Vec<Event> = done.into_iter().map(|f| f.event).collect();
+                    if let Some((_, rest)) = error {
+                        back.extend(rest);
+                    }
+                    let _ = reply.send(Err((Error::Unavailable { backend: NAME, reason: why, cause: None }, back)));
+                }
+            }
+        }
+        shared.bytes.store(log.bytes(), Ordering::Relaxed);
+        shared.pending.store(log.pending_events(), Ordering::Relaxed);
+        shared.room.notify_waiters();
+        if let Some(reply) = close {
+            let _ = log.sync();
+            drop(log); // releases the directory's lock before saying so
+            let _ = reply.send(());
+            // Appends that came after the close are handed back, not spooled.
+            rx.close();
+            while let Ok(cmd) = rx.try_recv() {
+                if let Cmd::Append { items, reply, .. } = cmd {
+                    let _ = reply.send(Err((Error::Closed, items.into_iter().map(|i| i.event).collect())));
+                }
+            }
+            return;
+        }
+    }
+}
