@@ -24,6 +24,10 @@ const BATCH: usize = 2_048;
 /// other work (outcomes, the close deadline) again.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Events the forwarder holds in memory, waiting to be sent, at most; those spooled beyond are
+/// read back from the log when their turn comes.
+pub(crate) const IN_MEMORY: usize = 65_536;
+
 /// Acknowledged sequences are written to the log at most this often.
 const ACK_EVERY: Duration = Duration::from_millis(100);
 
@@ -40,6 +44,9 @@ pub(crate) struct Forwarder {
     inflight_events: usize,
     /// The first sequence not confirmed, when it moved since the log was told.
     acked: Option<u64>,
+    /// What a previous process left, not queued yet: it goes before everything in `queue`
+    /// that is not lower.
+    replay: std::ops::Range<u64>,
 }
 
 /// Why the sending stopped.
@@ -51,8 +58,32 @@ enum Sent {
 }
 
 impl Forwarder {
-    pub(crate) fn new(inner: Arc<dyn Backend>, shared: Arc<Shared>, cmd: mpsc::Sender<Cmd>) -> Forwarder {
-        Forwarder { inner, shared, cmd, queue: VecDeque::new(), inflight: VecDeque::new(), inflight_events: 0, acked: None }
+    pub(crate) fn new(
+        inner: Arc<dyn Backend>,
+        shared: Arc<Shared>,
+        cmd: mpsc::Sender<Cmd>,
+        replay: std::ops::Range<u64>,
+    ) -> Forwarder {
+        Forwarder {
+            inner,
+            shared,
+            cmd,
+            queue: VecDeque::new(),
+            inflight: VecDeque::new(),
+            inflight_events: 0,
+            acked: None,
+            replay,
+        }
+    }
+
+    /// Takes in what the writer spooled; beyond [`IN_MEMORY`] waiting, only its place is kept.
+    fn take_in(&mut self, spooled: Vec<Forward>) {
+        for mut f in spooled {
+            if self.queue.len() >= IN_MEMORY {
+                f.body = None;
+            }
+            self.queue.push_back(f);
+        }
     }
 
     pub(crate) async fn run(
@@ -69,7 +100,7 @@ impl Forwarder {
             // Everything the writer handed over is in the queue before anything is decided.
             while input_open {
                 match rx.try_recv() {
-                    Ok(f) => self.queue.extend(f),
+                    Ok(f) => self.take_in(f),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => input_open = false,
                 }
@@ -110,21 +141,21 @@ impl Forwarder {
                 self.flush_ack().await;
                 last_ack = Instant::now();
             }
-            if deadline.is_some() && self.queue.is_empty() && self.inflight.is_empty() {
+            if deadline.is_some() && self.queue.is_empty() && self.inflight.is_empty() && self.replay.is_empty() {
                 break;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
             let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            let room = self.inflight_events < WINDOW && !self.queue.is_empty();
+            let room = self.inflight_events < WINDOW && !(self.queue.is_empty() && self.replay.is_empty());
             tokio::select! {
                 biased;
                 t = &mut close, if deadline.is_none() => {
                     deadline = Some(Instant::now() + t.unwrap_or_default());
                 }
                 f = rx.recv(), if input_open => match f {
-                    Some(f) => self.queue.extend(f),
+                    Some(f) => self.take_in(f),
                     None => input_open = false,
                 },
                 outcomes = async {
@@ -161,31 +192,50 @@ impl Forwarder {
     async fn send(&mut self, b: &dyn EventBroker) -> Sent {
         let atomic = b.atomic_batch().clamp(1, BATCH);
         while self.inflight_events < WINDOW {
+            let max = atomic.min(WINDOW - self.inflight_events);
+            self.next_replayed(max);
             let Some(front) = self.queue.front() else { break };
-            let options = front.options.clone();
+            if front.body.is_none() {
+                if let Err(e) = self.read_back(max).await {
+                    tracing::warn!("spool: reading spooled events back failed ({e}); trying again");
+                    return Sent::Waiting;
+                }
+                continue;
+            }
+            let options = front.body.as_ref().map(|(_, o)| o.clone()).unwrap_or_default();
             // One publish holds events with the same options, as many as the backend takes
             // all or nothing (so a timeout below accepted none of them).
-            let max = atomic.min(WINDOW - self.inflight_events);
-            let n = self.queue.iter().take(max).take_while(|f| Arc::ptr_eq(&f.options, &options)).count().max(1);
+            let n = self
+                .queue
+                .iter()
+                .take(max)
+                .take_while(|f| f.body.as_ref().is_some_and(|(_, o)| Arc::ptr_eq(o, &options)))
+                .count();
             let mut batch: Vec<Forward> = self.queue.drain(..n).collect();
-            let events = batch.iter().map(|f| f.event.clone()).collect();
+            // The events move to the backend; what must be sent again is read back from the log.
+            let events = batch.iter_mut().filter_map(|f| f.body.take().map(|(e, _)| e)).collect();
             // Bounded: a backend whose buffer is full and whose service is down would hold the
             // forwarder (and close) here for ever.
             let published = match tokio::time::timeout(PUBLISH_TIMEOUT, b.publish_batch(events, (*options).clone())).await
             {
                 Ok(p) => p,
                 Err(_) => {
+                    // Cancelled, so none of them was accepted.
                     self.requeue_front(batch);
                     return Sent::Waiting;
                 }
             };
             let accepted = published.receipt.len().min(batch.len());
-            let rest = batch.split_off(accepted);
+            let mut rest = batch.split_off(accepted);
             if !batch.is_empty() {
                 self.inflight_events += batch.len();
                 self.inflight.push_back((batch, published.receipt));
             }
             let Some(refused) = published.refused else { continue };
+            // The events handed back are the bodies of `rest`, in order.
+            for (f, e) in rest.iter_mut().zip(refused.events) {
+                f.body = Some((e, options.clone()));
+            }
             let mut rest = rest.into_iter();
             match refused.error {
                 e @ Error::Rejected { .. } => {
@@ -211,6 +261,85 @@ impl Forwarder {
             }
         }
         Sent::Waiting
+    }
+
+    /// Queues the next `max` sequences a previous process left, when they come before
+    /// everything queued.
+    fn next_replayed(&mut self, max: usize) {
+        if self.replay.is_empty() || self.queue.front().is_some_and(|f| f.seq < self.replay.start) {
+            return;
+        }
+        let end = self.replay.end.min(self.replay.start + max as u64);
+        for seq in (self.replay.start..end).rev() {
+            self.queue.push_front(Forward { seq, body: None, settle: None });
+        }
+        self.replay.start = end;
+    }
+
+    /// Reads back from the log the events at the front of the queue that are not in memory,
+    /// up to `max`. A sequence the log does not have (or not as an event) is lost to corruption:
+    /// said, and confirmed so that it does not hold the rest back.
+    async fn read_back(&mut self, max: usize) -> Result<(), Error> {
+        let Some(from) = self.queue.front().map(|f| f.seq) else { return Ok(()) };
+        let (reply, read) = oneshot::channel();
+        self.cmd.send(Cmd::Read { from, max, reply }).await.map_err(|_| Error::Closed)?;
+        let records = read.await.map_err(|_| Error::Closed)?.map_err(crate::spooled::spool_error)?;
+        let last = records.last().map_or(from, |r| r.seq);
+        let mut records = records.into_iter().peekable();
+        let mut options: Option<Arc<broker_core::PublishOptions>> = None;
+        let mut lost = Vec::new();
+        for (i, f) in self.queue.iter_mut().enumerate() {
+            if f.seq > last || i >= max {
+                break;
+            }
+            if f.body.is_some() {
+                continue;
+            }
+            while records.next_if(|r| r.seq < f.seq).is_some() {}
+            let decoded = records.next_if(|r| r.seq == f.seq).and_then(|r| crate::record::decode(&r.payload));
+            match decoded {
+                Some((event, o)) => {
+                    let shared = match &options {
+                        Some(last) if **last == o => last.clone(),
+                        _ => Arc::new(o),
+                    };
+                    options = Some(shared.clone());
+                    f.body = Some((event, shared));
+                }
+                None => lost.push(f.seq),
+            }
+        }
+        if lost.is_empty() && self.queue.front().is_some_and(|f| f.body.is_none()) {
+            // Not even the first one is in the log.
+            lost.extend(self.queue.front().map(|f| f.seq));
+        }
+        if !lost.is_empty() {
+            tracing::error!(
+                "spool: {} spooled event(s) from sequence {} are not in the log (corrupt or removed): lost",
+                lost.len(),
+                lost[0]
+            );
+            let mut kept = VecDeque::with_capacity(self.queue.len());
+            for f in self.queue.drain(..) {
+                if lost.binary_search(&f.seq).is_ok() {
+                    if let Some(s) = f.settle {
+                        s.settle(Err(Error::Io {
+                            backend: NAME,
+                            operation: "reading back".into(),
+                            reason: format!("spooled event {} is no longer in the spool (corrupt or removed)", f.seq),
+                            cause: None,
+                        }));
+                    }
+                } else {
+                    kept.push_back(f);
+                }
+            }
+            self.queue = kept;
+            if let Some(seq) = lost.last() {
+                self.confirmed(*seq);
+            }
+        }
+        Ok(())
     }
 
     /// Settles one batch's outcomes in order; false when the backend gave up on one of them
@@ -272,7 +401,11 @@ impl Forwarder {
 
     /// `seq` is settled: the log may forget everything before the lowest sequence still out.
     fn confirmed(&mut self, seq: u64) {
-        let out = self.inflight.front().and_then(|(b, _)| b.first()).or(self.queue.front()).map(|f| f.seq);
+        let replay = (!self.replay.is_empty()).then_some(self.replay.start);
+        let out = [self.inflight.front().and_then(|(b, _)| b.first()).map(|f| f.seq), self.queue.front().map(|f| f.seq), replay]
+            .into_iter()
+            .flatten()
+            .min();
         let upto = out.unwrap_or(seq + 1);
         if self.acked.is_none_or(|a| upto > a) {
             self.acked = Some(upto);
@@ -302,7 +435,7 @@ impl Forwarder {
                 biased;
                 t = &mut *close, if deadline.is_none() => *deadline = Some(Instant::now() + t.unwrap_or_default()),
                 f = rx.recv(), if *input_open => match f {
-                    Some(f) => self.queue.extend(f),
+                    Some(f) => self.take_in(f),
                     None => *input_open = false,
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
@@ -356,7 +489,7 @@ impl Forwarder {
         while let Some(late) = rx.recv().await {
             self.queue.extend(late);
         }
-        let left = self.queue.len() as u64;
+        let left = self.queue.len() as u64 + (self.replay.end - self.replay.start);
         for f in self.queue.drain(..) {
             if let Some(s) = f.settle {
                 s.settle(Err(Error::Spooled { backend: NAME }));

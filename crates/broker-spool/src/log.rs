@@ -112,6 +112,9 @@ pub struct SpoolLog {
     next_seq: u64,
     acked: u64,
     max_segment_bytes: u64,
+    /// Where the last [`SpoolLog::read_from`] stopped: the segment, the offset, the next
+    /// sequence there; reading on from it does not scan the segment again.
+    cursor: Option<(PathBuf, u64, u64)>,
 }
 
 fn segment_name(first: u64) -> String {
@@ -120,8 +123,18 @@ fn segment_name(first: u64) -> String {
 
 /// Reads records from `r` (after the magic) until the end or a bad record; returns them and the
 /// offset where the good part ends.
-fn scan(path: &Path, mut r: impl Read, mut on_record: impl FnMut(Record)) -> Result<(u64, bool), LogError> {
-    let mut offset = MAGIC.len() as u64;
+fn scan(path: &Path, mut r: impl Read, mut on_record: impl FnMut(Record) -> bool) -> Result<(u64, bool), LogError> {
+    scan_from(path, r.by_ref(), MAGIC.len() as u64, &mut on_record)
+}
+
+/// [`scan`] from `offset` (where `r` is); stops after a record `on_record` says false to.
+fn scan_from(
+    path: &Path,
+    mut r: impl Read,
+    offset: u64,
+    mut on_record: impl FnMut(Record) -> bool,
+) -> Result<(u64, bool), LogError> {
+    let mut offset = offset;
     let mut header = [0u8; HEADER];
     loop {
         match read_full(&mut r, &mut header).map_err(io_err(path, "reading"))? {
@@ -145,8 +158,10 @@ fn scan(path: &Path, mut r: impl Read, mut on_record: impl FnMut(Record)) -> Res
         if hasher.finalize() != crc {
             return Ok((offset, true));
         }
-        on_record(Record { seq: u64::from_le_bytes(seq_bytes), payload });
         offset += (HEADER + len) as u64;
+        if !on_record(Record { seq: u64::from_le_bytes(seq_bytes), payload }) {
+            return Ok((offset, false));
+        }
     }
 }
 
@@ -210,6 +225,7 @@ impl SpoolLog {
             next_seq: acked,
             acked,
             max_segment_bytes: max_segment_bytes.max(4096),
+            cursor: None,
         };
         let mut recovery = Recovery::default();
         let count = firsts.len();
@@ -237,6 +253,7 @@ impl SpoolLog {
                 if rec.seq >= acked {
                     recovery.pending += 1;
                 }
+                true
             })?;
             if out_of_order {
                 return Err(LogError::Foreign { path, reason: "sequence numbers out of order".into() });
@@ -453,7 +470,41 @@ impl SpoolLog {
                 if rec.seq >= acked {
                     out.push(rec);
                 }
+                true
             })?;
+        }
+        Ok(out)
+    }
+
+    /// Up to `max` records from sequence `from` on, in order (sequences missing from the log are
+    /// skipped). Reading on from where the last call stopped goes on from there in its segment.
+    pub fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
+        self.flush()?;
+        let mut out = Vec::new();
+        let cursor = self.cursor.take().filter(|(_, _, next)| *next == from);
+        for s in &self.segments {
+            if s.end <= from || out.len() >= max {
+                continue;
+            }
+            let offset = match &cursor {
+                Some((path, offset, _)) if *path == s.path => *offset,
+                _ => MAGIC.len() as u64,
+            };
+            if offset >= s.bytes {
+                continue;
+            }
+            let mut file = File::open(&s.path).map_err(io_err(&s.path, "opening"))?;
+            file.seek(SeekFrom::Start(offset)).map_err(io_err(&s.path, "seeking"))?;
+            let r = BufReader::with_capacity(1 << 16, file.take(s.bytes - offset));
+            let mut next = from;
+            let (at, _) = scan_from(&s.path, r, offset, |rec| {
+                next = rec.seq + 1;
+                if rec.seq >= from {
+                    out.push(rec);
+                }
+                out.len() < max
+            })?;
+            self.cursor = Some((s.path.clone(), at, next));
         }
         Ok(out)
     }
@@ -471,9 +522,11 @@ impl SpoolLog {
             let mut first = None;
             let acked = self.acked;
             scan(&s.path, r, |rec| {
-                if first.is_none() && rec.seq >= acked {
+                if rec.seq >= acked {
                     first = Some(rec);
+                    return false;
                 }
+                true
             })?;
             if first.is_some() {
                 return Ok(first);

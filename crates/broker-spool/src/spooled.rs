@@ -47,13 +47,13 @@ pub(crate) fn spool_error(e: LogError) -> Error {
     }
 }
 
-/// One spooled event on its way to the backend: its sequence, the event, the options it was
-/// published with (shared by the events of one publish), and the caller's settle when it was
-/// published by this process (a replayed one has none).
+/// One spooled event on its way to the backend: its sequence, the event with the options it was
+/// published with (shared by the events of one publish) while the forwarder holds it in memory
+/// (`None` once sent, or while far behind: it is read back from the log when needed), and the
+/// caller's settle when it was published by this process (a replayed one has none).
 pub(crate) struct Forward {
     pub(crate) seq: u64,
-    pub(crate) event: Event,
-    pub(crate) options: Arc<PublishOptions>,
+    pub(crate) body: Option<(Event, Arc<PublishOptions>)>,
     pub(crate) settle: Option<Settle>,
 }
 
@@ -102,7 +102,7 @@ impl Backend for SpooledBackend {
             tokio::task::spawn_blocking(move || SpoolLog::open(&config.path, config.segment_bytes)).await.map_err(
                 |e| Error::Unavailable { backend: NAME, reason: format!("opening the spool: {e}"), cause: None },
             )?;
-        let (mut log, recovery) = opened.map_err(spool_error)?;
+        let (log, recovery) = opened.map_err(spool_error)?;
         if recovery.torn_records > 0 {
             tracing::warn!(
                 "spool {}: {} torn record(s) cut ({} bytes): a crash mid-write; the events before them are kept",
@@ -111,33 +111,19 @@ impl Backend for SpooledBackend {
                 recovery.torn_bytes
             );
         }
-        let replay = log.pending().map_err(spool_error)?;
+        // What a previous process left is read back from the log as the forwarder gets to it.
+        let replay = log.acked()..log.next_seq();
+        if !replay.is_empty() {
+            tracing::info!(
+                "spool {}: replaying {} events a previous process left",
+                self.config.path.display(),
+                log.pending_events()
+            );
+        }
         let shared = Arc::new(Shared::default());
         shared.bytes.store(log.bytes(), Ordering::Relaxed);
         shared.pending.store(log.pending_events(), Ordering::Relaxed);
         let (forward_tx, forward_rx) = mpsc::unbounded_channel::<Vec<Forward>>();
-        let mut replayed = Vec::with_capacity(replay.len());
-        for record in replay {
-            match decode(&record.payload) {
-                Some((event, options)) => {
-                    // Consecutive records with the same options share them (one publish).
-                    let options = match replayed.last() {
-                        Some(Forward { options: last, .. }) if **last == options => Arc::clone(last),
-                        _ => Arc::new(options),
-                    };
-                    replayed.push(Forward { seq: record.seq, event, options, settle: None });
-                }
-                None => tracing::warn!("spool: record {} is not an event; dropped", record.seq),
-            }
-        }
-        if !replayed.is_empty() {
-            tracing::info!(
-                "spool {}: replaying {} events a previous process left",
-                self.config.path.display(),
-                replayed.len()
-            );
-            let _ = forward_tx.send(replayed);
-        }
         let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>(1024);
         let writer_shared = shared.clone();
         let fsync = self.config.fsync;
@@ -150,7 +136,7 @@ impl Backend for SpooledBackend {
                 cause: None,
             })?;
         let (close_tx, close_rx) = oneshot::channel();
-        let forwarder = Forwarder::new(self.inner.clone(), shared.clone(), cmd_tx.clone());
+        let forwarder = Forwarder::new(self.inner.clone(), shared.clone(), cmd_tx.clone(), replay);
         let done = tokio::spawn(forwarder.run(forward_rx, close_rx));
         Ok(Box::new(SpooledBroker {
             backend: self.inner.name(),
@@ -432,6 +418,33 @@ mod tests {
         assert!(report.is_clean(), "{report:?}");
         let lines: Vec<Vec<u8>> = (0..=200).map(|i| event(i).to_json()).collect();
         assert_eq!(up.lines(), lines);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_longer_than_memory_is_read_back_from_the_log_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = MemoryBackend::new();
+        let backend = SpooledBackend::new(Box::new(memory.clone()), SpoolConfig::new(dir.path()));
+        let broker = backend.connect().await.unwrap();
+        memory.faults().set(Fault::Unavailable);
+        let n = crate::forward::IN_MEMORY as u64 + 5_000;
+        let mut receipts = Vec::new();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(4096) {
+            let published = broker.publish_batch(chunk.iter().map(|i| event(*i)).collect(), PublishOptions::default()).await;
+            assert!(published.refused.is_none());
+            receipts.push(published.receipt);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        memory.faults().set(Fault::None);
+        for r in receipts {
+            let outcomes = tokio::time::timeout(Duration::from_secs(60), r).await.expect("delivered in time");
+            assert!(outcomes.iter().all(Result::is_ok));
+        }
+        assert!(broker.close().await.unwrap().is_clean());
+        let lines = memory.lines();
+        let expected: Vec<Vec<u8>> = (0..n).map(|i| event(i).to_json()).collect();
+        assert_eq!(lines.len(), expected.len(), "each once");
+        assert!(lines == expected, "in order");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use broker_core::{Error, Event, PublishOptions, Settle};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Fsync;
-use crate::log::SpoolLog;
+use crate::log::{LogError, Record, SpoolLog};
 use crate::record::encode_into;
 use crate::spooled::{Forward, NAME, Shared, spool_error};
 
@@ -33,6 +33,9 @@ pub(crate) enum Cmd {
     Append { items: Vec<Item>, options: Arc<PublishOptions>, reply: oneshot::Sender<Appended> },
     /// Every sequence below this one is confirmed.
     Ack(u64),
+    /// Up to `max` records from sequence `from` on (events the forwarder does not hold in
+    /// memory: replayed, sent again, or spooled while it was far behind).
+    Read { from: u64, max: usize, reply: oneshot::Sender<Result<Vec<Record>, LogError>> },
     /// Sync, release the directory, say so.
     Close(oneshot::Sender<()>),
 }
@@ -84,8 +87,7 @@ pub(crate) fn run(
                         match log.append(&record) {
                             Ok(seq) => done.push(Forward {
                                 seq,
-                                event: item.event,
-                                options: options.clone(),
+                                body: Some((item.event, options.clone())),
                                 settle: Some(item.settle),
                             }),
                             Err(e) => {
@@ -104,6 +106,9 @@ pub(crate) fn run(
                     if let Err(e) = log.ack(upto) {
                         tracing::warn!("spool: recording confirmed events failed (they may be sent again): {e}");
                     }
+                }
+                Cmd::Read { from, max, reply } => {
+                    let _ = reply.send(log.read_from(from, max));
                 }
                 Cmd::Close(reply) => close = Some(reply),
             }
@@ -129,7 +134,7 @@ pub(crate) fn run(
                     // next process if they made it to disk), the callers are told they were not
                     // spooled and get them back.
                     let why = format!("syncing the spool: {e}");
-                    let mut back: Vec<Event> = done.into_iter().map(|f| f.event).collect();
+                    let mut back: Vec<Event> = done.into_iter().filter_map(|f| f.body.map(|(e, _)| e)).collect();
                     if let Some((_, rest)) = error {
                         back.extend(rest);
                     }
