@@ -166,3 +166,105 @@ fn kafka_unreachable_then_sigkill_loses_nothing_spooled() {
     outage_sigkill_then_recovery("kafka", &proxy, &section(&proxy.addr().to_string()), &section(&direct), &runtime);
     drop(tansu);
 }
+
+/// `n` events of one conversation, as lines.
+fn lines(n: u64) -> Vec<String> {
+    (0..n).map(|i| String::from_utf8(broker_testkit::user_event("spool-f", i).to_json()).unwrap()).collect()
+}
+
+/// A spool whose last record is torn (its segment cut by a few bytes, as a crash mid-write
+/// leaves it): the record is cut and reported, every event before it is delivered, in order.
+#[test]
+fn a_torn_last_record_is_cut_and_the_events_before_it_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    // The file backend's directory does not exist yet: the service is "down".
+    let endpoints = "event_broker:\n  type: file\n  path: out/rasa_event.log\n  close_timeout: 1\n  spool:\n    path: spool\n";
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
+    let input = lines(1000);
+    let out = broker(dir.path(), &["publish"], Some(&(input.join("\n") + "\n")));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1000 wait in the disk spool"), "{}", stderr(&out));
+    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("spool"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    let last = segments.last().expect("a segment");
+    let len = std::fs::metadata(last).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(last).unwrap().set_len(len - 5).unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints.replace("close_timeout: 1", "close_timeout: 30")).unwrap();
+    let out = broker(dir.path(), &["publish"], Some(""));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 torn record(s) cut"), "reported: {}", stderr(&out));
+    let got = std::fs::read_to_string(dir.path().join("out/rasa_event.log")).unwrap();
+    let got: Vec<&str> = got.lines().collect();
+    assert_eq!(got, input[..999].iter().map(String::as_str).collect::<Vec<_>>(), "all before the torn one, in order");
+}
+
+/// The disk under the spool fills up (a small tmpfs, in a mount namespace of the test's own)
+/// while the service is down: publishes fail saying so, the events that did not fit go to the
+/// undelivered file, what is spooled is intact; once there is room and the service is back,
+/// everything is delivered, once, in order.
+#[test]
+fn a_full_disk_fails_publishes_clearly_and_recovers_once_there_is_room() {
+    let test = "a_full_disk_under_the_spool";
+    let can = std::process::Command::new("unshare").args(["-m", "true"]).output().is_ok_and(|o| o.status.success());
+    if !can {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: `unshare -m` (a mount namespace) is not allowed here");
+        broker_testkit::services::skip(test, "`unshare -m` is not allowed (needs root or user namespaces)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = "event_broker:\n  type: file\n  path: out/rasa_event.log\n  close_timeout: 2\n  spool:\n    path: spool\n";
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
+    std::fs::write(dir.path().join("later.yml"), endpoints.replace("close_timeout: 2", "close_timeout: 30")).unwrap();
+    // Three publishes' worth (4,096 events each, what the spool takes at once); room for one.
+    let input = lines(12_000);
+    let bytes: usize = input.iter().map(|l| l.len() + 1).sum();
+    let size_kib = bytes / 1024 + 2048;
+    let free_kib = bytes * 45 / 100 / 1024;
+    std::fs::write(dir.path().join("input.jsonl"), input.join("\n") + "\n").unwrap();
+    std::fs::create_dir(dir.path().join("spool")).unwrap();
+    // The tmpfs lives as long as the script. The second run publishes what the first did not
+    // accept, then what it did not read.
+    let script = format!(
+        r#"set -u
+mount -t tmpfs -o size={size_kib}k tmpfs spool || exit 90
+dd if=/dev/zero of=spool/filler bs=1024 count={filler} 2>/dev/null
+"$BROKER" publish --undelivered undelivered.jsonl input.jsonl 2> first.err; echo $? > first.code
+"$BROKER" spool status > status.out 2>&1
+rm spool/filler
+mkdir out
+read=$(sed -n 's/^broker: read \([0-9]*\) events.*/\1/p' first.err)
+tail -n +$((read + 1)) input.jsonl > unread.jsonl
+"$BROKER" --endpoints later.yml publish undelivered.jsonl unread.jsonl 2> second.err; echo $? > second.code
+"$BROKER" --endpoints later.yml spool status > status2.out 2>&1
+"#,
+        filler = size_kib - free_kib
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .current_dir(dir.path())
+        .env("BROKER", env!("CARGO_BIN_EXE_broker"))
+        .output()
+        .unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    assert_ne!(out.status.code(), Some(90), "mounting a tmpfs failed: {}", String::from_utf8_lossy(&out.stderr));
+    let first = read("first.err");
+    println!("first run: {first}\nstatus: {}\nsecond run: {}", read("status.out"), read("second.err"));
+    assert_eq!(read("first.code").trim(), "1", "{first}");
+    assert!(first.contains("No space left on device"), "the reason is said: {first}");
+    let undelivered = read("undelivered.jsonl").lines().count();
+    let unread = read("unread.jsonl").lines().count();
+    let waiting = input.len() - undelivered - unread;
+    assert!(waiting > 0 && undelivered > 0, "some fit, some did not: {waiting} spooled, {undelivered} undelivered");
+    let status = read("status.out");
+    assert!(status.starts_with(&format!("spool spool: {waiting} events waiting")), "the spooled ones are intact: {status}");
+    assert!(!status.contains("torn"), "no corruption: {status}");
+    assert_eq!(read("second.code").trim(), "0", "{}", read("second.err"));
+    let got = read("out/rasa_event.log");
+    assert_eq!(got.lines().collect::<Vec<_>>(), input.iter().map(String::as_str).collect::<Vec<_>>(), "every event once, in order");
+    assert!(read("status2.out").starts_with("spool spool: 0 events waiting"), "{}", read("status2.out"));
+}

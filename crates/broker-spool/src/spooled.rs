@@ -41,7 +41,7 @@ pub(crate) fn spool_error(e: LogError) -> Error {
     let temporary = e.is_temporary();
     let reason = e.to_string();
     if temporary {
-        Error::Unavailable { backend: NAME, reason, cause: Some(Arc::new(e)) }
+        Error::Io { backend: NAME, operation: "spooling".into(), reason, cause: Some(Arc::new(e)) }
     } else {
         Error::Config(broker_core::ConfigError::new(Default::default(), Some("spool"), reason))
     }

@@ -79,7 +79,7 @@ pub(crate) fn run(
                     let mut items = items.into_iter();
                     for item in items.by_ref() {
                         if let Some(why) = &failed {
-                            let e = Error::Unavailable { backend: NAME, reason: why.clone(), cause: None };
+                            let e = Error::Io { backend: NAME, operation: "spooling".into(), reason: why.clone(), cause: None };
                             error = Some((e, vec![item.event]));
                             break;
                         }
@@ -117,30 +117,31 @@ pub(crate) fn run(
             Fsync::Batch => log.sync(),
             Fsync::Never => log.flush(),
         };
-        for Request { done, error, reply } in requests {
-            match &synced {
-                Ok(()) => {
-                    // The forwarder first, so it sees events in sequence order.
-                    if !done.is_empty() {
-                        let _ = forward.send(done);
-                    }
-                    let _ = reply.send(match error {
-                        None => Ok(()),
-                        Some(e) => Err(e),
-                    });
-                }
-                Err(e) => {
-                    // Written but maybe not durable: the events stay in the log (replayed by the
-                    // next process if they made it to disk), the callers are told they were not
-                    // spooled and get them back.
-                    let why = format!("syncing the spool: {e}");
-                    let mut back: Vec<Event> = done.into_iter().filter_map(|f| f.body.map(|(e, _)| e)).collect();
-                    if let Some((_, rest)) = error {
-                        back.extend(rest);
-                    }
-                    let _ = reply.send(Err((Error::Unavailable { backend: NAME, reason: why, cause: None }, back)));
-                }
+        // A failed write or sync rolled the log back to its last good write: what is below
+        // `good` is in the log, what is not was never spooled (its sequence is used again).
+        let good = log.next_seq();
+        let sync_error = synced.err().map(|e| format!("syncing the spool: {e}"));
+        for Request { mut done, error, reply } in requests {
+            let dropped = done.split_off(done.partition_point(|f| f.seq < good));
+            // The forwarder first, so it sees events in sequence order.
+            if !done.is_empty() {
+                let _ = forward.send(done);
             }
+            if dropped.is_empty() && error.is_none() {
+                let _ = reply.send(Ok(()));
+                continue;
+            }
+            let (error, rest) = match error {
+                Some((e, rest)) => (e, rest),
+                None => {
+                    let why = sync_error.clone().unwrap_or_else(|| "the spool rolled a failed write back".into());
+                    (Error::Io { backend: NAME, operation: "spooling".into(), reason: why, cause: None }, Vec::new())
+                }
+            };
+            // Handed back: the events rolled back, then those never tried, in order.
+            let mut back: Vec<Event> = dropped.into_iter().filter_map(|f| f.body.map(|(e, _)| e)).collect();
+            back.extend(rest);
+            let _ = reply.send(Err((error, back)));
         }
         shared.bytes.store(log.bytes(), Ordering::Relaxed);
         shared.pending.store(log.pending_events(), Ordering::Relaxed);
