@@ -502,6 +502,47 @@ fn metrics_during_a_publish_match_the_summary() {
     assert!(err.contains("read 1000 events, delivered 1000, failed 0, undelivered 0"), "{err}");
 }
 
+/// The spool's metrics: events waiting, bytes and the oldest one's age while the service is
+/// down (the file backend's directory missing); after a SIGKILL, the next process's replayed
+/// count, and nothing waiting once it is delivered.
+#[test]
+fn spool_metrics_follow_an_outage_and_the_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = "event_broker:\n  type: file\n  path: out/out.log\n  spool:\n    path: spool\n";
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
+    let spool = ["backend=\"file\"", "destination=\"spool\""];
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = spawn_publish(dir.path(), &["publish", "--metrics-addr", &addr]);
+    let mut stdin = child.stdin.take().unwrap();
+    for line in events("sm", 500) {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
+    let body = scrape_until(port, "500 events waiting for over a second", |b| {
+        sample(b, "broker_spool_events", &spool) == Some(500.0)
+            && sample(b, "broker_spool_oldest_age_seconds", &spool).is_some_and(|a| a >= 1.0)
+    });
+    assert!(sample(&body, "broker_spool_bytes", &spool).is_some_and(|b| b > 500.0 * 100.0), "{body}");
+    child.kill().unwrap();
+    let _ = child.wait();
+    drop(stdin);
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = spawn_publish(dir.path(), &["publish", "--metrics-addr", &addr]);
+    let stdin = child.stdin.take().unwrap();
+    let body = scrape_until(port, "500 replayed, none waiting", |b| {
+        sample(b, "broker_spool_replayed_events_total", &spool) == Some(500.0)
+            && sample(b, "broker_spool_events", &spool) == Some(0.0)
+    });
+    assert_eq!(sample(&body, "broker_spool_oldest_age_seconds", &spool), Some(0.0), "{body}");
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(dir.path().join("out/out.log")).unwrap().lines().count(), 500);
+}
+
 /// Polls `/metrics` on `port` until `done` holds for the body (at most 30 s); the body then.
 fn scrape_until(port: u16, what: &str, done: impl Fn(&str) -> bool) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

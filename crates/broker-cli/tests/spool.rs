@@ -40,7 +40,9 @@ fn spooled(dir: &Path) -> usize {
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
-                .map(|e| std::fs::read(e.path()).unwrap_or_default().windows(pattern.len()).filter(|w| w == pattern).count())
+                .map(|e| {
+                    std::fs::read(e.path()).unwrap_or_default().windows(pattern.len()).filter(|w| w == pattern).count()
+                })
                 .sum()
         })
         .unwrap_or(0)
@@ -48,7 +50,13 @@ fn spooled(dir: &Path) -> usize {
 
 /// The whole fault run against one service: `through` is its `event_broker:` section through
 /// `proxy` (with `close_timeout: 2`), `reader` the same straight to the service.
-fn outage_sigkill_then_recovery(name: &str, proxy: &Proxy, through: &str, reader: &str, runtime: &tokio::runtime::Runtime) {
+fn outage_sigkill_then_recovery(
+    name: &str,
+    proxy: &Proxy,
+    through: &str,
+    reader: &str,
+    runtime: &tokio::runtime::Runtime,
+) {
     runtime.block_on(proxy.refuse());
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("endpoints.yml"), format!("{through}  spool:\n    path: spool\n")).unwrap();
@@ -80,7 +88,8 @@ fn outage_sigkill_then_recovery(name: &str, proxy: &Proxy, through: &str, reader
     proxy.restore();
     // The next run, with time enough to send the spool (close_timeout bounds how long it tries).
     let endpoints = std::fs::read_to_string(dir.path().join("endpoints.yml")).unwrap();
-    std::fs::write(dir.path().join("endpoints.yml"), endpoints.replace("close_timeout: 2", "close_timeout: 120")).unwrap();
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints.replace("close_timeout: 2", "close_timeout: 120"))
+        .unwrap();
     let started = Instant::now();
     let out = broker(dir.path(), &["publish"], Some(""));
     let took = started.elapsed();
@@ -105,7 +114,9 @@ fn outage_sigkill_then_recovery(name: &str, proxy: &Proxy, through: &str, reader
     }
     assert_eq!(missing, 0, "{name}: events lost");
     let repeats = total - N as usize;
-    println!("{name}: {N} events spooled during the outage, SIGKILL, all {N} delivered after in {took:.1?}, {repeats} repeats");
+    println!(
+        "{name}: {N} events spooled during the outage, SIGKILL, all {N} delivered after in {took:.1?}, {repeats} repeats"
+    );
     assert!(repeats <= REPEATS_BOUND, "{name}: {repeats} repeats, more than the window allows");
     let status = broker(dir.path(), &["spool", "status"], None);
     assert!(
@@ -140,7 +151,9 @@ fn rabbitmq_unreachable_then_sigkill_loses_nothing_spooled() {
     let proxy = runtime.block_on(Proxy::start(host)).expect("proxy");
     let queue = format!("spool-{}", broker_testkit::services::unique_suffix());
     let section = |at: &str| {
-        format!("event_broker:\n  type: pika\n  url: {scheme_auth}@{at}/{vhost}\n  queues: [{queue}]\n  close_timeout: 2\n")
+        format!(
+            "event_broker:\n  type: pika\n  url: {scheme_auth}@{at}/{vhost}\n  queues: [{queue}]\n  close_timeout: 2\n"
+        )
     };
     outage_sigkill_then_recovery("rabbitmq", &proxy, &section(&proxy.addr().to_string()), &section(host), &runtime);
     let _ = std::process::Command::new("rabbitmqctl").args(["-q", "delete_queue", &queue]).output();
@@ -178,7 +191,8 @@ fn lines(n: u64) -> Vec<String> {
 fn a_torn_last_record_is_cut_and_the_events_before_it_delivered() {
     let dir = tempfile::tempdir().unwrap();
     // The file backend's directory does not exist yet: the service is "down".
-    let endpoints = "event_broker:\n  type: file\n  path: out/rasa_event.log\n  close_timeout: 1\n  spool:\n    path: spool\n";
+    let endpoints =
+        "event_broker:\n  type: file\n  path: out/rasa_event.log\n  close_timeout: 1\n  spool:\n    path: spool\n";
     std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
     let input = lines(1000);
     let out = broker(dir.path(), &["publish"], Some(&(input.join("\n") + "\n")));
@@ -194,7 +208,8 @@ fn a_torn_last_record_is_cut_and_the_events_before_it_delivered() {
     let len = std::fs::metadata(last).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(last).unwrap().set_len(len - 5).unwrap();
     std::fs::create_dir(dir.path().join("out")).unwrap();
-    std::fs::write(dir.path().join("endpoints.yml"), endpoints.replace("close_timeout: 1", "close_timeout: 30")).unwrap();
+    std::fs::write(dir.path().join("endpoints.yml"), endpoints.replace("close_timeout: 1", "close_timeout: 30"))
+        .unwrap();
     let out = broker(dir.path(), &["publish"], Some(""));
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("1 torn record(s) cut"), "reported: {}", stderr(&out));
@@ -212,12 +227,16 @@ fn a_full_disk_fails_publishes_clearly_and_recovers_once_there_is_room() {
     let test = "a_full_disk_under_the_spool";
     let can = std::process::Command::new("unshare").args(["-m", "true"]).output().is_ok_and(|o| o.status.success());
     if !can {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: `unshare -m` (a mount namespace) is not allowed here");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: `unshare -m` (a mount namespace) is not allowed here"
+        );
         broker_testkit::services::skip(test, "`unshare -m` is not allowed (needs root or user namespaces)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let endpoints = "event_broker:\n  type: file\n  path: out/rasa_event.log\n  close_timeout: 2\n  spool:\n    path: spool\n";
+    let endpoints =
+        "event_broker:\n  type: file\n  path: out/rasa_event.log\n  close_timeout: 2\n  spool:\n    path: spool\n";
     std::fs::write(dir.path().join("endpoints.yml"), endpoints).unwrap();
     std::fs::write(dir.path().join("later.yml"), endpoints.replace("close_timeout: 2", "close_timeout: 30")).unwrap();
     // Three publishes' worth (4,096 events each, what the spool takes at once); room for one.
@@ -261,10 +280,17 @@ tail -n +$((read + 1)) input.jsonl > unread.jsonl
     let waiting = input.len() - undelivered - unread;
     assert!(waiting > 0 && undelivered > 0, "some fit, some did not: {waiting} spooled, {undelivered} undelivered");
     let status = read("status.out");
-    assert!(status.starts_with(&format!("spool spool: {waiting} events waiting")), "the spooled ones are intact: {status}");
+    assert!(
+        status.starts_with(&format!("spool spool: {waiting} events waiting")),
+        "the spooled ones are intact: {status}"
+    );
     assert!(!status.contains("torn"), "no corruption: {status}");
     assert_eq!(read("second.code").trim(), "0", "{}", read("second.err"));
     let got = read("out/rasa_event.log");
-    assert_eq!(got.lines().collect::<Vec<_>>(), input.iter().map(String::as_str).collect::<Vec<_>>(), "every event once, in order");
+    assert_eq!(
+        got.lines().collect::<Vec<_>>(),
+        input.iter().map(String::as_str).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
     assert!(read("status2.out").starts_with("spool spool: 0 events waiting"), "{}", read("status2.out"));
 }

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use crate::broker::{Outcome, Receipt, Settle};
-use crate::event::EventId;
 use crate::error::Error;
 use crate::event::Event;
+use crate::event::EventId;
 
 /// What [`EventBroker::publish_batch`] did: a receipt for the events it accepted (the first
 /// [`BatchReceipt::len`] of them, in order) and, when it did not accept them all, why, with the

@@ -21,6 +21,10 @@
 //! | `broker_reconnects_total` | counter | recoveries after a failure (reconnects, producer resets) |
 //! | `broker_ready` | gauge | 1 when the last attempt worked, else 0 |
 //! | `broker_consumer_lag_events` | gauge | a consumer's lag, where the service reports it (Kafka: per `partition`; RabbitMQ: messages ready in the queue) |
+//! | `broker_spool_events` | gauge | events in the disk spool the service has not confirmed ([`SpoolMeter`]; `destination` is the spool's directory) |
+//! | `broker_spool_bytes` | gauge | bytes of the spool's segments |
+//! | `broker_spool_oldest_age_seconds` | gauge | how long the oldest event waiting has been in the spool (0 when none waits; for what a previous process left, since this one started) |
+//! | `broker_spool_replayed_events_total` | counter | events a previous process left in the spool, sent by this one |
 //!
 //! Backends may add their own (Kafka: librdkafka's queue depth and round trips).
 
@@ -58,6 +62,61 @@ pub mod names {
     /// A consumer's lag in events (per partition where the service has partitions), recorded
     /// by the backends whose service reports it.
     pub const CONSUMER_LAG: &str = "broker_consumer_lag_events";
+    /// Events in a disk spool, not confirmed yet.
+    pub const SPOOL_EVENTS: &str = "broker_spool_events";
+    /// Bytes of a disk spool's segments.
+    pub const SPOOL_BYTES: &str = "broker_spool_bytes";
+    /// Age of the oldest event waiting in a disk spool, seconds.
+    pub const SPOOL_OLDEST_AGE: &str = "broker_spool_oldest_age_seconds";
+    /// Events a previous process left in a disk spool, sent by this one.
+    pub const SPOOL_REPLAYED: &str = "broker_spool_replayed_events_total";
+}
+
+/// The handles of one disk spool (labelled `backend`, the backend behind it, and
+/// `destination`, the spool's directory).
+///
+/// ```
+/// use broker_core::metrics::SpoolMeter;
+/// let meter = SpoolMeter::new("kafka", "/var/lib/rasa/spool");
+/// meter.state(12, 4096, 1.5); // a no-op until a recorder is installed
+/// ```
+#[derive(Clone)]
+pub struct SpoolMeter {
+    events: Gauge,
+    bytes: Gauge,
+    oldest: Gauge,
+    replayed: Counter,
+}
+
+impl std::fmt::Debug for SpoolMeter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpoolMeter").finish_non_exhaustive()
+    }
+}
+
+impl SpoolMeter {
+    /// Registers the handles with the recorder installed now (none: every call is a no-op).
+    pub fn new(backend: &'static str, directory: impl Into<String>) -> SpoolMeter {
+        let labels = [("backend", backend.to_owned()), ("destination", directory.into())];
+        SpoolMeter {
+            events: metrics::gauge!(names::SPOOL_EVENTS, &labels),
+            bytes: metrics::gauge!(names::SPOOL_BYTES, &labels),
+            oldest: metrics::gauge!(names::SPOOL_OLDEST_AGE, &labels),
+            replayed: metrics::counter!(names::SPOOL_REPLAYED, &labels),
+        }
+    }
+
+    /// What the spool holds now: events waiting, bytes, the oldest one's age in seconds.
+    pub fn state(&self, events: u64, bytes: u64, oldest_age: f64) {
+        self.events.set(events as f64);
+        self.bytes.set(bytes as f64);
+        self.oldest.set(oldest_age);
+    }
+
+    /// `n` events of a previous process sent.
+    pub fn replayed(&self, n: u64) {
+        self.replayed.increment(n);
+    }
 }
 
 /// The handles one broker records through, labelled `backend` and `destination`; cheap to

@@ -28,6 +28,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// read back from the log when their turn comes.
 pub(crate) const IN_MEMORY: usize = 65_536;
 
+/// The spool's metrics are recorded at least this often.
+const RECORD_EVERY: Duration = Duration::from_secs(1);
+
 /// Acknowledged sequences are written to the log at most this often.
 const ACK_EVERY: Duration = Duration::from_millis(100);
 
@@ -96,7 +99,13 @@ impl Forwarder {
         let mut deadline: Option<Instant> = None;
         let mut last_ack = Instant::now();
         let mut input_open = true;
+        let mut recorded = Instant::now();
         loop {
+            // The metrics' ages move while nothing else does.
+            if recorded.elapsed() >= RECORD_EVERY {
+                self.shared.record();
+                recorded = Instant::now();
+            }
             // Everything the writer handed over is in the queue before anything is decided.
             while input_open {
                 match rx.try_recv() {
@@ -147,7 +156,8 @@ impl Forwarder {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
-            let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let until =
+                deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).min(recorded + RECORD_EVERY);
             let room = self.inflight_events < WINDOW && !(self.queue.is_empty() && self.replay.is_empty());
             tokio::select! {
                 biased;
@@ -216,15 +226,15 @@ impl Forwarder {
             let events = batch.iter_mut().filter_map(|f| f.body.take().map(|(e, _)| e)).collect();
             // Bounded: a backend whose buffer is full and whose service is down would hold the
             // forwarder (and close) here for ever.
-            let published = match tokio::time::timeout(PUBLISH_TIMEOUT, b.publish_batch(events, (*options).clone())).await
-            {
-                Ok(p) => p,
-                Err(_) => {
-                    // Cancelled, so none of them was accepted.
-                    self.requeue_front(batch);
-                    return Sent::Waiting;
-                }
-            };
+            let published =
+                match tokio::time::timeout(PUBLISH_TIMEOUT, b.publish_batch(events, (*options).clone())).await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        // Cancelled, so none of them was accepted.
+                        self.requeue_front(batch);
+                        return Sent::Waiting;
+                    }
+                };
             let accepted = published.receipt.len().min(batch.len());
             let mut rest = batch.split_off(accepted);
             if !batch.is_empty() {
@@ -346,6 +356,7 @@ impl Forwarder {
     /// (it, the rest and everything in flight are then queued again).
     fn settle(&mut self, batch: Vec<Forward>, outcomes: Vec<Outcome>) -> bool {
         let mut outcomes = outcomes.into_iter();
+        let replayed = batch.iter().filter(|f| f.settle.is_none()).count();
         let mut batch = batch.into_iter();
         let mut last = None;
         while let Some(f) = batch.next() {
@@ -368,7 +379,10 @@ impl Forwarder {
                 }
                 Err(e) => {
                     tracing::warn!("spool: not delivered ({e}); sending again from event {}", f.seq);
-                    self.requeue_inflight(Some(std::iter::once(f).chain(batch).collect()));
+                    let again: Vec<Forward> = std::iter::once(f).chain(batch).collect();
+                    let not_sent = again.iter().filter(|f| f.settle.is_none()).count();
+                    self.shared.meter.replayed((replayed - not_sent.min(replayed)) as u64);
+                    self.requeue_inflight(Some(again));
                     if let Some(seq) = last {
                         self.confirmed(seq);
                     }
@@ -379,6 +393,7 @@ impl Forwarder {
         if let Some(seq) = last {
             self.confirmed(seq);
         }
+        self.shared.meter.replayed(replayed as u64);
         true
     }
 
@@ -402,10 +417,14 @@ impl Forwarder {
     /// `seq` is settled: the log may forget everything before the lowest sequence still out.
     fn confirmed(&mut self, seq: u64) {
         let replay = (!self.replay.is_empty()).then_some(self.replay.start);
-        let out = [self.inflight.front().and_then(|(b, _)| b.first()).map(|f| f.seq), self.queue.front().map(|f| f.seq), replay]
-            .into_iter()
-            .flatten()
-            .min();
+        let out = [
+            self.inflight.front().and_then(|(b, _)| b.first()).map(|f| f.seq),
+            self.queue.front().map(|f| f.seq),
+            replay,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let upto = out.unwrap_or(seq + 1);
         if self.acked.is_none_or(|a| upto > a) {
             self.acked = Some(upto);
@@ -452,7 +471,11 @@ impl Forwarder {
     /// After the close deadline: the backend is closed (delivering what it can), what it
     /// confirmed in order is acknowledged, the writer is stopped, and the rest stays in the
     /// spool, its receipts saying so.
-    async fn finish(mut self, broker: Option<Box<dyn EventBroker>>, mut rx: mpsc::UnboundedReceiver<Vec<Forward>>) -> CloseReport {
+    async fn finish(
+        mut self,
+        broker: Option<Box<dyn EventBroker>>,
+        mut rx: mpsc::UnboundedReceiver<Vec<Forward>>,
+    ) -> CloseReport {
         if let Some(b) = broker {
             let _ = b.close().await;
         }

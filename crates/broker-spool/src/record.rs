@@ -31,10 +31,8 @@ pub(crate) fn encode_into(event: &Event, options: &PublishOptions, out: &mut Vec
 /// The length of [`encode`]'s record, without encoding it.
 pub(crate) fn encoded_len(event: &Event, options: &PublishOptions) -> usize {
     let headers = &options.headers[..options.headers.len().min(u16::MAX as usize)];
-    let header_bytes: usize = headers
-        .iter()
-        .map(|(n, v)| 2 + n.len().min(u16::MAX as usize) + 4 + v.len().min(u32::MAX as usize))
-        .sum();
+    let header_bytes: usize =
+        headers.iter().map(|(n, v)| 2 + n.len().min(u16::MAX as usize) + 4 + v.len().min(u32::MAX as usize)).sum();
     16 + 2 + header_bytes + event.json_len()
 }
 

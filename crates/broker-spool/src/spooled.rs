@@ -17,11 +17,11 @@
 //! and reports in [`CloseReport::spooled`] how many events are still in the spool (their
 //! receipts fail with [`Error::Spooled`]): they go out at the next start.
 
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use broker_core::metrics::SpoolMeter;
 use broker_core::{
     Backend, BatchPublished, BatchReceipt, CloseReport, Error, Event, EventBroker, EventId, EventSource,
     PublishOptions, Receipt, Refused, Settle, SourceOptions, WhenFull, async_trait,
@@ -58,7 +58,6 @@ pub(crate) struct Forward {
 }
 
 /// Counters the broker reads without asking the writer thread.
-#[derive(Default)]
 pub(crate) struct Shared {
     pub(crate) bytes: AtomicU64,
     pub(crate) pending: AtomicU64,
@@ -66,6 +65,30 @@ pub(crate) struct Shared {
     pub(crate) connected: AtomicBool,
     /// Woken when bytes were freed (a blocked publish looks again).
     pub(crate) room: Notify,
+    /// When the oldest event waiting was spooled (set by the writer).
+    pub(crate) oldest: Mutex<Option<Instant>>,
+    pub(crate) meter: SpoolMeter,
+}
+
+impl Shared {
+    fn new(meter: SpoolMeter) -> Shared {
+        Shared {
+            bytes: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            room: Notify::new(),
+            oldest: Mutex::new(None),
+            meter,
+        }
+    }
+
+    /// Records the spool's state in its metrics.
+    pub(crate) fn record(&self) {
+        let oldest = *self.oldest.lock().unwrap_or_else(PoisonError::into_inner);
+        let age = oldest.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        self.meter.state(self.pending.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed), age);
+    }
 }
 
 /// [`Backend`] `inner` behind a disk spool.
@@ -120,9 +143,11 @@ impl Backend for SpooledBackend {
                 log.pending_events()
             );
         }
-        let shared = Arc::new(Shared::default());
+        let meter = SpoolMeter::new(self.inner.name(), self.config.path.display().to_string());
+        let shared = Arc::new(Shared::new(meter));
         shared.bytes.store(log.bytes(), Ordering::Relaxed);
         shared.pending.store(log.pending_events(), Ordering::Relaxed);
+        shared.record();
         let (forward_tx, forward_rx) = mpsc::unbounded_channel::<Vec<Forward>>();
         let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>(1024);
         let writer_shared = shared.clone();
@@ -430,7 +455,8 @@ mod tests {
         let n = crate::forward::IN_MEMORY as u64 + 5_000;
         let mut receipts = Vec::new();
         for chunk in (0..n).collect::<Vec<_>>().chunks(4096) {
-            let published = broker.publish_batch(chunk.iter().map(|i| event(*i)).collect(), PublishOptions::default()).await;
+            let published =
+                broker.publish_batch(chunk.iter().map(|i| event(*i)).collect(), PublishOptions::default()).await;
             assert!(published.refused.is_none());
             receipts.push(published.receipt);
         }

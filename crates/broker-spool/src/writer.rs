@@ -2,8 +2,9 @@
 //! commit), then passes the spooled events to the forwarder in sequence order, and records the
 //! forwarder's acknowledgements.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::Instant;
 
 use broker_core::{Error, Event, PublishOptions, Settle};
 use tokio::sync::{mpsc, oneshot};
@@ -57,6 +58,12 @@ pub(crate) fn run(
     fsync: Fsync,
 ) {
     let mut batch = Vec::with_capacity(GROUP);
+    // When each run of sequences was spooled (the first sequence of a group, the time), for the
+    // oldest waiting event's age; what a previous process left counts from now.
+    let mut spooled_at: std::collections::VecDeque<(u64, Instant)> = std::collections::VecDeque::new();
+    if log.pending_events() > 0 {
+        spooled_at.push_back((log.acked(), Instant::now()));
+    }
     let mut record = Vec::with_capacity(4096);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -79,7 +86,12 @@ pub(crate) fn run(
                     let mut items = items.into_iter();
                     for item in items.by_ref() {
                         if let Some(why) = &failed {
-                            let e = Error::Io { backend: NAME, operation: "spooling".into(), reason: why.clone(), cause: None };
+                            let e = Error::Io {
+                                backend: NAME,
+                                operation: "spooling".into(),
+                                reason: why.clone(),
+                                cause: None,
+                            };
                             error = Some((e, vec![item.event]));
                             break;
                         }
@@ -117,6 +129,10 @@ pub(crate) fn run(
             Fsync::Batch => log.sync(),
             Fsync::Never => log.flush(),
         };
+        if requests.iter().any(|r| !r.done.is_empty()) {
+            let first = requests.iter().find_map(|r| r.done.first()).map_or(0, |f| f.seq);
+            spooled_at.push_back((first, Instant::now()));
+        }
         // A failed write or sync rolled the log back to its last good write: what is below
         // `good` is in the log, what is not was never spooled (its sequence is used again).
         let good = log.next_seq();
@@ -143,9 +159,17 @@ pub(crate) fn run(
             back.extend(rest);
             let _ = reply.send(Err((error, back)));
         }
+        // The runs wholly confirmed (or rolled back) are forgotten.
+        while spooled_at.get(1).is_some_and(|(first, _)| *first <= log.acked())
+            || (log.pending_events() == 0 && !spooled_at.is_empty())
+        {
+            spooled_at.pop_front();
+        }
+        *shared.oldest.lock().unwrap_or_else(PoisonError::into_inner) = spooled_at.front().map(|(_, at)| *at);
         shared.bytes.store(log.bytes(), Ordering::Relaxed);
         shared.pending.store(log.pending_events(), Ordering::Relaxed);
         shared.room.notify_waiters();
+        shared.record();
         if let Some(reply) = close {
             let _ = log.sync();
             drop(log); // releases the directory's lock before saying so
