@@ -54,6 +54,9 @@ pub(crate) fn bench(events: u64, runs: usize) -> Result<()> {
                 ("pg-ours", events),
                 ("pg-ours-pool2", events),
                 ("pg-per-event", PER_EVENT),
+                ("pg-cli", events),
+                ("pg-cli-spool-batch", events),
+                ("pg-cli-spool-never", events),
             ],
             rates: vec![],
             comparisons: vec![
@@ -61,8 +64,11 @@ pub(crate) fn bench(events: u64, runs: usize) -> Result<()> {
                 ("sqlite-ours", "sqlite-per-event", 20.0),
                 ("pg-ours", "pg-raw", 0.7),
                 ("pg-ours", "pg-per-event", 20.0),
+                ("pg-cli-spool-batch", "pg-cli", 0.5),
+                ("pg-cli-spool-never", "pg-cli", 0.8),
             ],
-            note: "raw: diesel, serde_json-encoded rows, 500 per transaction; per-event: diesel, one commit per event; ours: the sql backend (batch_size 500; pool2: pool_size 2)",
+            note: "raw: diesel, serde_json-encoded rows, 500 per transaction; per-event: diesel, one commit per event; ours: the sql backend (batch_size 500; pool2: pool_size 2); \
+                   pg-cli: `broker publish` of a JSON-lines file to PostgreSQL, whole process; pg-cli-spool-*: the same with a disk spool (fsync batch/never)",
         },
         runs,
     )
@@ -118,6 +124,23 @@ pub(crate) fn run(variant: &str, dir: &Path, n: u64) -> Result<serde_json::Value
             r
         }
         "pg-raw" | "pg-per-event" => pg_raw(variant, n, if variant == "pg-raw" { BATCH } else { 1 }),
+        "pg-cli" | "pg-cli-spool-batch" | "pg-cli-spool-never" => {
+            let spool = dir.join("pg-cli-spool");
+            let _ = std::fs::remove_dir_all(&spool);
+            let mut endpoints =
+                format!("event_broker:\n  type: sql\n  dialect: postgresql\n  url: {}\n  table: {table}\n", pg_url());
+            if let Some(fsync) = variant.strip_prefix("pg-cli-spool-") {
+                endpoints.push_str(&format!("  spool:\n    path: {}\n    fsync: {fsync}\n", spool.display()));
+            }
+            let (r, _, _) = crate::cli_publish(variant, dir, n, &endpoints)?;
+            let stored = count_pg_rows(&table)?;
+            drop_pg_table(&table)?;
+            let _ = std::fs::remove_dir_all(&spool);
+            if stored != n {
+                bail!("{variant}: {stored} rows stored of {n}");
+            }
+            Ok(r)
+        }
         other => bail!("unknown variant {other}"),
     }
 }
@@ -183,6 +206,22 @@ fn pg_raw(variant: &str, n: u64, batch: usize) -> Result<serde_json::Value> {
             bail!("{variant}: {count} rows, expected {n}");
         }
         Ok(result(variant, n, elapsed, lat, peak_rss_mib()))
+    })
+}
+
+fn count_pg_rows(table: &str) -> Result<u64> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        use diesel_async::RunQueryDsl;
+        let mut conn = AsyncPgConnection::establish(&pg_url()).await?;
+        let c: Count =
+            diesel::sql_query(format!("SELECT COUNT(*) AS n FROM \"{table}\"")).get_result(&mut conn).await?;
+        Ok(u64::try_from(c.n).unwrap_or(0))
     })
 }
 

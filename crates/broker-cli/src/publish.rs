@@ -33,6 +33,10 @@ const WINDOW: usize = 16_384;
 /// bound on memory (the events' bytes are kept for the undelivered file until their outcome).
 const DURABLE_WINDOW: usize = 262_144;
 
+/// How long a publish with a spool waits for the oldest outcomes past `WINDOW` while the
+/// service takes events (then it reads on).
+const DURABLE_WAIT: Duration = Duration::from_millis(50);
+
 /// Lines the reader thread hands over at once.
 const CHUNK: usize = 512;
 
@@ -418,10 +422,14 @@ impl Run<'_> {
         }
         while self.outstanding > WINDOW {
             if self.durable && self.outstanding <= DURABLE_WINDOW {
-                // Accepted is safe (a disk spool): outcomes are counted as they come, without
-                // waiting for them, so an outage does not stop the reading this side of
-                // `DURABLE_WINDOW`.
-                if !self.settle_oldest_if_ready() {
+                // Accepted is safe (a disk spool): during an outage outcomes are counted as they
+                // come, without waiting for them, so the reading goes on this side of
+                // `DURABLE_WINDOW`; while the service takes events, the reading stays close
+                // behind the deliveries (a short wait), so memory stays small.
+                if self.settle_oldest_if_ready() {
+                    continue;
+                }
+                if !self.broker.is_ready().await || !self.settle_oldest_within(DURABLE_WAIT).await? {
                     break;
                 }
             } else {
@@ -443,6 +451,34 @@ impl Run<'_> {
             self.kept.release_before(last.chunk);
         }
         true
+    }
+
+    /// Waits up to `wait` for the oldest receipt's outcomes; true when they came (and were
+    /// tallied).
+    async fn settle_oldest_within(&mut self, wait: Duration) -> Result<bool, Stop> {
+        let Some((mut receipt, spans)) = self.pending.pop_front() else { return Ok(false) };
+        let outcomes = tokio::select! {
+            biased;
+            _ = self.signals.recv() => Err(Stop::Signal),
+            r = tokio::time::timeout(wait, &mut receipt) => Ok(r.ok()),
+        };
+        match outcomes {
+            Ok(Some(outcomes)) => {
+                self.tally_outcomes(outcomes.into_iter().map(Some), &spans);
+                if let Some(last) = spans.last() {
+                    self.kept.release_before(last.chunk);
+                }
+                Ok(true)
+            }
+            Ok(None) => {
+                self.pending.push_front((receipt, spans));
+                Ok(false)
+            }
+            Err(stop) => {
+                self.pending.push_front((receipt, spans));
+                Err(stop)
+            }
+        }
     }
 
     /// Awaits the oldest receipt and tallies its outcomes.
@@ -666,7 +702,8 @@ pub(crate) async fn drive(
     };
     let mut stop: Option<Stop> = None;
     let mut chunks = start(bar.clone());
-    let atomic = run.broker.atomic_batch().max(1);
+    // With a spool, chunks parsed meanwhile go into one publish (one sync for all of them).
+    let gather = if run.durable { run.broker.atomic_batch().max(1) } else { CHUNK };
 
     'chunks: loop {
         let chunk = tokio::select! {
@@ -709,11 +746,10 @@ pub(crate) async fn drive(
                 }
             }
             run.kept.push(bytes);
-            if input_stop.is_some() || ended || events.len() + CHUNK > atomic {
+            if input_stop.is_some() || ended || events.len() + CHUNK > gather {
                 break;
             }
-            // Chunks the reader has parsed meanwhile go in the same publish, up to what the
-            // broker takes at once (a disk spool then syncs once for all of them).
+            // Chunks the reader has parsed meanwhile go in the same publish, up to `gather`.
             match chunks.try_recv() {
                 Ok(next) => items = next,
                 Err(_) => break,

@@ -28,7 +28,10 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// read back from the log when their turn comes.
 pub(crate) const IN_MEMORY: usize = 65_536;
 
-/// The spool's metrics are recorded at least this often.
+/// The longest the backend's readiness may take to say.
+const READY_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// The spool's metrics (and the backend's readiness) are recorded at least this often.
 const RECORD_EVERY: Duration = Duration::from_secs(1);
 
 /// Acknowledged sequences are written to the log at most this often.
@@ -101,9 +104,13 @@ impl Forwarder {
         let mut input_open = true;
         let mut recorded = Instant::now();
         loop {
-            // The metrics' ages move while nothing else does.
+            // The metrics' ages move while nothing else does; readiness is the backend's.
             if recorded.elapsed() >= RECORD_EVERY {
                 self.shared.record();
+                if let Some(b) = broker.as_deref() {
+                    let ready = tokio::time::timeout(READY_TIMEOUT, b.is_ready()).await.unwrap_or(false);
+                    self.shared.connected.store(ready, Ordering::Relaxed);
+                }
                 recorded = Instant::now();
             }
             // Everything the writer handed over is in the queue before anything is decided.

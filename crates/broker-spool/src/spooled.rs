@@ -499,6 +499,44 @@ mod tests {
         assert!(accepted > 10);
         let report = broker.close().await.unwrap();
         assert_eq!(report.spooled, accepted);
+        // Nothing already spooled was touched.
+        let (mut log, recovery) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((log.pending_events(), recovery.torn_records), (accepted, 0));
+        let kept: Vec<Event> = log.pending().unwrap().iter().map(|r| decode(&r.payload).unwrap().0).collect();
+        assert_eq!(kept, (0..accepted).map(event).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_spool_blocks_publishes_until_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = MemoryBackend::new();
+        memory.faults().set(Fault::Unavailable);
+        let mut config = SpoolConfig::new(dir.path());
+        config.max_bytes = 8 << 10;
+        let backend = SpooledBackend::new(Box::new(memory.clone()), config);
+        let broker = backend.connect().await.unwrap();
+        let mut receipts = Vec::new();
+        let mut i = 0;
+        // Publishes go in until the spool is full; then one waits.
+        let blocked = loop {
+            match tokio::time::timeout(Duration::from_millis(300), broker.publish(event(i))).await {
+                Ok(r) => receipts.push(r.unwrap()),
+                Err(_) => break i,
+            }
+            i += 1;
+            assert!(i < 1000, "never blocked");
+        };
+        assert!(blocked > 10);
+        // The service comes back: room is made as the spool empties, and the waiting publish goes in.
+        memory.faults().set(Fault::None);
+        let last = tokio::time::timeout(Duration::from_secs(10), broker.publish(event(blocked))).await;
+        receipts.push(last.expect("room came back").unwrap());
+        for r in receipts {
+            r.await.unwrap();
+        }
+        assert!(broker.close().await.unwrap().is_clean());
+        let lines: Vec<Vec<u8>> = (0..=blocked).map(|i| event(i).to_json()).collect();
+        assert_eq!(memory.lines(), lines, "each once, in order");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
