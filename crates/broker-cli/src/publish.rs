@@ -718,7 +718,8 @@ pub(crate) async fn drive(
             stop = Some(Stop::Input("the input reader stopped before the end (it failed)".into()));
             break;
         };
-        let (mut events, mut spans) = (Vec::with_capacity(items.len()), Vec::with_capacity(items.len()));
+        let room = gather.max(items.len());
+        let (mut events, mut spans) = (Vec::with_capacity(room), Vec::with_capacity(room));
         let mut input_stop = None;
         let mut ended = false;
         loop {

@@ -276,7 +276,7 @@ impl EventBroker for SpooledBroker {
         let mut accepted = 0;
         let mut next: Option<Item> = None;
         loop {
-            let mut part = Vec::new();
+            let mut part = Vec::with_capacity(n - accepted.min(n));
             let mut bytes = 0;
             while let Some(item) = next.take().or_else(|| items.next()) {
                 let size = encoded_len(&item.event, &options) as u64 + RECORD_OVERHEAD;
