@@ -60,7 +60,7 @@ impl Tansu {
         c
     }
 
-    /// Runs `kafka-broker.sh ARGS` (start ENGINE [flags], stop).
+    /// Runs `kafka-broker.sh ARGS` (`start ENGINE [FLAGS]`, `stop`).
     pub fn run(&self, args: &[&str]) {
         let out = self.command("bash").arg(Self::script()).args(args).output().expect("run kafka-broker.sh");
         assert!(
