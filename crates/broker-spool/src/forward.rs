@@ -28,6 +28,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// read back from the log when their turn comes.
 pub(crate) const IN_MEMORY: usize = 65_536;
 
+/// The longest one connect of the backend may take before the forwarder tries again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The longest the backend's readiness may take to say.
 const READY_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -123,7 +126,8 @@ impl Forwarder {
             }
             // Connected, or trying to be.
             if broker.is_none() {
-                match self.inner.connect().await {
+                let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.inner.connect());
+                match connect.await.unwrap_or(Err(Error::Timeout(CONNECT_TIMEOUT))) {
                     Ok(b) => {
                         broker = Some(b);
                         self.shared.connected.store(true, Ordering::Relaxed);
@@ -259,9 +263,7 @@ impl Forwarder {
                     // The first one not accepted is refused for its own fault: said at once.
                     if let Some(f) = rest.next() {
                         let seq = f.seq;
-                        if let Some(s) = f.settle {
-                            s.settle(Err(e));
-                        }
+                        settle_rejected(f, e);
                         self.requeue_front(rest.collect());
                         self.confirmed(seq);
                     }
@@ -380,9 +382,7 @@ impl Forwarder {
                 // Its own fault: sending it again would fail again.
                 Err(e @ Error::Rejected { .. }) => {
                     last = Some(f.seq);
-                    if let Some(s) = f.settle {
-                        s.settle(Err(e));
-                    }
+                    settle_rejected(f, e);
                 }
                 Err(e) => {
                     tracing::warn!("spool: not delivered ({e}); sending again from event {}", f.seq);
@@ -484,7 +484,8 @@ impl Forwarder {
         mut rx: mpsc::UnboundedReceiver<Vec<Forward>>,
     ) -> CloseReport {
         if let Some(b) = broker {
-            let _ = b.close().await;
+            // Its own deadline, and a grace for its last attempt.
+            let _ = tokio::time::timeout(self.inner.close_timeout() + Duration::from_secs(2), b.close()).await;
         }
         // What the close delivered is confirmed, up to the first event without a good outcome.
         let mut kept: VecDeque<Forward> = VecDeque::new();
@@ -526,5 +527,14 @@ impl Forwarder {
             }
         }
         CloseReport::default().with_spooled(left)
+    }
+}
+
+/// Settles an event the backend rejected for its own fault; one a previous process spooled has
+/// no caller to tell, so it is logged.
+fn settle_rejected(f: Forward, e: Error) {
+    match f.settle {
+        Some(s) => s.settle(Err(e)),
+        None => tracing::error!("spool: replayed event {} rejected by the backend and dropped: {e}", f.seq),
     }
 }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 8] = b"RSPOOL01";
 const HEADER: usize = 4 + 4 + 8;
 /// A record larger than this is not one of ours (a corrupt length).
-const MAX_RECORD: usize = 256 << 20;
+pub(crate) const MAX_RECORD: usize = 256 << 20;
 
 /// A spool log error: which file, what, and whether trying again can help.
 #[derive(Debug, thiserror::Error)]
@@ -479,23 +479,26 @@ impl SpoolLog {
     /// Up to `max` records from sequence `from` on, in order (sequences missing from the log are
     /// skipped). Reading on from where the last call stopped goes on from there in its segment.
     pub fn read_from(&mut self, from: u64, max: usize) -> Result<Vec<Record>, LogError> {
-        self.flush()?;
+        // No flush here (a failed one would roll back appends of the caller's group): the live
+        // segment is read up to its last good write, which holds every record handed out.
         let mut out = Vec::new();
         let cursor = self.cursor.take().filter(|(_, _, next)| *next == from);
-        for s in &self.segments {
+        let live = self.segments.len().saturating_sub(1);
+        for (i, s) in self.segments.iter().enumerate() {
             if s.end <= from || out.len() >= max {
                 continue;
             }
+            let good = if i == live && self.writer.is_some() { self.written.0.min(s.bytes) } else { s.bytes };
             let offset = match &cursor {
                 Some((path, offset, _)) if *path == s.path => *offset,
                 _ => MAGIC.len() as u64,
             };
-            if offset >= s.bytes {
+            if offset >= good {
                 continue;
             }
             let mut file = File::open(&s.path).map_err(io_err(&s.path, "opening"))?;
             file.seek(SeekFrom::Start(offset)).map_err(io_err(&s.path, "seeking"))?;
-            let r = BufReader::with_capacity(1 << 16, file.take(s.bytes - offset));
+            let r = BufReader::with_capacity(1 << 16, file.take(good - offset));
             let mut next = from;
             let (at, _) = scan_from(&s.path, r, offset, |rec| {
                 next = rec.seq + 1;

@@ -202,10 +202,15 @@ impl SpooledBroker {
     /// one that can never fit is rejected.
     async fn room_for(&self, bytes: u64, id: EventId) -> Result<(), Error> {
         let need = bytes + RECORD_OVERHEAD;
-        if need > self.config.max_bytes {
-            return Err(too_big(need, self.config.max_bytes, id));
+        if need > self.largest() {
+            return Err(too_big(need, self.largest(), id));
         }
         self.room_for_bytes(need).await
+    }
+
+    /// The largest record the spool takes: within `max_bytes` and the log's record limit.
+    fn largest(&self) -> u64 {
+        self.config.max_bytes.min(crate::log::MAX_RECORD as u64 + RECORD_OVERHEAD)
     }
 
     /// Waits for (or, with `when_full: error`, fails without) room for `need` more bytes.
@@ -236,7 +241,9 @@ fn too_big(need: u64, max_bytes: u64, id: EventId) -> Error {
     Error::Rejected {
         backend: NAME,
         event_id: id.to_string(),
-        reason: format!("{need} bytes do not fit in a spool of max_bytes {max_bytes}"),
+        reason: format!(
+            "{need} bytes do not fit in the spool (at most {max_bytes} bytes a record: max_bytes, and 256 MiB)"
+        ),
     }
 }
 
@@ -280,14 +287,14 @@ impl EventBroker for SpooledBroker {
             let mut bytes = 0;
             while let Some(item) = next.take().or_else(|| items.next()) {
                 let size = encoded_len(&item.event, &options) as u64 + RECORD_OVERHEAD;
-                if size > self.config.max_bytes && part.is_empty() {
+                if size > self.largest() && part.is_empty() {
                     // It can never fit: rejected for its own fault, the others go on.
                     let Item { event, settle, .. } = item;
-                    settle.settle(Err(too_big(size, self.config.max_bytes, event.id())));
+                    settle.settle(Err(too_big(size, self.largest(), event.id())));
                     accepted += 1;
                     continue;
                 }
-                if !part.is_empty() && (size > self.config.max_bytes || bytes + size > part_bytes) {
+                if !part.is_empty() && (size > self.largest() || bytes + size > part_bytes) {
                     next = Some(item);
                     break;
                 }
@@ -605,7 +612,9 @@ mod tests {
         assert!(published.refused.is_none(), "{:?}", published.refused.map(|r| r.error));
         let outcomes = tokio::time::timeout(Duration::from_secs(20), published.receipt).await.expect("settled");
         assert_eq!(outcomes.len(), 4001);
-        assert!(matches!(&outcomes[2000], Err(Error::Rejected { reason, .. }) if reason.contains("max_bytes")));
+        assert!(
+            matches!(&outcomes[2000], Err(Error::Rejected { reason, .. }) if reason.contains("do not fit in the spool"))
+        );
         assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 4000);
         assert!(broker.close().await.unwrap().is_clean());
         let lines: Vec<Vec<u8>> = (0..4000).map(|i| event(i).to_json()).collect();
