@@ -87,6 +87,10 @@ impl Forwarder {
 
     /// Takes in what the writer spooled; beyond [`IN_MEMORY`] waiting, only its place is kept.
     fn take_in(&mut self, spooled: Vec<Forward>) {
+        if self.queue.len() + spooled.len() <= IN_MEMORY {
+            self.queue.extend(spooled);
+            return;
+        }
         for mut f in spooled {
             if self.queue.len() >= IN_MEMORY {
                 f.body = None;

@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RSPOOL01";
@@ -105,7 +105,7 @@ pub struct SpoolLog {
     dir: PathBuf,
     _lock: File,
     segments: VecDeque<Segment>,
-    writer: Option<BufWriter<File>>,
+    writer: Option<Writer>,
     /// The current segment's `(bytes, end)` at its last good flush or sync: a failed write is
     /// rolled back to it, so the log never holds half a batch that callers were told failed.
     written: (u64, u64),
@@ -115,6 +115,34 @@ pub struct SpoolLog {
     /// Where the last [`SpoolLog::read_from`] stopped: the segment, the offset, the next
     /// sequence there; reading on from it does not scan the segment again.
     cursor: Option<(PathBuf, u64, u64)>,
+}
+
+/// The segment being written, and what was appended to it since the last write: records are
+/// encoded straight into `buf` (no copy in between), which goes to the file in one write at
+/// [`SpoolLog::flush`] or once it holds [`WRITE_AT`] bytes.
+#[derive(Debug)]
+struct Writer {
+    file: File,
+    buf: Vec<u8>,
+}
+
+/// Appended bytes written to the file once this many are buffered.
+const WRITE_AT: usize = 1 << 20;
+
+impl Writer {
+    fn new(file: File) -> Writer {
+        Writer { file, buf: Vec::with_capacity(WRITE_AT + (64 << 10)) }
+    }
+
+    fn write_buf(&mut self) -> io::Result<()> {
+        let done = self.file.write_all(&self.buf);
+        self.buf.clear();
+        // A group with one huge record does not keep its memory.
+        if self.buf.capacity() > 4 * WRITE_AT {
+            self.buf = Vec::with_capacity(WRITE_AT + (64 << 10));
+        }
+        done
+    }
 }
 
 fn segment_name(first: u64) -> String {
@@ -284,6 +312,12 @@ impl SpoolLog {
     /// Appends one record; returns its sequence number. Buffered: [`sync`](SpoolLog::sync) makes
     /// it durable.
     pub fn append(&mut self, payload: &[u8]) -> Result<u64, LogError> {
+        self.append_with(|out| out.extend_from_slice(payload))
+    }
+
+    /// Appends one record whose payload `write` appends to the buffer it is given (encoded in
+    /// place: no copy); returns its sequence number. Buffered like [`SpoolLog::append`].
+    pub fn append_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Result<u64, LogError> {
         let need_new = match self.segments.back() {
             None => true,
             Some(s) => self.writer.is_none() || s.bytes >= self.max_segment_bytes,
@@ -292,17 +326,17 @@ impl SpoolLog {
             self.start_segment()?;
         }
         let seq = self.next_seq;
-        let seq_bytes = seq.to_le_bytes();
-        let len = payload.len();
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&seq_bytes);
-        hasher.update(payload);
-        let crc = hasher.finalize();
         let Some(segment) = self.segments.back_mut() else { return unreachable_segment() };
         let Some(writer) = self.writer.as_mut() else {
             return Err(LogError::Foreign { path: segment.path.clone(), reason: "no open segment".into() });
         };
+        let start = writer.buf.len();
+        writer.buf.extend_from_slice(&[0; HEADER]);
+        writer.buf[start + 8..start + HEADER].copy_from_slice(&seq.to_le_bytes());
+        write(&mut writer.buf);
+        let len = writer.buf.len() - start - HEADER;
         let Some(len32) = u32::try_from(len).ok().filter(|l| (*l as usize) <= MAX_RECORD) else {
+            writer.buf.truncate(start);
             return Err(LogError::Io {
                 path: segment.path.clone(),
                 operation: "appending",
@@ -312,20 +346,19 @@ impl SpoolLog {
                 ),
             });
         };
-        let wrote = writer
-            .write_all(&len32.to_le_bytes())
-            .and_then(|()| writer.write_all(&crc.to_le_bytes()))
-            .and_then(|()| writer.write_all(&seq_bytes))
-            .and_then(|()| writer.write_all(payload));
-        if let Err(e) = wrote {
+        let crc = crc32fast::hash(&writer.buf[start + 8..]);
+        writer.buf[start..start + 4].copy_from_slice(&len32.to_le_bytes());
+        writer.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        segment.bytes += (HEADER + len) as u64;
+        segment.end = seq + 1;
+        self.next_seq = seq + 1;
+        if writer.buf.len() >= WRITE_AT
+            && let Err(e) = writer.write_buf()
+        {
             let path = segment.path.clone();
             self.roll_back();
             return Err(io_err(&path, "appending")(e));
         }
-        let Some(segment) = self.segments.back_mut() else { return unreachable_segment() };
-        segment.bytes += (HEADER + len) as u64;
-        segment.end = seq + 1;
-        self.next_seq = seq + 1;
         Ok(seq)
     }
 
@@ -333,14 +366,10 @@ impl SpoolLog {
     /// the file cut back, so the next append continues right after the last good record.
     fn roll_back(&mut self) {
         let (bytes, end) = self.written;
-        if let Some(w) = self.writer.take() {
-            let (file, _unwritten) = w.into_parts();
-            if file.set_len(bytes).is_ok() && file.sync_data().is_ok() {
+        if let Some(Writer { mut file, buf: _unwritten }) = self.writer.take() {
+            if file.set_len(bytes).is_ok() && file.sync_data().is_ok() && file.seek(SeekFrom::End(0)).is_ok() {
                 // The segment goes on where it was good.
-                let mut file = file;
-                if file.seek(SeekFrom::End(0)).is_ok() {
-                    self.writer = Some(BufWriter::with_capacity(1 << 16, file));
-                }
+                self.writer = Some(Writer::new(file));
             }
         }
         if let Some(segment) = self.segments.back_mut() {
@@ -358,8 +387,11 @@ impl SpoolLog {
     fn start_segment(&mut self) -> Result<(), LogError> {
         if let Some(w) = self.writer.as_mut() {
             let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
-            w.flush().map_err(io_err(&path, "writing"))?;
-            w.get_ref().sync_data().map_err(io_err(&path, "syncing"))?;
+            let done = w.write_buf().map_err(io_err(&path, "writing"));
+            if let Err(e) = done.and_then(|()| w.file.sync_data().map_err(io_err(&path, "syncing"))) {
+                self.roll_back();
+                return Err(e);
+            }
         }
         let first = self.next_seq;
         let path = self.dir.join(segment_name(first));
@@ -367,15 +399,18 @@ impl SpoolLog {
         if self.segments.back().is_some_and(|s| s.path == path) {
             self.segments.pop_back();
         }
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(&path)
             .map_err(io_err(&path, "creating"))?;
-        let mut w = BufWriter::with_capacity(1 << 16, file);
-        w.write_all(MAGIC).map_err(io_err(&path, "writing"))?;
-        self.writer = Some(w);
+        // Written at once (not buffered), so a roll-back to the segment's start keeps it.
+        if let Err(e) = file.write_all(MAGIC) {
+            let _ = fs::remove_file(&path);
+            return Err(io_err(&path, "writing")(e));
+        }
+        self.writer = Some(Writer::new(file));
         self.segments.push_back(Segment { end: first, path, bytes: MAGIC.len() as u64 });
         self.written = (MAGIC.len() as u64, first);
         sync_dir(&self.dir)
@@ -395,7 +430,7 @@ impl SpoolLog {
         // Nothing open: nothing appended since the last good write (a failed one was rolled back).
         let Some(w) = self.writer.as_mut() else { return Ok(()) };
         let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
-        let done = w.flush().and_then(|()| if sync { w.get_ref().sync_data() } else { Ok(()) });
+        let done = w.write_buf().and_then(|()| if sync { w.file.sync_data() } else { Ok(()) });
         match done {
             Ok(()) => {
                 if let Some(s) = self.segments.back() {

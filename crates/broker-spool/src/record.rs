@@ -11,9 +11,8 @@ pub(crate) fn encode(event: &Event, options: &PublishOptions) -> Vec<u8> {
     out
 }
 
-/// [`encode`] into `out` (cleared first), so one buffer serves every record.
+/// [`encode`] onto the end of `out` (the log's buffer: the record is encoded in place).
 pub(crate) fn encode_into(event: &Event, options: &PublishOptions, out: &mut Vec<u8>) {
-    out.clear();
     out.extend_from_slice(&event.id().as_u128().to_le_bytes());
     let headers = &options.headers[..options.headers.len().min(u16::MAX as usize)];
     out.extend_from_slice(&(headers.len() as u16).to_le_bytes());

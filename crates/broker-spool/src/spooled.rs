@@ -32,7 +32,7 @@ use crate::config::SpoolConfig;
 use crate::forward::Forwarder;
 use crate::log::{LogError, SpoolLog};
 use crate::record::{decode, encoded_len};
-use crate::writer::{self, Cmd, Item};
+use crate::writer::{self, Cmd};
 
 /// The backend name this layer reports errors under.
 pub(crate) const NAME: &str = "spool";
@@ -55,6 +55,18 @@ pub(crate) struct Forward {
     pub(crate) seq: u64,
     pub(crate) body: Option<(Event, Arc<PublishOptions>)>,
     pub(crate) settle: Option<Settle>,
+}
+
+impl Forward {
+    /// An event published by this process, before the writer gives it its sequence.
+    pub(crate) fn new(event: Event, options: &Arc<PublishOptions>, settle: Settle) -> Forward {
+        Forward { seq: 0, body: Some((event, options.clone())), settle: Some(settle) }
+    }
+
+    /// The event, when held in memory (its settle is dropped: the caller is told otherwise).
+    pub(crate) fn into_event(self) -> Option<Event> {
+        self.body.map(|(e, _)| e)
+    }
 }
 
 /// Counters the broker reads without asking the writer thread.
@@ -263,8 +275,9 @@ impl EventBroker for SpooledBroker {
         self.room_for(encoded_len(&event, &options) as u64, event.id()).await?;
         let (receipt, settle) = Receipt::channel(event.id());
         let (reply, spooled) = oneshot::channel();
-        let items = vec![Item { event, settle }];
-        self.cmd.send(Cmd::Append { items, options: Arc::new(options), reply }).await.map_err(|_| Error::Closed)?;
+        let options = Arc::new(options);
+        let items = vec![Forward::new(event, &options, settle)];
+        self.cmd.send(Cmd::Append { items, options, reply }).await.map_err(|_| Error::Closed)?;
         match spooled.await {
             Ok(Ok(())) => Ok(receipt),
             Ok(Err((e, _))) => Err(e),
@@ -276,21 +289,23 @@ impl EventBroker for SpooledBroker {
         let options = Arc::new(options);
         let n = events.len();
         let (mut receipt, settles) = BatchReceipt::settles(events.iter().map(Event::id));
-        let mut items = events.into_iter().zip(settles).map(|(event, settle)| Item { event, settle });
+        let mut items = events.into_iter().zip(settles).map(|(event, settle)| Forward::new(event, &options, settle));
         // In parts of at most a quarter of the spool, each waiting for its room, so a batch
         // larger than a small spool still goes in.
         let part_bytes = self.config.max_bytes / 4;
         let mut accepted = 0;
-        let mut next: Option<Item> = None;
+        let mut next: Option<Forward> = None;
         loop {
             let mut part = Vec::with_capacity(n - accepted.min(n));
             let mut bytes = 0;
             while let Some(item) = next.take().or_else(|| items.next()) {
-                let size = encoded_len(&item.event, &options) as u64 + RECORD_OVERHEAD;
+                let size = item.body.as_ref().map_or(0, |(e, _)| encoded_len(e, &options)) as u64 + RECORD_OVERHEAD;
                 if size > self.largest() && part.is_empty() {
                     // It can never fit: rejected for its own fault, the others go on.
-                    let Item { event, settle, .. } = item;
-                    settle.settle(Err(too_big(size, self.largest(), event.id())));
+                    if let Some(settle) = item.settle {
+                        let id = settle.id();
+                        settle.settle(Err(too_big(size, self.largest(), id)));
+                    }
                     accepted += 1;
                     continue;
                 }
@@ -306,13 +321,13 @@ impl EventBroker for SpooledBroker {
             }
             let count = part.len();
             let answer = match self.room_for_bytes(bytes).await {
-                Err(e) => Err((e, part.into_iter().map(|i| i.event).collect())),
+                Err(e) => Err((e, part.into_iter().filter_map(Forward::into_event).collect())),
                 Ok(()) => {
                     let (reply, spooled) = oneshot::channel();
                     match self.cmd.send(Cmd::Append { items: part, options: options.clone(), reply }).await {
                         Ok(()) => spooled.await.unwrap_or_else(|_| Err((Error::Closed, Vec::new()))),
                         Err(mpsc::error::SendError(Cmd::Append { items, .. })) => {
-                            Err((Error::Closed, items.into_iter().map(|i| i.event).collect()))
+                            Err((Error::Closed, items.into_iter().filter_map(Forward::into_event).collect()))
                         }
                         Err(_) => Err((Error::Closed, Vec::new())),
                     }
@@ -323,8 +338,8 @@ impl EventBroker for SpooledBroker {
                 Err((error, mut back)) => {
                     // Not accepted: this part's events handed back, and the rest of the batch.
                     accepted += count - back.len().min(count);
-                    back.extend(next.take().map(|i| i.event));
-                    back.extend(items.map(|i| i.event));
+                    back.extend(next.take().and_then(Forward::into_event));
+                    back.extend(items.filter_map(Forward::into_event));
                     receipt.truncate(accepted.min(n));
                     return BatchPublished { receipt, refused: Some(Refused { error, events: back }) };
                 }
@@ -336,7 +351,10 @@ impl EventBroker for SpooledBroker {
     /// the log syncs, a batch is spooled (and delivered) all the same: a caller that then lists
     /// it as not accepted has duplicates, never a loss.
     fn atomic_batch(&self) -> usize {
-        4_096
+        match self.config.fsync {
+            crate::config::Fsync::Batch => 4_096,
+            crate::config::Fsync::Never => 512,
+        }
     }
 
     fn durable(&self) -> bool {

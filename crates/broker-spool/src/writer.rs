@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
-use broker_core::{Error, Event, PublishOptions, Settle};
+use broker_core::{Error, Event, PublishOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Fsync;
@@ -17,13 +17,6 @@ use crate::spooled::{Forward, NAME, Shared, spool_error};
 /// Requests taken from the channel at once, at most (one sync for all of them).
 const GROUP: usize = 4_096;
 
-/// One event to append (its record is encoded here, on the writer thread, into one reused
-/// buffer), and the settle the forwarder resolves once it is delivered.
-pub(crate) struct Item {
-    pub(crate) event: Event,
-    pub(crate) settle: Settle,
-}
-
 /// The writer's answer to an append: all spooled, or why not, with the events that were not
 /// (the last ones) handed back.
 pub(crate) type Appended = Result<(), (Error, Vec<Event>)>;
@@ -31,7 +24,9 @@ pub(crate) type Appended = Result<(), (Error, Vec<Event>)>;
 /// What the writer thread is asked.
 pub(crate) enum Cmd {
     /// Append these events, published with `options`, in order.
-    Append { items: Vec<Item>, options: Arc<PublishOptions>, reply: oneshot::Sender<Appended> },
+    /// Each item's record is encoded here, on the writer thread, straight into the log's
+    /// buffer; the item gets its sequence and goes on to the forwarder as it is.
+    Append { items: Vec<Forward>, options: Arc<PublishOptions>, reply: oneshot::Sender<Appended> },
     /// Every sequence below this one is confirmed.
     Ack(u64),
     /// Up to `max` records from sequence `from` on (events the forwarder does not hold in
@@ -64,7 +59,6 @@ pub(crate) fn run(
     if log.pending_events() > 0 {
         spooled_at.push_back((log.acked(), Instant::now()));
     }
-    let mut record = Vec::with_capacity(4096);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < GROUP {
@@ -80,39 +74,36 @@ pub(crate) fn run(
         let mut close = None;
         for cmd in batch.drain(..) {
             match cmd {
-                Cmd::Append { items, options, reply } => {
-                    let mut done = Vec::with_capacity(items.len());
-                    let mut error: Option<(Error, Vec<Event>)> = None;
-                    let mut items = items.into_iter();
-                    for item in items.by_ref() {
+                Cmd::Append { mut items, options, reply } => {
+                    let mut error: Option<Error> = None;
+                    let mut appended = 0;
+                    for f in items.iter_mut() {
                         if let Some(why) = &failed {
-                            let e = Error::Io {
+                            error = Some(Error::Io {
                                 backend: NAME,
                                 operation: "spooling".into(),
                                 reason: why.clone(),
                                 cause: None,
-                            };
-                            error = Some((e, vec![item.event]));
+                            });
                             break;
                         }
-                        encode_into(&item.event, &options, &mut record);
-                        match log.append(&record) {
-                            Ok(seq) => done.push(Forward {
-                                seq,
-                                body: Some((item.event, options.clone())),
-                                settle: Some(item.settle),
-                            }),
+                        let Some((event, _)) = f.body.as_ref() else { break };
+                        match log.append_with(|out| encode_into(event, &options, out)) {
+                            Ok(seq) => {
+                                f.seq = seq;
+                                appended += 1;
+                            }
                             Err(e) => {
                                 failed = Some(e.to_string());
-                                error = Some((spool_error(e), vec![item.event]));
+                                error = Some(spool_error(e));
                                 break;
                             }
                         }
                     }
-                    if let Some((_, back)) = error.as_mut() {
-                        back.extend(items.map(|i| i.event));
-                    }
-                    requests.push(Request { done, error, reply });
+                    // The one that failed and those after it are handed back, in order.
+                    let rest = items.split_off(appended);
+                    let error = error.map(|e| (e, rest.into_iter().filter_map(Forward::into_event).collect()));
+                    requests.push(Request { done: items, error, reply });
                 }
                 Cmd::Ack(upto) => {
                     if let Err(e) = log.ack(upto) {
@@ -155,7 +146,7 @@ pub(crate) fn run(
                 }
             };
             // Handed back: the events rolled back, then those never tried, in order.
-            let mut back: Vec<Event> = dropped.into_iter().filter_map(|f| f.body.map(|(e, _)| e)).collect();
+            let mut back: Vec<Event> = dropped.into_iter().filter_map(Forward::into_event).collect();
             back.extend(rest);
             let _ = reply.send(Err((error, back)));
         }
@@ -178,7 +169,8 @@ pub(crate) fn run(
             rx.close();
             while let Ok(cmd) = rx.try_recv() {
                 if let Cmd::Append { items, reply, .. } = cmd {
-                    let _ = reply.send(Err((Error::Closed, items.into_iter().map(|i| i.event).collect())));
+                    let _ =
+                        reply.send(Err((Error::Closed, items.into_iter().filter_map(Forward::into_event).collect())));
                 }
             }
             return;
