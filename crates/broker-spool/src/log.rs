@@ -112,6 +112,9 @@ pub struct SpoolLog {
     next_seq: u64,
     acked: u64,
     max_segment_bytes: u64,
+    /// Whether a finished segment and the acked position are synced to disk (`fsync: batch`);
+    /// without (`fsync: never`) they are written and left to the kernel, like the records.
+    durable: bool,
     /// Where the last [`SpoolLog::read_from`] stopped: the segment, the offset, the next
     /// sequence there; reading on from it does not scan the segment again.
     cursor: Option<(PathBuf, u64, u64)>,
@@ -253,6 +256,7 @@ impl SpoolLog {
             next_seq: acked,
             acked,
             max_segment_bytes: max_segment_bytes.max(4096),
+            durable: true,
             cursor: None,
         };
         let mut recovery = Recovery::default();
@@ -387,8 +391,11 @@ impl SpoolLog {
     fn start_segment(&mut self) -> Result<(), LogError> {
         if let Some(w) = self.writer.as_mut() {
             let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
+            let durable = self.durable;
             let done = w.write_buf().map_err(io_err(&path, "writing"));
-            if let Err(e) = done.and_then(|()| w.file.sync_data().map_err(io_err(&path, "syncing"))) {
+            let synced =
+                done.and_then(|()| if durable { w.file.sync_data().map_err(io_err(&path, "syncing")) } else { Ok(()) });
+            if let Err(e) = synced {
                 self.roll_back();
                 return Err(e);
             }
@@ -413,7 +420,7 @@ impl SpoolLog {
         self.writer = Some(Writer::new(file));
         self.segments.push_back(Segment { end: first, path, bytes: MAGIC.len() as u64 });
         self.written = (MAGIC.len() as u64, first);
-        sync_dir(&self.dir)
+        if self.durable { sync_dir(&self.dir) } else { Ok(()) }
     }
 
     /// Writes what was appended and makes it durable (fdatasync).
@@ -458,10 +465,14 @@ impl SpoolLog {
         {
             let mut f = File::create(&tmp).map_err(io_err(&tmp, "creating"))?;
             writeln!(f, "{upto}").map_err(io_err(&tmp, "writing"))?;
-            f.sync_all().map_err(io_err(&tmp, "syncing"))?;
+            if self.durable {
+                f.sync_all().map_err(io_err(&tmp, "syncing"))?;
+            }
         }
         fs::rename(&tmp, &path).map_err(io_err(&path, "replacing"))?;
-        sync_dir(&self.dir)?;
+        if self.durable {
+            sync_dir(&self.dir)?;
+        }
         self.acked = upto;
         // The segment being written, all of it confirmed: closed, so it can go (the next event
         // starts a new one); otherwise a spool smaller than a segment would fill up for good.
@@ -571,6 +582,13 @@ impl SpoolLog {
             }
         }
         Ok(None)
+    }
+
+    /// With `false` (`fsync: never`), finishing a segment and recording the acked position
+    /// write without syncing: after a power loss (not a process crash) the last records may be
+    /// gone, or confirmed events sent again. Default `true`.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
     }
 
     /// Events appended and not confirmed.

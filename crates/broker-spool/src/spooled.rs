@@ -137,7 +137,8 @@ impl Backend for SpooledBackend {
             tokio::task::spawn_blocking(move || SpoolLog::open(&config.path, config.segment_bytes)).await.map_err(
                 |e| Error::Unavailable { backend: NAME, reason: format!("opening the spool: {e}"), cause: None },
             )?;
-        let (log, recovery) = opened.map_err(spool_error)?;
+        let (mut log, recovery) = opened.map_err(spool_error)?;
+        log.set_durable(matches!(self.config.fsync, crate::config::Fsync::Batch));
         if recovery.torn_records > 0 {
             tracing::warn!(
                 "spool {}: {} torn record(s) cut ({} bytes): a crash mid-write; the events before them are kept",
