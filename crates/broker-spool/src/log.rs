@@ -234,6 +234,15 @@ impl SpoolLog {
         }
         let acked_path = dir.join("acked");
         let acked = match fs::read_to_string(&acked_path) {
+            // Empty after a power cut (`fsync: never` does not sync it): everything still in the
+            // segments is sent again (repeats, never a loss).
+            Ok(t) if t.trim().is_empty() => {
+                tracing::warn!(
+                    "spool {}: the acked position is empty (a power cut?); what is in the segments is sent again",
+                    acked_path.display()
+                );
+                0
+            }
             Ok(t) => t.trim().parse::<u64>().map_err(|_| LogError::Foreign {
                 path: acked_path.clone(),
                 reason: format!("not a sequence number: {:?}", t.trim()),
@@ -268,8 +277,16 @@ impl SpoolLog {
             let mut r = BufReader::with_capacity(1 << 16, file);
             let mut magic = [0u8; 8];
             if read_full(&mut r, &mut magic).map_err(io_err(&path, "reading"))? < 8 || &magic != MAGIC {
-                if len < MAGIC.len() as u64 && i + 1 == count {
-                    // Created, then the crash: nothing in it.
+                let zeros = magic.iter().all(|b| *b == 0);
+                if len < MAGIC.len() as u64 || zeros {
+                    // Created, then the crash: nothing in it. Or, at any position, a power cut
+                    // under `fsync: never` (an unsynced segment comes back short or zeroed): its
+                    // records are gone, and reported lost when their turn comes.
+                    if i + 1 != count || len > 0 {
+                        recovery.torn_records += 1;
+                        recovery.torn_bytes += len;
+                        tracing::warn!("spool {}: an empty or zeroed segment (a power cut?) removed", path.display());
+                    }
                     fs::remove_file(&path).map_err(io_err(&path, "removing"))?;
                     continue;
                 }
@@ -707,6 +724,31 @@ mod tests {
         let (mut log, recovery) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
         assert_eq!((recovery.pending, recovery.torn_records), (2, 1));
         assert_eq!(log.pending().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_power_cut_under_fsync_never_leaves_a_spool_that_opens() {
+        // Unsynced files come back empty or zeroed: an earlier segment and the acked position.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = SpoolLog::open(dir.path(), 4096).unwrap();
+        log.set_durable(false);
+        for i in 0..100 {
+            log.append(&json(i)).unwrap();
+        }
+        log.flush().unwrap();
+        log.ack(1).unwrap();
+        let paths: Vec<PathBuf> = log.segments.iter().map(|s| s.path.clone()).collect();
+        assert!(paths.len() >= 3, "several segments");
+        drop(log);
+        let zeroed = fs::metadata(&paths[0]).unwrap().len() as usize;
+        fs::write(&paths[0], vec![0u8; zeroed]).unwrap();
+        fs::write(&paths[1], b"").unwrap();
+        fs::write(dir.path().join("acked"), b"").unwrap();
+        let (mut log, recovery) = SpoolLog::open(dir.path(), 4096).unwrap();
+        assert_eq!(recovery.torn_records, 2, "both segments reported");
+        let kept = log.pending().unwrap();
+        assert!(!kept.is_empty() && kept.last().unwrap().seq == 99, "the later segments are kept");
+        assert_eq!(log.next_seq(), 100, "sequences go on after them");
     }
 
     #[test]
