@@ -133,8 +133,11 @@ struct Writer {
 const WRITE_AT: usize = 1 << 20;
 
 impl Writer {
+    /// The buffer's size: `WRITE_AT` and room for the record that crosses it.
+    const CAPACITY: usize = WRITE_AT + (64 << 10);
+
     fn new(file: File) -> Writer {
-        Writer { file, buf: Vec::with_capacity(WRITE_AT + (64 << 10)) }
+        Writer { file, buf: Vec::with_capacity(Writer::CAPACITY) }
     }
 
     fn write_buf(&mut self) -> io::Result<()> {
@@ -142,7 +145,7 @@ impl Writer {
         self.buf.clear();
         // A group with one huge record does not keep its memory.
         if self.buf.capacity() > 4 * WRITE_AT {
-            self.buf = Vec::with_capacity(WRITE_AT + (64 << 10));
+            self.buf = Vec::with_capacity(Writer::CAPACITY);
         }
         done
     }
@@ -406,17 +409,8 @@ impl SpoolLog {
     }
 
     fn start_segment(&mut self) -> Result<(), LogError> {
-        if let Some(w) = self.writer.as_mut() {
-            let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
-            let durable = self.durable;
-            let done = w.write_buf().map_err(io_err(&path, "writing"));
-            let synced =
-                done.and_then(|()| if durable { w.file.sync_data().map_err(io_err(&path, "syncing")) } else { Ok(()) });
-            if let Err(e) = synced {
-                self.roll_back();
-                return Err(e);
-            }
-        }
+        // The finished segment written out (and synced when durable); rolled back on failure.
+        self.write_out(self.durable)?;
         let first = self.next_seq;
         let path = self.dir.join(segment_name(first));
         // A segment of that name with no record in it (a failed first write) is replaced.

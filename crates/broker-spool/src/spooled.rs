@@ -28,7 +28,7 @@ use broker_core::{
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::config::SpoolConfig;
+use crate::config::{Fsync, SpoolConfig};
 use crate::forward::Forwarder;
 use crate::log::{LogError, SpoolLog};
 use crate::record::{decode, encoded_len};
@@ -138,7 +138,7 @@ impl Backend for SpooledBackend {
                 |e| Error::Unavailable { backend: NAME, reason: format!("opening the spool: {e}"), cause: None },
             )?;
         let (mut log, recovery) = opened.map_err(spool_error)?;
-        log.set_durable(matches!(self.config.fsync, crate::config::Fsync::Batch));
+        log.set_durable(matches!(self.config.fsync, Fsync::Batch));
         if recovery.torn_records > 0 {
             tracing::warn!(
                 "spool {}: {} torn record(s) cut ({} bytes): a crash mid-write; the events before them are kept",
@@ -278,7 +278,7 @@ impl EventBroker for SpooledBroker {
         let (reply, spooled) = oneshot::channel();
         let options = Arc::new(options);
         let items = vec![Forward::new(event, &options, settle)];
-        self.cmd.send(Cmd::Append { items, options, reply }).await.map_err(|_| Error::Closed)?;
+        self.cmd.send(Cmd::Append { items, reply }).await.map_err(|_| Error::Closed)?;
         match spooled.await {
             Ok(Ok(())) => Ok(receipt),
             Ok(Err((e, _))) => Err(e),
@@ -325,7 +325,7 @@ impl EventBroker for SpooledBroker {
                 Err(e) => Err((e, part.into_iter().filter_map(Forward::into_event).collect())),
                 Ok(()) => {
                     let (reply, spooled) = oneshot::channel();
-                    match self.cmd.send(Cmd::Append { items: part, options: options.clone(), reply }).await {
+                    match self.cmd.send(Cmd::Append { items: part, reply }).await {
                         Ok(()) => spooled.await.unwrap_or_else(|_| Err((Error::Closed, Vec::new()))),
                         Err(mpsc::error::SendError(Cmd::Append { items, .. })) => {
                             Err((Error::Closed, items.into_iter().filter_map(Forward::into_event).collect()))
@@ -353,8 +353,8 @@ impl EventBroker for SpooledBroker {
     /// it as not accepted has duplicates, never a loss.
     fn atomic_batch(&self) -> usize {
         match self.config.fsync {
-            crate::config::Fsync::Batch => 4_096,
-            crate::config::Fsync::Never => 512,
+            Fsync::Batch => 4_096,
+            Fsync::Never => 512,
         }
     }
 

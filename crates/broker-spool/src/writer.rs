@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
-use broker_core::{Error, Event, PublishOptions};
+use broker_core::{Error, Event};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Fsync;
@@ -23,10 +23,10 @@ pub(crate) type Appended = Result<(), (Error, Vec<Event>)>;
 
 /// What the writer thread is asked.
 pub(crate) enum Cmd {
-    /// Append these events, published with `options`, in order.
-    /// Each item's record is encoded here, on the writer thread, straight into the log's
-    /// buffer; the item gets its sequence and goes on to the forwarder as it is.
-    Append { items: Vec<Forward>, options: Arc<PublishOptions>, reply: oneshot::Sender<Appended> },
+    /// Append these events (each with the options it was published with), in order. Each item's
+    /// record is encoded here, on the writer thread, straight into the log's buffer; the item
+    /// gets its sequence and goes on to the forwarder as it is.
+    Append { items: Vec<Forward>, reply: oneshot::Sender<Appended> },
     /// Every sequence below this one is confirmed.
     Ack(u64),
     /// Up to `max` records from sequence `from` on (events the forwarder does not hold in
@@ -74,7 +74,7 @@ pub(crate) fn run(
         let mut close = None;
         for cmd in batch.drain(..) {
             match cmd {
-                Cmd::Append { mut items, options, reply } => {
+                Cmd::Append { mut items, reply } => {
                     let mut error: Option<Error> = None;
                     let mut appended = 0;
                     for f in items.iter_mut() {
@@ -87,8 +87,17 @@ pub(crate) fn run(
                             });
                             break;
                         }
-                        let Some((event, _)) = f.body.as_ref() else { break };
-                        match log.append_with(|out| encode_into(event, &options, out)) {
+                        let Some((event, options)) = f.body.as_ref() else {
+                            // Not one publishes make: refused, never dropped unsaid.
+                            error = Some(Error::Io {
+                                backend: NAME,
+                                operation: "spooling".into(),
+                                reason: "an event without its bytes".into(),
+                                cause: None,
+                            });
+                            break;
+                        };
+                        match log.append_with(|out| encode_into(event, options, out)) {
                             Ok(seq) => {
                                 f.seq = seq;
                                 appended += 1;
