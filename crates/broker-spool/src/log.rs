@@ -273,7 +273,7 @@ impl SpoolLog {
         };
         let mut recovery = Recovery::default();
         let count = firsts.len();
-        for (i, first) in firsts.into_iter().enumerate() {
+        for (i, &first) in firsts.iter().enumerate() {
             let path = dir.join(segment_name(first));
             let file = File::open(&path).map_err(io_err(&path, "opening"))?;
             let len = file.metadata().map_err(io_err(&path, "reading the size of"))?.len();
@@ -297,11 +297,22 @@ impl SpoolLog {
             }
             let mut end = first;
             let mut out_of_order = false;
-            let (good, torn) = scan(&path, r, |rec| {
+            // Records from the next segment's first sequence on were appended past a failed
+            // write that could not be cut back (`roll_back`): they were handed back to their
+            // publishers, and the next segment holds the events that took their sequences.
+            let next_first = firsts.get(i + 1).copied().unwrap_or(u64::MAX);
+            let mut kept = MAGIC.len() as u64;
+            let mut past_cut = 0u64;
+            let (scanned, torn) = scan(&path, r, |rec| {
+                if rec.seq >= next_first {
+                    past_cut += 1;
+                    return true;
+                }
                 if rec.seq != end {
                     out_of_order = true;
                 }
                 end = rec.seq + 1;
+                kept += (HEADER + rec.payload.len()) as u64;
                 if rec.seq >= acked {
                     recovery.pending += 1;
                 }
@@ -310,7 +321,17 @@ impl SpoolLog {
             if out_of_order {
                 return Err(LogError::Foreign { path, reason: "sequence numbers out of order".into() });
             }
-            if torn {
+            let good = if past_cut > 0 { kept } else { scanned };
+            if past_cut > 0 {
+                tracing::warn!(
+                    "spool {}: {past_cut} record(s) past a failed write's cut removed (they were handed back \
+                     when the write failed; their sequences are in the next segment)",
+                    path.display()
+                );
+                let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path, "opening"))?;
+                f.set_len(good).map_err(io_err(&path, "cutting what a failed write left in"))?;
+                f.sync_all().map_err(io_err(&path, "syncing"))?;
+            } else if torn {
                 // Cut at the last good record; what follows cannot be trusted.
                 let cut = len - good;
                 recovery.torn_records += 1;
@@ -743,6 +764,44 @@ mod tests {
         let kept = log.pending().unwrap();
         assert!(!kept.is_empty() && kept.last().unwrap().seq == 99, "the later segments are kept");
         assert_eq!(log.next_seq(), 100, "sequences go on after them");
+    }
+
+    /// A record's bytes as the log writes them.
+    fn raw_record(seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&seq.to_le_bytes());
+        hasher.update(payload);
+        let mut out = (payload.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(&hasher.finalize().to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn records_a_failed_cut_left_past_the_next_segments_start_are_removed() {
+        // A failed write whose cut (`set_len`) failed too: its records stay in the file, and the
+        // next segment starts at the first of their sequences, with other events.
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = MAGIC.to_vec();
+        for seq in 0..10 {
+            first.extend(raw_record(seq, &json(seq)));
+        }
+        let good_len = MAGIC.len() + (0..6).map(|s| HEADER + json(s).len()).sum::<usize>();
+        fs::write(dir.path().join(segment_name(0)), &first).unwrap();
+        let mut second = MAGIC.to_vec();
+        for seq in 6..8 {
+            second.extend(raw_record(seq, &json(100 + seq)));
+        }
+        fs::write(dir.path().join(segment_name(6)), &second).unwrap();
+        let (mut log, recovery) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((recovery.pending, recovery.torn_records), (8, 0), "the removed ones were handed back, not lost");
+        let got: Vec<(u64, Vec<u8>)> = log.pending().unwrap().into_iter().map(|r| (r.seq, r.payload)).collect();
+        let want: Vec<(u64, Vec<u8>)> =
+            (0..6).map(|s| (s, json(s))).chain((6..8).map(|s| (s, json(100 + s)))).collect();
+        assert_eq!(got, want, "each sequence once: the next segment's events after the good part");
+        assert_eq!(fs::metadata(dir.path().join(segment_name(0))).unwrap().len() as usize, good_len, "cut");
+        assert_eq!(log.append(b"{}").unwrap(), 8);
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub(crate) enum Cmd {
     /// Up to `max` records from sequence `from` on (events the forwarder does not hold in
     /// memory: replayed, sent again, or spooled while it was far behind).
     Read { from: u64, max: usize, reply: oneshot::Sender<Result<Vec<Record>, LogError>> },
-    /// Sync, release the directory, say so.
+    /// Write out (and sync, with `fsync: batch`), release the directory, say so.
     Close(oneshot::Sender<()>),
 }
 
@@ -171,7 +171,11 @@ pub(crate) fn run(
         shared.room.notify_waiters();
         shared.record();
         if let Some(reply) = close {
-            let _ = log.sync();
+            // `fsync: never` syncs nothing, at close neither (the kernel writes it out).
+            let _ = match fsync {
+                Fsync::Batch => log.sync(),
+                Fsync::Never => log.flush(),
+            };
             drop(log); // releases the directory's lock before saying so
             let _ = reply.send(());
             // Appends that came after the close are handed back, not spooled.
