@@ -87,6 +87,11 @@ impl Forwarder {
 
     /// Takes in what the writer spooled; beyond [`IN_MEMORY`] waiting, only its place is kept.
     fn take_in(&mut self, spooled: Vec<Forward>) {
+        if self.queue.is_empty() && spooled.len() <= IN_MEMORY {
+            // The usual case while the backend keeps up: the run becomes the queue, no copy.
+            self.queue = VecDeque::from(spooled);
+            return;
+        }
         if self.queue.len() + spooled.len() <= IN_MEMORY {
             self.queue.extend(spooled);
             return;
@@ -236,7 +241,12 @@ impl Forwarder {
                 .take(max)
                 .take_while(|f| f.body.as_ref().is_some_and(|(_, o)| Arc::ptr_eq(o, &options)))
                 .count();
-            let mut batch: Vec<Forward> = self.queue.drain(..n).collect();
+            let mut batch: Vec<Forward> = if n == self.queue.len() {
+                // All of it (one run taken in whole): no copy.
+                Vec::from(std::mem::take(&mut self.queue))
+            } else {
+                self.queue.drain(..n).collect()
+            };
             // The events move to the backend; what must be sent again is read back from the log.
             let events = batch.iter_mut().filter_map(|f| f.body.take().map(|(e, _)| e)).collect();
             // Bounded: a backend whose buffer is full and whose service is down would hold the

@@ -38,6 +38,9 @@ pub(crate) struct Window {
     pub(crate) sent: VecDeque<Sent>,
     pub(crate) flushes: VecDeque<(u64, oneshot::Sender<()>)>,
     pub(crate) next_seq: u64,
+    /// Commands taken from the inbox at once, kept between takes: a fresh buffer of this size
+    /// each time is fresh memory from the system, zeroed page by page.
+    taken: Vec<Command>,
 }
 
 impl Window {
@@ -51,6 +54,7 @@ impl Window {
             sent: VecDeque::new(),
             flushes: VecDeque::new(),
             next_seq: 0,
+            taken: Vec::new(),
         }
     }
 
@@ -66,11 +70,13 @@ impl Window {
         if room == 0 {
             return;
         }
-        let mut cmds = Vec::with_capacity(room.min(4096));
+        let mut cmds = std::mem::take(&mut self.taken);
+        cmds.reserve(room.min(4096));
         inbox.try_recv_batch(&mut cmds, room);
-        for cmd in cmds {
+        for cmd in cmds.drain(..) {
             self.on_command(cmd);
         }
+        self.taken = cmds;
     }
 
     pub(crate) fn take(&mut self, inbox: &mut Inbox) {
