@@ -11,6 +11,7 @@ use broker_core::backoff::Backoff;
 use broker_core::{Backend, BatchReceipt, CloseReport, Error, EventBroker, Outcome};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::queue::Queue;
 use crate::spooled::{Forward, NAME, Shared};
 use crate::writer::Cmd;
 
@@ -46,7 +47,7 @@ pub(crate) struct Forwarder {
     shared: Arc<Shared>,
     cmd: mpsc::Sender<Cmd>,
     /// Spooled, not sent yet (or to be sent again), in order.
-    queue: VecDeque<Forward>,
+    queue: Queue,
     /// Sent, with the backend's receipt, in order.
     inflight: VecDeque<(Vec<Forward>, BatchReceipt)>,
     /// Events in `inflight`.
@@ -77,7 +78,7 @@ impl Forwarder {
             inner,
             shared,
             cmd,
-            queue: VecDeque::new(),
+            queue: Queue::default(),
             inflight: VecDeque::new(),
             inflight_events: 0,
             acked: None,
@@ -86,22 +87,12 @@ impl Forwarder {
     }
 
     /// Takes in what the writer spooled; beyond [`IN_MEMORY`] waiting, only its place is kept.
-    fn take_in(&mut self, spooled: Vec<Forward>) {
-        if self.queue.is_empty() && spooled.len() <= IN_MEMORY {
-            // The usual case while the backend keeps up: the run becomes the queue, no copy.
-            self.queue = VecDeque::from(spooled);
-            return;
+    fn take_in(&mut self, mut spooled: Vec<Forward>) {
+        let room = IN_MEMORY.saturating_sub(self.queue.len());
+        for f in spooled.iter_mut().skip(room) {
+            f.body = None;
         }
-        if self.queue.len() + spooled.len() <= IN_MEMORY {
-            self.queue.extend(spooled);
-            return;
-        }
-        for mut f in spooled {
-            if self.queue.len() >= IN_MEMORY {
-                f.body = None;
-            }
-            self.queue.push_back(f);
-        }
+        self.queue.push_back(spooled);
     }
 
     pub(crate) async fn run(
@@ -235,18 +226,13 @@ impl Forwarder {
             let options = front.body.as_ref().map(|(_, o)| o.clone()).unwrap_or_default();
             // One publish holds events with the same options, as many as the backend takes
             // all or nothing (so a timeout below accepted none of them).
-            let n = self
+            let fits = self
                 .queue
                 .iter()
                 .take(max)
                 .take_while(|f| f.body.as_ref().is_some_and(|(_, o)| Arc::ptr_eq(o, &options)))
                 .count();
-            let mut batch: Vec<Forward> = if n == self.queue.len() {
-                // All of it (one run taken in whole): no copy.
-                Vec::from(std::mem::take(&mut self.queue))
-            } else {
-                self.queue.drain(..n).collect()
-            };
+            let mut batch = self.queue.take(self.queue.batch_len(max, fits));
             // The events move to the backend; what must be sent again is read back from the log.
             let events = batch.iter_mut().filter_map(|f| f.body.take().map(|(e, _)| e)).collect();
             // Bounded: a backend whose buffer is full and whose service is down would hold the
@@ -303,9 +289,7 @@ impl Forwarder {
             return;
         }
         let end = self.replay.end.min(self.replay.start + max as u64);
-        for seq in (self.replay.start..end).rev() {
-            self.queue.push_front(Forward { seq, body: None, settle: None });
-        }
+        self.queue.push_front((self.replay.start..end).map(|seq| Forward { seq, body: None, settle: None }).collect());
         self.replay.start = end;
     }
 
@@ -352,8 +336,8 @@ impl Forwarder {
                 lost.len(),
                 lost[0]
             );
-            let mut kept = VecDeque::with_capacity(self.queue.len());
-            for f in self.queue.drain(..) {
+            let mut kept = Vec::with_capacity(self.queue.len());
+            for f in self.queue.take_all() {
                 if lost.binary_search(&f.seq).is_ok() {
                     if let Some(s) = f.settle {
                         s.settle(Err(Error::Io {
@@ -364,10 +348,10 @@ impl Forwarder {
                         }));
                     }
                 } else {
-                    kept.push_back(f);
+                    kept.push(f);
                 }
             }
-            self.queue = kept;
+            self.queue.push_back(kept);
             if let Some(seq) = lost.last() {
                 self.confirmed(*seq);
             }
@@ -420,19 +404,19 @@ impl Forwarder {
 
     /// Puts `batch` back at the front of the queue.
     fn requeue_front(&mut self, batch: Vec<Forward>) {
-        for f in batch.into_iter().rev() {
-            self.queue.push_front(f);
-        }
+        self.queue.push_front(batch);
     }
 
     /// Puts `first` (what was left of the batch being settled) and everything in flight back at
     /// the front of the queue, in order.
     fn requeue_inflight(&mut self, first: Option<Vec<Forward>>) {
-        let mut again: VecDeque<Forward> = first.unwrap_or_default().into_iter().collect();
-        again.extend(self.inflight.drain(..).flat_map(|(b, _)| b));
+        let mut again = Queue::default();
+        again.push_back(first.unwrap_or_default());
+        for (batch, _) in self.inflight.drain(..) {
+            again.push_back(batch);
+        }
         self.inflight_events = 0;
-        again.append(&mut self.queue);
-        self.queue = again;
+        self.queue.prepend(again);
     }
 
     /// `seq` is settled: the log may forget everything before the lowest sequence still out.
@@ -502,7 +486,7 @@ impl Forwarder {
             let _ = tokio::time::timeout(self.inner.close_timeout() + Duration::from_secs(2), b.close()).await;
         }
         // What the close delivered is confirmed, up to the first event without a good outcome.
-        let mut kept: VecDeque<Forward> = VecDeque::new();
+        let mut kept: Vec<Forward> = Vec::new();
         let mut last = None;
         for (batch, mut receipt) in std::mem::take(&mut self.inflight) {
             let mut known = receipt.settled_so_far().into_iter();
@@ -515,13 +499,14 @@ impl Forwarder {
                             s.settle(o);
                         }
                     }
-                    _ => kept.push_back(f),
+                    _ => kept.push(f),
                 }
             }
         }
         self.inflight_events = 0;
-        kept.append(&mut self.queue);
-        self.queue = kept;
+        let mut front = Queue::default();
+        front.push_back(kept);
+        self.queue.prepend(front);
         if let Some(seq) = last {
             self.confirmed(seq);
         }
@@ -532,10 +517,10 @@ impl Forwarder {
             let _ = closed.await;
         }
         while let Some(late) = rx.recv().await {
-            self.queue.extend(late);
+            self.queue.push_back(late);
         }
         let left = self.queue.len() as u64 + (self.replay.end - self.replay.start);
-        for f in self.queue.drain(..) {
+        for f in self.queue.take_all() {
             if let Some(s) = f.settle {
                 s.settle(Err(Error::Spooled { backend: NAME }));
             }

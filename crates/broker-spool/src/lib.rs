@@ -25,6 +25,7 @@
 mod config;
 mod forward;
 pub mod log;
+mod queue;
 mod record;
 mod spooled;
 mod writer;
