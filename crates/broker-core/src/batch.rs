@@ -193,6 +193,39 @@ impl Slots {
         }
     }
 
+    /// Fills slot `index` with the lock held; true when that was the last open one.
+    fn fill_locked(state: &mut State, index: usize, outcome: Outcome) -> bool {
+        match state.outcomes.get_mut(index) {
+            Some(slot @ None) => *slot = Some(outcome),
+            _ => return false,
+        }
+        state.left -= 1;
+        state.left == 0
+    }
+
+    /// Fills `first`, then each of `rest` while it is a slot of these same slots, under one
+    /// lock and with one wake-up; the first settle of another batch (or receipt) is left in
+    /// `rest`.
+    pub(crate) fn fill_run<I: Iterator<Item = (Settle, Outcome)>>(
+        self: &Arc<Slots>,
+        first: (usize, Outcome),
+        rest: &mut std::iter::Peekable<I>,
+    ) {
+        let waker = {
+            let mut state = self.state();
+            let mut done = Slots::fill_locked(&mut state, first.0, first.1);
+            while let Some(index) = rest.peek().and_then(|(s, _)| s.slot_index_in(self)) {
+                let Some((settle, outcome)) = rest.next() else { break };
+                settle.mark_settled(&outcome);
+                done |= Slots::fill_locked(&mut state, index, outcome);
+            }
+            if done { state.waker.take() } else { None }
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Only the first `n` events were accepted: the rest will never be filled.
     pub(crate) fn truncate(&self, n: usize) {
         let waker = {
@@ -248,6 +281,34 @@ mod tests {
         assert!(matches!(outcomes[0], Err(Error::Closed)));
         assert!(matches!(&outcomes[1], Err(Error::Io { reason, .. }) if reason.contains("stopped before reporting")));
         assert_eq!(outcomes[2].as_ref().ok(), Some(&Delivered::new(ids[2], None)));
+    }
+
+    #[tokio::test]
+    async fn settle_all_fills_runs_of_batches_and_single_receipts_in_one_go() {
+        let a: Vec<EventId> = (0..3).map(|_| EventId::generate()).collect();
+        let b: Vec<EventId> = (0..2).map(|_| EventId::generate()).collect();
+        let (ra, sa) = BatchReceipt::settles(a.iter().copied());
+        let (rb, sb) = BatchReceipt::settles(b.iter().copied());
+        let (one, so) = Receipt::channel(EventId::generate());
+        let mut sa = sa.into_iter();
+        let mut sb = sb.into_iter();
+        let ok = |id: EventId| -> Outcome { Ok(Delivered::new(id, None)) };
+        // Two of batch a, one of b, the single receipt, then the rest of a and b, out of order.
+        let settled = vec![
+            (sa.next().unwrap(), ok(a[0])),
+            (sa.next().unwrap(), Err(Error::Closed)),
+            (sb.next().unwrap(), ok(b[0])),
+            (so, ok(EventId::from_u128(7))),
+            (sa.next().unwrap(), ok(a[2])),
+            (sb.next().unwrap(), ok(b[1])),
+        ];
+        Settle::settle_all(settled);
+        let outcomes = ra.await;
+        assert_eq!(outcomes[0].as_ref().ok(), Some(&Delivered::new(a[0], None)));
+        assert!(matches!(outcomes[1], Err(Error::Closed)));
+        assert_eq!(outcomes[2].as_ref().ok(), Some(&Delivered::new(a[2], None)));
+        assert_eq!(rb.await.iter().filter(|o| o.is_ok()).count(), 2);
+        assert!(one.await.is_ok());
     }
 
     #[tokio::test]

@@ -134,6 +134,42 @@ impl Settle {
         }
     }
 
+    /// Reports each outcome, like [`Settle::settle`] on each in turn; consecutive events of one
+    /// batch ([`BatchReceipt::settles`](crate::BatchReceipt::settles)) take its lock and wake
+    /// its receipt once, not once per event.
+    pub fn settle_all(settled: impl IntoIterator<Item = (Settle, Outcome)>) {
+        let mut settled = settled.into_iter().peekable();
+        while let Some((mut settle, outcome)) = settled.next() {
+            if let Some((meter, since)) = settle.metered.take() {
+                meter.settled(since, &outcome.as_ref().map(|_| ()));
+            }
+            match std::mem::replace(&mut settle.to, To::Settled) {
+                To::One(tx) => {
+                    let _ = tx.send(outcome);
+                }
+                To::Slot(slots, index) => slots.fill_run((index, outcome), &mut settled),
+                To::Settled => {}
+            }
+        }
+    }
+
+    /// Its slot's index when it is a slot of `slots`.
+    pub(crate) fn slot_index_in(&self, slots: &Arc<Slots>) -> Option<usize> {
+        match &self.to {
+            To::Slot(s, index) if Arc::ptr_eq(s, slots) => Some(*index),
+            _ => None,
+        }
+    }
+
+    /// Settled by its batch's [`Slots::fill_run`] with `outcome`: recorded, and not reported
+    /// again when dropped.
+    pub(crate) fn mark_settled(mut self, outcome: &Outcome) {
+        if let Some((meter, since)) = self.metered.take() {
+            meter.settled(since, &outcome.as_ref().map(|_| ()));
+        }
+        self.to = To::Settled;
+    }
+
     /// Reports success at `position`.
     pub fn delivered(self, position: Option<Position>) {
         let id = self.id;

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use broker_core::backoff::Backoff;
-use broker_core::{Backend, BatchReceipt, CloseReport, Error, EventBroker, Outcome};
+use broker_core::{Backend, BatchReceipt, CloseReport, Error, EventBroker, Outcome, Settle};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::queue::Queue;
@@ -366,15 +366,17 @@ impl Forwarder {
         let replayed = batch.iter().filter(|f| f.settle.is_none()).count();
         let mut batch = batch.into_iter();
         let mut last = None;
+        // The callers' receipts are told together (one lock per batch of theirs).
+        let mut delivered = Vec::with_capacity(batch.len());
         while let Some(f) = batch.next() {
             let outcome = outcomes.next().unwrap_or_else(|| {
                 Err(Error::Unavailable { backend: NAME, reason: "no outcome from the backend".into(), cause: None })
             });
             match outcome {
-                Ok(delivered) => {
+                Ok(d) => {
                     last = Some(f.seq);
                     if let Some(s) = f.settle {
-                        s.settle(Ok(delivered));
+                        delivered.push((s, Ok(d)));
                     }
                 }
                 // Its own fault: sending it again would fail again.
@@ -383,6 +385,7 @@ impl Forwarder {
                     settle_rejected(f, e);
                 }
                 Err(e) => {
+                    Settle::settle_all(delivered);
                     tracing::warn!("spool: not delivered ({e}); sending again from event {}", f.seq);
                     let again: Vec<Forward> = std::iter::once(f).chain(batch).collect();
                     let not_sent = again.iter().filter(|f| f.settle.is_none()).count();
@@ -395,6 +398,7 @@ impl Forwarder {
                 }
             }
         }
+        Settle::settle_all(delivered);
         if let Some(seq) = last {
             self.confirmed(seq);
         }

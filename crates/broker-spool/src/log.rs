@@ -496,7 +496,7 @@ impl SpoolLog {
         let tmp = self.dir.join(".acked.tmp");
         {
             let mut f = File::create(&tmp).map_err(io_err(&tmp, "creating"))?;
-            writeln!(f, "{upto}").map_err(io_err(&tmp, "writing"))?;
+            f.write_all(format!("{upto}\n").as_bytes()).map_err(io_err(&tmp, "writing"))?;
             if self.durable {
                 f.sync_all().map_err(io_err(&tmp, "syncing"))?;
             }
