@@ -72,6 +72,9 @@ impl Forward {
 /// Counters the broker reads without asking the writer thread.
 pub(crate) struct Shared {
     pub(crate) bytes: AtomicU64,
+    /// Bytes promised to appends on their way to the writer ([`Room`]): with `bytes`, what
+    /// `max_bytes` is checked against, so publishers at once cannot pass it together.
+    pub(crate) reserved: AtomicU64,
     pub(crate) pending: AtomicU64,
     pub(crate) closed: AtomicBool,
     pub(crate) connected: AtomicBool,
@@ -86,6 +89,7 @@ impl Shared {
     fn new(meter: SpoolMeter) -> Shared {
         Shared {
             bytes: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             connected: AtomicBool::new(false),
@@ -213,7 +217,7 @@ const RECORD_OVERHEAD: u64 = 16;
 impl SpooledBroker {
     /// Waits for (or, with `when_full: error`, fails without) room for an event of `bytes`;
     /// one that can never fit is rejected.
-    async fn room_for(&self, bytes: u64, id: EventId) -> Result<(), Error> {
+    async fn room_for(&self, bytes: u64, id: EventId) -> Result<Room<'_>, Error> {
         let need = bytes + RECORD_OVERHEAD;
         if need > self.largest() {
             return Err(too_big(need, self.largest(), id));
@@ -226,16 +230,22 @@ impl SpooledBroker {
         self.config.max_bytes.min(crate::log::MAX_RECORD as u64 + RECORD_OVERHEAD)
     }
 
-    /// Waits for (or, with `when_full: error`, fails without) room for `need` more bytes.
-    async fn room_for_bytes(&self, need: u64) -> Result<(), Error> {
+    /// Waits for (or, with `when_full: error`, fails without) room for `need` more bytes, and
+    /// holds it until the append is answered (the writer counts it in `bytes` before that).
+    async fn room_for_bytes(&self, need: u64) -> Result<Room<'_>, Error> {
         loop {
             let room = self.shared.room.notified();
             // After `room` exists, so a close in between is seen here or wakes it.
             if self.shared.closed.load(Ordering::Relaxed) {
                 return Err(Error::Closed);
             }
-            if self.shared.bytes.load(Ordering::Relaxed) + need <= self.config.max_bytes {
-                return Ok(());
+            let max = self.config.max_bytes;
+            let reserved = self.shared.reserved.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                let used = self.shared.bytes.load(Ordering::Acquire).saturating_add(r);
+                (used.saturating_add(need) <= max).then_some(r + need)
+            });
+            if reserved.is_ok() {
+                return Ok(Room { shared: &self.shared, bytes: need });
             }
             match self.config.when_full {
                 WhenFull::Block => room.await,
@@ -246,6 +256,21 @@ impl SpooledBroker {
                 }
             }
         }
+    }
+}
+
+/// Room held in the spool for an append on its way; given back when dropped (by then the writer
+/// counts what it spooled in `bytes`).
+struct Room<'a> {
+    shared: &'a Shared,
+    bytes: u64,
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        self.shared.reserved.fetch_sub(self.bytes, Ordering::AcqRel);
+        // A failed append gave its room back without filling it.
+        self.shared.room.notify_waiters();
     }
 }
 
@@ -273,7 +298,7 @@ impl EventBroker for SpooledBroker {
     }
 
     async fn publish_with(&self, event: Event, options: PublishOptions) -> Result<Receipt, Error> {
-        self.room_for(encoded_len(&event, &options) as u64, event.id()).await?;
+        let _room = self.room_for(encoded_len(&event, &options) as u64, event.id()).await?;
         let (receipt, settle) = Receipt::channel(event.id());
         let (reply, spooled) = oneshot::channel();
         let options = Arc::new(options);
@@ -331,7 +356,7 @@ impl EventBroker for SpooledBroker {
             let count = part.len();
             let answer = match self.room_for_bytes(bytes).await {
                 Err(e) => Err((e, part.into_iter().filter_map(Forward::into_event).collect())),
-                Ok(()) => {
+                Ok(_room) => {
                     let (reply, spooled) = oneshot::channel();
                     match self.cmd.send(Cmd::Append { items: part, reply }).await {
                         Ok(()) => spooled.await.unwrap_or_else(|_| Err((Error::Closed, Vec::new()))),
@@ -539,6 +564,46 @@ mod tests {
         let kept: Vec<Vec<u8>> =
             log.pending().unwrap().iter().map(|r| decode(&r.payload).unwrap().0.to_json()).collect();
         assert!(kept == (0..accepted).map(|i| event(i).to_json()).collect::<Vec<_>>(), "the same events, in order");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishers_at_once_do_not_pass_max_bytes_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let down = MemoryBackend::new()
+            .with_delivery(broker_core::DeliveryOptions::default().close_timeout(Duration::from_millis(100)));
+        down.faults().set(Fault::Unavailable);
+        let mut config = SpoolConfig::new(dir.path());
+        config.max_bytes = 16 << 10;
+        config.when_full = WhenFull::Error;
+        let backend = SpooledBackend::new(Box::new(down), config);
+        let broker: Arc<dyn EventBroker> = Arc::from(backend.connect().await.unwrap());
+        let tasks: Vec<_> = (0..16u64)
+            .map(|t| {
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    let mut accepted = 0u64;
+                    for i in 0..1000 {
+                        match broker.publish(event(t * 1000 + i)).await {
+                            Ok(receipt) => {
+                                drop(receipt);
+                                accepted += 1;
+                            }
+                            Err(Error::BufferFull { .. }) => break,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    accepted
+                })
+            })
+            .collect();
+        let mut accepted = 0;
+        for t in tasks {
+            accepted += t.await.unwrap();
+        }
+        assert_eq!(broker.close().await.unwrap().spooled, accepted);
+        let (log, _) = SpoolLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.pending_events(), accepted);
+        assert!(log.bytes() <= 16 << 10, "{} bytes spooled, max_bytes {}", log.bytes(), 16 << 10);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -137,6 +137,8 @@ pub(crate) fn run(
         // `good` is in the log, what is not was never spooled (its sequence is used again).
         let good = log.next_seq();
         let sync_error = synced.err().map(|e| format!("syncing the spool: {e}"));
+        // Counted before the answers: a publisher gives its room back once answered.
+        shared.bytes.store(log.bytes(), Ordering::Release);
         for Request { mut done, error, reply } in requests {
             let dropped = done.split_off(done.partition_point(|f| f.seq < good));
             // The forwarder first, so it sees events in sequence order.
@@ -166,7 +168,7 @@ pub(crate) fn run(
             spooled_at.pop_front();
         }
         *shared.oldest.lock().unwrap_or_else(PoisonError::into_inner) = spooled_at.front().map(|(_, at)| *at);
-        shared.bytes.store(log.bytes(), Ordering::Relaxed);
+        shared.bytes.store(log.bytes(), Ordering::Release);
         shared.pending.store(log.pending_events(), Ordering::Relaxed);
         shared.room.notify_waiters();
         shared.record();
