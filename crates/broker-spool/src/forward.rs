@@ -336,22 +336,16 @@ impl Forwarder {
                 lost.len(),
                 lost[0]
             );
-            let mut kept = Vec::with_capacity(self.queue.len());
-            for f in self.queue.take_all() {
-                if lost.binary_search(&f.seq).is_ok() {
-                    if let Some(s) = f.settle {
-                        s.settle(Err(Error::Io {
-                            backend: NAME,
-                            operation: "reading back".into(),
-                            reason: format!("spooled event {} is no longer in the spool (corrupt or removed)", f.seq),
-                            cause: None,
-                        }));
-                    }
-                } else {
-                    kept.push(f);
+            for f in self.queue.remove(&lost) {
+                if let Some(s) = f.settle {
+                    s.settle(Err(Error::Io {
+                        backend: NAME,
+                        operation: "reading back".into(),
+                        reason: format!("spooled event {} is no longer in the spool (corrupt or removed)", f.seq),
+                        cause: None,
+                    }));
                 }
             }
-            self.queue.push_back(kept);
             if let Some(seq) = lost.last() {
                 self.confirmed(*seq);
             }

@@ -1,7 +1,8 @@
 //! The forwarder's queue: spooled events waiting to be sent, in sequence order, kept in the runs
 //! the writer handed over (one publish's events each). A run goes to the backend as it is, so
 //! an event is not copied from one buffer into the next on its way; only runs of a few events
-//! (single publishes) are gathered into one batch.
+//! (single publishes) are gathered into one batch. A run taken a few events at a time (a backend
+//! that takes one event per publish) gives them from its front: each event is moved once.
 
 use std::collections::VecDeque;
 
@@ -13,7 +14,7 @@ const GATHER_BELOW: usize = 256;
 /// Runs of spooled events, in order, none empty.
 #[derive(Default)]
 pub(crate) struct Queue {
-    runs: VecDeque<Vec<Forward>>,
+    runs: VecDeque<VecDeque<Forward>>,
     /// Events in all runs.
     len: usize,
 }
@@ -30,14 +31,14 @@ impl Queue {
 
     /// The first event waiting.
     pub(crate) fn front(&self) -> Option<&Forward> {
-        self.runs.front().and_then(|r| r.first())
+        self.runs.front().and_then(|r| r.front())
     }
 
     /// Appends a run (after everything waiting).
     pub(crate) fn push_back(&mut self, run: Vec<Forward>) {
         if !run.is_empty() {
             self.len += run.len();
-            self.runs.push_back(run);
+            self.runs.push_back(VecDeque::from(run));
         }
     }
 
@@ -45,7 +46,7 @@ impl Queue {
     pub(crate) fn push_front(&mut self, run: Vec<Forward>) {
         if !run.is_empty() {
             self.len += run.len();
-            self.runs.push_front(run);
+            self.runs.push_front(VecDeque::from(run));
         }
     }
 
@@ -70,30 +71,52 @@ impl Queue {
     /// the caller can send together), and only the front run when it is long enough to go on
     /// its own.
     pub(crate) fn batch_len(&self, max: usize, fits: usize) -> usize {
-        let front = self.runs.front().map_or(0, Vec::len);
+        let front = self.runs.front().map_or(0, VecDeque::len);
         let n = fits.min(max);
         if front >= GATHER_BELOW { n.min(front) } else { n }
     }
 
-    /// Takes the first `n` events out: a whole run without copying it.
+    /// Takes the first `n` events out: a whole run without copying it, part of one from its
+    /// front (the events taken are moved, the rest stay where they are).
     pub(crate) fn take(&mut self, n: usize) -> Vec<Forward> {
         let n = n.min(self.len);
-        let Some(mut batch) = self.runs.pop_front() else { return Vec::new() };
-        if batch.len() > n {
-            let rest = batch.split_off(n);
-            self.runs.push_front(rest);
-        }
+        let mut batch: Vec<Forward> = match self.runs.front_mut() {
+            None => return Vec::new(),
+            Some(run) if run.len() <= n => self.runs.pop_front().map(Vec::from).unwrap_or_default(),
+            Some(run) => run.drain(..n).collect(),
+        };
         while batch.len() < n {
-            let Some(mut run) = self.runs.pop_front() else { break };
+            let Some(run) = self.runs.front_mut() else { break };
             let want = n - batch.len();
             if run.len() > want {
-                let rest = run.split_off(want);
-                self.runs.push_front(rest);
+                batch.extend(run.drain(..want));
+            } else {
+                batch.extend(run.drain(..));
+                self.runs.pop_front();
             }
-            batch.append(&mut run);
         }
         self.len -= batch.len();
         batch
+    }
+
+    /// Takes out the events with these sequences (`seqs` sorted); the others keep their order.
+    pub(crate) fn remove(&mut self, seqs: &[u64]) -> Vec<Forward> {
+        let mut removed = Vec::new();
+        for run in self.runs.iter_mut() {
+            let (Some(first), Some(last)) = (run.front().map(|f| f.seq), run.back().map(|f| f.seq)) else { continue };
+            // A run is in sequence order: one with none of them in its range is left as it is.
+            if seqs.get(seqs.partition_point(|s| *s < first)).is_none_or(|s| *s > last) {
+                continue;
+            }
+            let mut kept = VecDeque::with_capacity(run.len());
+            for f in run.drain(..) {
+                if seqs.binary_search(&f.seq).is_ok() { removed.push(f) } else { kept.push_back(f) }
+            }
+            *run = kept;
+        }
+        self.runs.retain(|r| !r.is_empty());
+        self.len -= removed.len();
+        removed
     }
 
     /// Takes every event out, in order.
@@ -136,6 +159,24 @@ mod tests {
         assert_eq!(q.len(), 15);
         assert_eq!(q.take_all().map(|f| f.seq).collect::<Vec<_>>(), (290..300).chain(315..320).collect::<Vec<_>>());
         assert!(q.is_empty() && q.front().is_none());
+    }
+
+    #[test]
+    fn a_long_run_taken_one_at_a_time_and_removals_keep_the_order() {
+        let mut q = Queue::default();
+        q.push_back(run(0..10_000));
+        q.push_back(run(10_000..10_003));
+        for seq in 0..5_000 {
+            assert_eq!(seqs(&q.take(1)), vec![seq]);
+        }
+        assert_eq!(q.len(), 5_003);
+        let removed = q.remove(&[5_000, 7_000, 10_001, 20_000]);
+        assert_eq!(seqs(&removed), vec![5_000, 7_000, 10_001]);
+        assert_eq!(q.len(), 5_000);
+        let rest: Vec<u64> = q.take(6_000).iter().map(|f| f.seq).collect();
+        let want: Vec<u64> = (5_001..10_003).filter(|s| ![7_000, 10_001].contains(s)).collect();
+        assert_eq!(rest, want);
+        assert!(q.is_empty());
     }
 
 }
