@@ -423,9 +423,12 @@ impl SpoolLog {
         }
         self.next_seq = end;
         if self.writer.is_none() {
-            // The file could not be cut: a new segment starts after the good records; the reader
-            // of this one cuts a torn end at the next open.
+            // The file could not be cut: a new segment starts now, named after the good end, so
+            // the next open cuts what this one holds past it (handed back, never replayed).
             tracing::warn!("spool: could not cut a failed write back; the next events go to a new segment");
+            if let Err(e) = self.start_segment() {
+                tracing::warn!("spool: starting a new segment after a failed cut: {e}");
+            }
         }
     }
 
