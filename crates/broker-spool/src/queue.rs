@@ -178,5 +178,4 @@ mod tests {
         assert_eq!(rest, want);
         assert!(q.is_empty());
     }
-
 }
