@@ -444,6 +444,18 @@ mod tests {
         .expect("an event")
     }
 
+    /// A service that is down behind a spool of `max_bytes` with `when_full: error`.
+    fn down_behind_a_spool_that_errs_when_full(max_bytes: u64) -> (tempfile::TempDir, SpooledBackend) {
+        let dir = tempfile::tempdir().unwrap();
+        let down = MemoryBackend::new()
+            .with_delivery(broker_core::DeliveryOptions::default().close_timeout(Duration::from_millis(100)));
+        down.faults().set(Fault::Unavailable);
+        let mut config = SpoolConfig::new(dir.path());
+        config.max_bytes = max_bytes;
+        config.when_full = WhenFull::Error;
+        (dir, SpooledBackend::new(Box::new(down), config))
+    }
+
     #[test]
     fn records_keep_id_headers_and_bytes() {
         let e = event(1);
@@ -534,14 +546,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_spool_fails_publishes_when_told_to() {
-        let dir = tempfile::tempdir().unwrap();
-        let down = MemoryBackend::new()
-            .with_delivery(broker_core::DeliveryOptions::default().close_timeout(Duration::from_millis(100)));
-        down.faults().set(Fault::Unavailable);
-        let mut config = SpoolConfig::new(dir.path());
-        config.max_bytes = 8 << 10;
-        config.when_full = WhenFull::Error;
-        let backend = SpooledBackend::new(Box::new(down), config);
+        let (dir, backend) = down_behind_a_spool_that_errs_when_full(8 << 10);
         let broker = backend.connect().await.unwrap();
         let mut accepted = 0;
         let mut refused = None;
@@ -568,14 +573,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publishers_at_once_do_not_pass_max_bytes_together() {
-        let dir = tempfile::tempdir().unwrap();
-        let down = MemoryBackend::new()
-            .with_delivery(broker_core::DeliveryOptions::default().close_timeout(Duration::from_millis(100)));
-        down.faults().set(Fault::Unavailable);
-        let mut config = SpoolConfig::new(dir.path());
-        config.max_bytes = 16 << 10;
-        config.when_full = WhenFull::Error;
-        let backend = SpooledBackend::new(Box::new(down), config);
+        let (dir, backend) = down_behind_a_spool_that_errs_when_full(16 << 10);
         let broker: Arc<dyn EventBroker> = Arc::from(backend.connect().await.unwrap());
         let tasks: Vec<_> = (0..16u64)
             .map(|t| {
