@@ -205,16 +205,16 @@ impl Slots {
 
     /// Fills `first`, then each of `rest` while it is a slot of these same slots, under one
     /// lock and with one wake-up; the first settle of another batch (or receipt) is left in
-    /// `rest`.
-    pub(crate) fn fill_run<I: Iterator<Item = (Settle, Outcome)>>(
+    /// `rest` (looked at in place, not moved out and back).
+    pub(crate) fn fill_run(
         self: &Arc<Slots>,
         first: (usize, Outcome),
-        rest: &mut std::iter::Peekable<I>,
+        rest: &mut std::vec::IntoIter<(Settle, Outcome)>,
     ) {
         let waker = {
             let mut state = self.state();
             let mut done = Slots::fill_locked(&mut state, first.0, first.1);
-            while let Some(index) = rest.peek().and_then(|(s, _)| s.slot_index_in(self)) {
+            while let Some(index) = rest.as_slice().first().and_then(|(s, _)| s.slot_index_in(self)) {
                 let Some((settle, outcome)) = rest.next() else { break };
                 settle.mark_settled(&outcome);
                 done |= Slots::fill_locked(&mut state, index, outcome);

@@ -137,8 +137,8 @@ impl Settle {
     /// Reports each outcome, like [`Settle::settle`] on each in turn; consecutive events of one
     /// batch ([`BatchReceipt::settles`](crate::BatchReceipt::settles)) take its lock and wake
     /// its receipt once, not once per event.
-    pub fn settle_all(settled: impl IntoIterator<Item = (Settle, Outcome)>) {
-        let mut settled = settled.into_iter().peekable();
+    pub fn settle_all(settled: Vec<(Settle, Outcome)>) {
+        let mut settled = settled.into_iter();
         while let Some((mut settle, outcome)) = settled.next() {
             if let Some((meter, since)) = settle.metered.take() {
                 meter.settled(since, &outcome.as_ref().map(|_| ()));

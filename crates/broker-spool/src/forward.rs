@@ -226,13 +226,8 @@ impl Forwarder {
             let options = front.body.as_ref().map(|(_, o)| o.clone()).unwrap_or_default();
             // One publish holds events with the same options, as many as the backend takes
             // all or nothing (so a timeout below accepted none of them).
-            let fits = self
-                .queue
-                .iter()
-                .take(max)
-                .take_while(|f| f.body.as_ref().is_some_and(|(_, o)| Arc::ptr_eq(o, &options)))
-                .count();
-            let mut batch = self.queue.take(self.queue.batch_len(max, fits));
+            let n = self.queue.batch_len(max, |f| f.body.as_ref().is_some_and(|(_, o)| Arc::ptr_eq(o, &options)));
+            let mut batch = self.queue.take(n);
             // The events move to the backend; what must be sent again is read back from the log.
             let events = batch.iter_mut().filter_map(|f| f.body.take().map(|(e, _)| e)).collect();
             // Bounded: a backend whose buffer is full and whose service is down would hold the

@@ -67,13 +67,14 @@ impl Queue {
         self.runs.iter_mut().flatten()
     }
 
-    /// How many of the first `max` events to send in one batch: at most `fits` of them (those
-    /// the caller can send together), and only the front run when it is long enough to go on
-    /// its own.
-    pub(crate) fn batch_len(&self, max: usize, fits: usize) -> usize {
-        let front = self.runs.front().map_or(0, VecDeque::len);
-        let n = fits.min(max);
-        if front >= GATHER_BELOW { n.min(front) } else { n }
+    /// How many of the first `max` events to send in one batch: those from the front on that
+    /// `together` says can go with the first, and only from the front run when it is long
+    /// enough to go on its own.
+    pub(crate) fn batch_len(&self, max: usize, together: impl Fn(&Forward) -> bool) -> usize {
+        match self.runs.front() {
+            Some(run) if run.len() >= GATHER_BELOW => run.iter().take(max).take_while(|f| together(f)).count(),
+            _ => self.iter().take(max).take_while(|f| together(f)).count(),
+        }
     }
 
     /// Takes the first `n` events out: a whole run without copying it, part of one from its
@@ -145,11 +146,12 @@ mod tests {
         q.push_back(run(300..310));
         q.push_back(run(310..320));
         assert_eq!((q.len(), q.front().map(|f| f.seq)), (320, Some(0)));
-        assert_eq!(q.batch_len(2048, 320), 300, "a long front run goes on its own");
-        assert_eq!(q.batch_len(100, 320), 100);
+        assert_eq!(q.batch_len(2048, |_| true), 300, "a long front run goes on its own");
+        assert_eq!(q.batch_len(100, |_| true), 100);
+        assert_eq!(q.batch_len(2048, |f| f.seq < 42), 42, "up to the first that cannot go along");
         assert_eq!(seqs(&q.take(100)), (0..100).collect::<Vec<_>>());
         assert_eq!(seqs(&q.take(200)), (100..300).collect::<Vec<_>>());
-        assert_eq!(q.batch_len(2048, 20), 20, "short runs are gathered");
+        assert_eq!(q.batch_len(2048, |_| true), 20, "short runs are gathered");
         assert_eq!(seqs(&q.take(15)), (300..315).collect::<Vec<_>>());
         q.push_front(run(299..300));
         assert_eq!(q.iter().map(|f| f.seq).collect::<Vec<_>>(), (299..300).chain(315..320).collect::<Vec<_>>());
