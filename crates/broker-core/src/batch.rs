@@ -178,12 +178,7 @@ impl Slots {
     pub(crate) fn fill(&self, index: usize, outcome: Outcome) {
         let waker = {
             let mut state = self.state();
-            match state.outcomes.get_mut(index) {
-                Some(slot @ None) => *slot = Some(outcome),
-                _ => return,
-            }
-            state.left -= 1;
-            if state.left > 0 {
+            if !Slots::fill_locked(&mut state, index, outcome) {
                 return;
             }
             state.waker.take()
@@ -215,8 +210,9 @@ impl Slots {
             let mut state = self.state();
             let mut done = Slots::fill_locked(&mut state, first.0, first.1);
             while let Some(index) = rest.as_slice().first().and_then(|(s, _)| s.slot_index_in(self)) {
-                let Some((settle, outcome)) = rest.next() else { break };
-                settle.mark_settled(&outcome);
+                let Some((mut settle, outcome)) = rest.next() else { break };
+                // Filled here, under the lock taken once for the run.
+                drop(settle.take_to(&outcome));
                 done |= Slots::fill_locked(&mut state, index, outcome);
             }
             if done { state.waker.take() } else { None }

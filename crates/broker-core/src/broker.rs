@@ -103,7 +103,7 @@ pub struct Settle {
 }
 
 #[derive(Debug)]
-enum To {
+pub(crate) enum To {
     One(oneshot::Sender<Outcome>),
     Slot(Arc<Slots>, usize),
     Settled,
@@ -122,10 +122,7 @@ impl Settle {
 
     /// Reports the outcome. A dropped receipt is fine: nobody was waiting.
     pub fn settle(mut self, outcome: Outcome) {
-        if let Some((meter, since)) = self.metered.take() {
-            meter.settled(since, &outcome.as_ref().map(|_| ()));
-        }
-        match std::mem::replace(&mut self.to, To::Settled) {
+        match self.take_to(&outcome) {
             To::One(tx) => {
                 let _ = tx.send(outcome);
             }
@@ -140,10 +137,7 @@ impl Settle {
     pub fn settle_all(settled: Vec<(Settle, Outcome)>) {
         let mut settled = settled.into_iter();
         while let Some((mut settle, outcome)) = settled.next() {
-            if let Some((meter, since)) = settle.metered.take() {
-                meter.settled(since, &outcome.as_ref().map(|_| ()));
-            }
-            match std::mem::replace(&mut settle.to, To::Settled) {
+            match settle.take_to(&outcome) {
                 To::One(tx) => {
                     let _ = tx.send(outcome);
                 }
@@ -161,13 +155,13 @@ impl Settle {
         }
     }
 
-    /// Settled by its batch's [`Slots::fill_run`] with `outcome`: recorded, and not reported
-    /// again when dropped.
-    pub(crate) fn mark_settled(mut self, outcome: &Outcome) {
+    /// Records `outcome` in the metrics and takes where it goes: from here on it is settled
+    /// (dropping it reports nothing more).
+    pub(crate) fn take_to(&mut self, outcome: &Outcome) -> To {
         if let Some((meter, since)) = self.metered.take() {
             meter.settled(since, &outcome.as_ref().map(|_| ()));
         }
-        self.to = To::Settled;
+        std::mem::replace(&mut self.to, To::Settled)
     }
 
     /// Reports success at `position`.

@@ -403,13 +403,11 @@ impl Forwarder {
     /// Puts `first` (what was left of the batch being settled) and everything in flight back at
     /// the front of the queue, in order.
     fn requeue_inflight(&mut self, first: Option<Vec<Forward>>) {
-        let mut again = Queue::default();
-        again.push_back(first.unwrap_or_default());
-        for (batch, _) in self.inflight.drain(..) {
-            again.push_back(batch);
+        for (batch, _) in self.inflight.drain(..).rev() {
+            self.queue.push_front(batch);
         }
+        self.queue.push_front(first.unwrap_or_default());
         self.inflight_events = 0;
-        self.queue.prepend(again);
     }
 
     /// `seq` is settled: the log may forget everything before the lowest sequence still out.
@@ -497,9 +495,7 @@ impl Forwarder {
             }
         }
         self.inflight_events = 0;
-        let mut front = Queue::default();
-        front.push_back(kept);
-        self.queue.prepend(front);
+        self.queue.push_front(kept);
         if let Some(seq) = last {
             self.confirmed(seq);
         }

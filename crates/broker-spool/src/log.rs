@@ -213,6 +213,13 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
+/// Cuts the file at `path` to `len` bytes, durably.
+fn cut_at(path: &Path, len: u64, operation: &'static str) -> Result<(), LogError> {
+    let f = OpenOptions::new().write(true).open(path).map_err(io_err(path, "opening"))?;
+    f.set_len(len).map_err(io_err(path, operation))?;
+    f.sync_all().map_err(io_err(path, "syncing"))
+}
+
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "syncing the directory"))
 }
@@ -301,9 +308,11 @@ impl SpoolLog {
             // write that could not be cut back (`roll_back`): they were handed back to their
             // publishers, and the next segment holds the events that took their sequences.
             let next_first = firsts.get(i + 1).copied().unwrap_or(u64::MAX);
-            let mut kept = MAGIC.len() as u64;
+            // The end of the records kept: where the scan stopped, unless records past a cut
+            // followed them.
+            let mut good = MAGIC.len() as u64;
             let mut past_cut = 0u64;
-            let (scanned, torn) = scan(&path, r, |rec| {
+            let (_, torn) = scan(&path, r, |rec| {
                 if rec.seq >= next_first {
                     past_cut += 1;
                     return true;
@@ -312,7 +321,7 @@ impl SpoolLog {
                     out_of_order = true;
                 }
                 end = rec.seq + 1;
-                kept += (HEADER + rec.payload.len()) as u64;
+                good += (HEADER + rec.payload.len()) as u64;
                 if rec.seq >= acked {
                     recovery.pending += 1;
                 }
@@ -321,24 +330,19 @@ impl SpoolLog {
             if out_of_order {
                 return Err(LogError::Foreign { path, reason: "sequence numbers out of order".into() });
             }
-            let good = if past_cut > 0 { kept } else { scanned };
             if past_cut > 0 {
                 tracing::warn!(
                     "spool {}: {past_cut} record(s) past a failed write's cut removed (they were handed back \
                      when the write failed; their sequences are in the next segment)",
                     path.display()
                 );
-                let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path, "opening"))?;
-                f.set_len(good).map_err(io_err(&path, "cutting what a failed write left in"))?;
-                f.sync_all().map_err(io_err(&path, "syncing"))?;
+                cut_at(&path, good, "cutting what a failed write left in")?;
             } else if torn {
                 // Cut at the last good record; what follows cannot be trusted.
                 let cut = len - good;
                 recovery.torn_records += 1;
                 recovery.torn_bytes += cut;
-                let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path, "opening"))?;
-                f.set_len(good).map_err(io_err(&path, "cutting the torn end of"))?;
-                f.sync_all().map_err(io_err(&path, "syncing"))?;
+                cut_at(&path, good, "cutting the torn end of")?;
                 tracing::warn!("spool {}: cut {cut} bytes of a torn or corrupt record", path.display());
             }
             if end == first {

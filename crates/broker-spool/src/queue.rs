@@ -50,13 +50,6 @@ impl Queue {
         }
     }
 
-    /// Puts `other`'s runs before everything waiting, in their order.
-    pub(crate) fn prepend(&mut self, mut other: Queue) {
-        other.runs.append(&mut self.runs);
-        other.len += self.len;
-        *self = other;
-    }
-
     /// The events waiting, in order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Forward> {
         self.runs.iter().flatten()
@@ -155,9 +148,7 @@ mod tests {
         assert_eq!(seqs(&q.take(15)), (300..315).collect::<Vec<_>>());
         q.push_front(run(299..300));
         assert_eq!(q.iter().map(|f| f.seq).collect::<Vec<_>>(), (299..300).chain(315..320).collect::<Vec<_>>());
-        let mut front = Queue::default();
-        front.push_back(run(290..299));
-        q.prepend(front);
+        q.push_front(run(290..299));
         assert_eq!(q.len(), 15);
         assert_eq!(q.take_all().map(|f| f.seq).collect::<Vec<_>>(), (290..300).chain(315..320).collect::<Vec<_>>());
         assert!(q.is_empty() && q.front().is_none());

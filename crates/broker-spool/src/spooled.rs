@@ -314,10 +314,6 @@ impl EventBroker for SpooledBroker {
     async fn publish_batch(&self, events: Vec<Event>, options: PublishOptions) -> BatchPublished {
         let options = Arc::new(options);
         let n = events.len();
-        // The usual case, a batch that fits in one part: its size once, no look at each event.
-        let sizes = events.iter().map(|e| encoded_len(e, &options) as u64 + RECORD_OVERHEAD);
-        let (largest, total) = sizes.fold((0, 0), |(m, t), s| (s.max(m), t + s));
-        let whole = largest <= self.largest() && total <= self.config.max_bytes / 4;
         let (mut receipt, settles) = BatchReceipt::settles(events.iter().map(Event::id));
         let mut items = events.into_iter().zip(settles).map(|(event, settle)| Forward::new(event, &options, settle));
         // In parts of at most a quarter of the spool, each waiting for its room, so a batch
@@ -328,10 +324,6 @@ impl EventBroker for SpooledBroker {
         loop {
             let mut part = Vec::with_capacity(n - accepted.min(n));
             let mut bytes = 0;
-            if whole && accepted == 0 {
-                part.extend(items.by_ref());
-                bytes = total;
-            }
             while let Some(item) = next.take().or_else(|| items.next()) {
                 let size = item.body.as_ref().map_or(0, |(e, _)| encoded_len(e, &options)) as u64 + RECORD_OVERHEAD;
                 if size > self.largest() && part.is_empty() {

@@ -168,7 +168,6 @@ pub(crate) fn run(
             spooled_at.pop_front();
         }
         *shared.oldest.lock().unwrap_or_else(PoisonError::into_inner) = spooled_at.front().map(|(_, at)| *at);
-        shared.bytes.store(log.bytes(), Ordering::Release);
         shared.pending.store(log.pending_events(), Ordering::Relaxed);
         shared.room.notify_waiters();
         shared.record();
